@@ -1,0 +1,19 @@
+"""The one place that sets XLA_FLAGS: 8 CPU devices for every test, before JAX starts."""
+import os
+import pathlib
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+FIXTURES = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> pathlib.Path:
+  if not FIXTURES.exists():
+    pytest.fail(f"checkpoint fixtures not found at {FIXTURES} (CI runs with ../shared beside the checkout)")
+  return FIXTURES
