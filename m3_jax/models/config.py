@@ -155,7 +155,7 @@ def check_scales(scales: tuple[int, ...], grid: int):
   """Every scale must be a square number whose side divides the token grid (nested pooling needs it)."""
   for s in scales:
     side = math.isqrt(s)
-    if side * side != s or side == 0 or grid % side:
+    if side == 0 or side * side != s or grid % side:
       raise ValueError(f"scale {s} in model.m3.scales is not a square whose side divides the {grid}x{grid} "
                        f"token grid; valid scales here are {valid_scales(grid)}")
   if len(set(scales)) != len(scales):

@@ -26,7 +26,7 @@ def nested_pool(tokens, scale: int, method: str = "avg"):
   side = math.isqrt(scale)
   if grid * grid != n:
     raise ValueError(f"nested_pool needs a square token grid, got {n} tokens")
-  if side * side != scale or grid % side:
+  if side == 0 or side * side != scale or grid % side:
     raise ValueError(f"scale {scale} is not a square whose side divides the {grid}x{grid} grid")
   if method not in POOL_METHODS:
     raise ValueError(f"pool method {method!r}: expected one of {', '.join(POOL_METHODS)}")
