@@ -1,0 +1,40 @@
+"""`m3 convert SRC OUT`: llava-hf (LLaVA-1.5 / NeXT) or original LLaVA / M3 directory -> m3 checkpoint."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser):
+  p.description = (
+      "Convert a llava-hf checkpoint (LlavaForConditionalGeneration / LlavaNextForConditionalGeneration, any "
+      "transformers 4.5x-5.x layout) or an original LLaVA / M3 checkpoint (LlavaLlamaForCausalLM with mm_* config "
+      "keys) into an m3 checkpoint directory. Weights are read tensor by tensor from safetensors (single file or "
+      "sharded with an index).")
+  p.add_argument("src", metavar="SRC", help="source checkpoint directory (config.json + weights)")
+  p.add_argument("out", metavar="OUT", help="new m3 checkpoint directory (must not exist or be empty)")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="stored parameter dtype (default float32)")
+  p.add_argument("--vision-from", metavar="DIR", default=None,
+                 help="CLIP vision directory (CLIPVisionModel/CLIPModel config.json + safetensors) for original "
+                      "LLaVA checkpoints that carry no vision weights, or whose mm_vision_tower is not "
+                      "openai/clip-vit-large-patch14-336")
+  p.add_argument("--allow-pickle", action="store_true",
+                 help="accept PyTorch .bin weights (loaded with torch.load(weights_only=True); needs torch)")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+  from m3_jax.convert.convert import convert
+  from m3_jax.convert.hf import ConversionError
+  from m3_jax.convert.reader import ReaderError
+  try:
+    cfg = convert(args.src, args.out, dtype=args.dtype, vision_from=args.vision_from,
+                  allow_pickle=args.allow_pickle, progress=not args.no_progress)
+  except (ConversionError, ReaderError) as e:
+    print(f"m3 convert: error: {e}", file=sys.stderr)
+    return 2
+  from m3_jax.convert import hf
+  print(f"wrote {args.out}: {cfg.type}, {hf.count(cfg):,} parameters ({args.dtype}), scales "
+        f"{', '.join(map(str, cfg.m3.scales))}")
+  return 0

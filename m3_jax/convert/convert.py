@@ -1,0 +1,213 @@
+"""HF (llava-hf or original LLaVA / M3) directory -> m3 checkpoint, one tensor at a time.
+
+Peak host memory is the output parameters (in the stored dtype) plus one source tensor: every m3 leaf is
+allocated once in its final dtype and filled slice by slice ([L]-stacked layers); the source is memory-mapped.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from m3_jax.convert import hf
+from m3_jax.convert.ckpt import save_checkpoint
+from m3_jax.convert.hf import ConversionError
+from m3_jax.convert.reader import TensorSource
+from m3_jax.models.config import ModelConfig
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def read_config(directory: pathlib.Path) -> dict:
+  path = pathlib.Path(directory) / "config.json"
+  if not path.exists():
+    raise ConversionError(f"{directory} has no config.json: expected a llava-hf (LlavaForConditionalGeneration / "
+                          "LlavaNextForConditionalGeneration) or original LLaVA (LlavaLlamaForCausalLM) directory")
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ConversionError(f"{path} is not valid JSON: {e}") from None
+
+
+def np_dtype(name: str):
+  if name == "bfloat16":
+    import ml_dtypes
+    return np.dtype(ml_dtypes.bfloat16)
+  if name not in DTYPES:
+    raise ConversionError(f"--dtype {name!r}: expected one of {', '.join(DTYPES)}")
+  return np.dtype(name)
+
+
+def _image_token_from_tokenizer(src: pathlib.Path, vocab_size: int) -> int | None:
+  """The `<image>` id of an original checkpoint's tokenizer, when it has one inside the vocabulary."""
+  for name in ("tokenizer.json",):
+    p = src / name
+    if p.exists():
+      try:
+        tok = json.loads(p.read_text())
+      except json.JSONDecodeError:
+        return None
+      ids = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
+      ids.update((tok.get("model") or {}).get("vocab") or {})
+      i = ids.get("<image>")
+      return int(i) if isinstance(i, int) and i < vocab_size else None
+  return None
+
+
+def plan(cfg: ModelConfig, sources: list[tuple[TensorSource, str]]) -> dict[str, tuple[TensorSource, str]]:
+  """canonical HF name -> (source, source key), checked: every expected key present once, none unknown, shapes
+  as the table says. All problems are reported together, each naming the key with expected and found shapes."""
+  table = hf.rules(cfg)
+  expected = {name: rule for rule in table for name in hf.expand(rule)}
+  found: dict[str, tuple[TensorSource, str]] = {}
+  unknown, misshaped, duplicate = [], [], []
+  for source, layout in sources:
+    for key in source.keys():
+      name = hf.canonical(layout, key)
+      if name is None:
+        continue
+      if layout == "clip" and not name.startswith(hf.V):
+        name = "?" + key
+      if name not in expected:
+        if layout == "clip":
+          continue  # a full CLIP checkpoint: only the vision tower is taken
+        unknown.append(f"  unknown key {key} (shape {hf.shape_str(source.shape(key))}) in {source.file(key).name}: "
+                       "no m3 parameter takes it")
+        continue
+      if name in found:
+        if layout == "clip":
+          continue  # the checkpoint's own vision weights win over --vision-from
+        duplicate.append(f"  duplicate key {key} (also {found[name][1]})")
+        continue
+      want, got = expected[name].hf_shape(), tuple(source.shape(key))
+      if want != got:
+        misshaped.append(f"  mis-shaped key {key}: expected {hf.shape_str(want)}, found {hf.shape_str(got)}")
+      found[name] = (source, key)
+  main_layout = sources[0][1]
+  missing = [f"  missing key {spelled(main_layout, n, sources[0][0])} (expected shape "
+             f"{hf.shape_str(expected[n].hf_shape())})" for n in expected if n not in found]
+  problems = misshaped + missing + unknown + duplicate
+  if problems:
+    what = "LLaVA-NeXT" if cfg.type == "llava_next" else "LLaVA-1.5"
+    shown = problems[:60] + ([f"  ... and {len(problems) - 60} more"] if len(problems) > 60 else [])
+    raise ConversionError(
+        f"{sources[0][0].directory} ({main_layout} layout, {what}: vision {cfg.vision.width}x{cfg.vision.depth}, "
+        f"LLM {cfg.llm.width}x{cfg.llm.depth}) does not match its config.json: {len(misshaped)} mis-shaped, "
+        f"{len(missing)} missing, {len(unknown)} unknown, {len(duplicate)} duplicate keys:\n" + "\n".join(shown))
+  return found
+
+
+def spelled(layout: str, name: str, source: TensorSource) -> str:
+  """A canonical name as the source layout spells it (for messages): the spelling whose prefix the source uses."""
+  keys = source.keys()
+  options = [(src, src + name[len(dst):]) for src, dst in hf.LAYOUTS[layout] if name.startswith(dst)]
+  for prefix, option in options:
+    if any(k.startswith(prefix) for k in keys):
+      return option
+  return options[0][1] if options else name
+
+
+def assemble(cfg: ModelConfig, found: dict[str, tuple[TensorSource, str]], dtype: str, progress: bool = True
+             ) -> dict[str, Any]:
+  """Fills the m3 parameter tree tensor by tensor (a tqdm bar counts tensors)."""
+  from tqdm import tqdm
+  target = np_dtype(dtype)
+  leaves: dict[str, np.ndarray] = {}
+  jobs = []
+  for rule in hf.rules(cfg):
+    leaves[rule.m3] = np.empty(((rule.layers,) if rule.layers else ()) + rule.shape, target)
+    for i, name in enumerate(hf.expand(rule)):
+      source, key = found[name]
+      jobs.append((str(source.file(key)), key, source, rule, i if rule.layers else None))
+  jobs.sort(key=lambda j: (j[0], j[1]))  # file order: sequential reads of memory-mapped shards
+  for _, key, source, rule, layer in tqdm(jobs, desc="convert", unit="tensor", disable=not progress):
+    x = hf.TRANSFORMS[rule.transform][0](source.get(key))
+    if layer is None:
+      leaves[rule.m3][...] = x.astype(target, copy=False)
+    else:
+      leaves[rule.m3][layer] = x.astype(target, copy=False)
+    del x
+  return unflatten(leaves)
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+  tree: dict[str, Any] = {}
+  for path, x in flat.items():
+    *parents, leaf = path.split("/")
+    node = tree
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = x
+  return tree
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(flatten(v, f"{prefix}{k}/"))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def load_source(src, vision_from=None, allow_pickle: bool = False
+                ) -> tuple[ModelConfig, str, list[tuple[TensorSource, str]], dict]:
+  """Reads config and opens the weights: (cfg, layout, [(source, layout), ...], config.json)."""
+  src = pathlib.Path(src)
+  config = read_config(src)
+  source = TensorSource(src, allow_pickle)
+  layout = hf.detect_layout(config, source.keys())
+  sources = [(source, layout)]
+  if layout != "original":
+    if vision_from is not None:
+      print(f"note: --vision-from {vision_from} is ignored: {src} is a llava-hf checkpoint with its own vision tower")
+    return hf.model_config(config, layout), layout, sources, config
+  tower = config.get("mm_vision_tower")
+  vision = None
+  if vision_from is not None:
+    vision = hf.vision_dict_from_dir_config(read_config(pathlib.Path(vision_from)))
+  elif tower in hf.KNOWN_TOWERS:
+    vision = dict(hf.KNOWN_TOWERS[tower])
+  has_vision = any(k.startswith("model.vision_tower.") for k in source.keys())
+  if not has_vision:
+    if vision_from is None:
+      raise ConversionError(
+          f"{src} is an original LLaVA checkpoint without vision weights (LLaVA-1.5 loads its CLIP tower "
+          f"{tower!r} separately): pass --vision-from DIR, a local CLIP directory (CLIPVisionModel or CLIPModel "
+          "safetensors + config.json), e.g. a copy of openai/clip-vit-large-patch14-336")
+    vision_source = TensorSource(vision_from, allow_pickle)
+    if not any(hf.canonical("clip", k) and hf.canonical("clip", k).startswith(hf.V) for k in vision_source.keys()):
+      raise ConversionError(f"--vision-from {vision_from} holds no CLIP vision weights (`vision_model.*`), and "
+                            f"{src} has none either")
+    sources.append((vision_source, "clip"))
+  vocab = int(config.get("vocab_size", 32000))
+  cfg = hf.model_config(config, layout, vision, _image_token_from_tokenizer(src, vocab))
+  return cfg, layout, sources, config
+
+
+def convert(src, out, dtype: str = "float32", vision_from=None, allow_pickle: bool = False,
+            progress: bool = True) -> ModelConfig:
+  """`m3 convert SRC OUT`: returns the ModelConfig written to OUT/m3_config.json."""
+  src, out = pathlib.Path(src), pathlib.Path(out)
+  np_dtype(dtype)
+  if out.exists() and any(out.iterdir()):
+    raise ConversionError(f"output directory {out} exists and is not empty: choose a new directory")
+  cfg, layout, sources, _ = load_source(src, vision_from, allow_pickle)
+  cfg = cfg.replace(dtype=dtype)
+  found = plan(cfg, sources)
+  params = assemble(cfg, found, dtype, progress)
+  pre = src / "preprocessor_config.json"
+  # An original checkpoint's processor config (if any) is CLIP's: the m3 one is rebuilt from the model config so
+  # that it carries the anyres pinpoints (written (h, w), HF's order).
+  preprocessor = json.loads(pre.read_text()) if pre.exists() and layout != "original" else None
+  source_dtypes = sorted({s.dtype(k) for s, k in found.values()})
+  save_checkpoint(out, cfg, params, tokenizer_src=src, preprocessor_cfg=preprocessor,
+                  template="vicuna_v1" if layout == "original" else "llava_hf",
+                  source={"path": str(src.absolute()), "layout": layout, "dtypes": source_dtypes,
+                          "vision_from": str(vision_from) if vision_from else None})
+  for s, _ in sources:
+    s.close()
+  return cfg
