@@ -10,10 +10,17 @@ from typing import Any
 
 from m3_jax.eval.tasks.base import TASKS, Sample, Task, register
 
-__all__ = ["TASKS", "Sample", "Task", "register", "get_task", "task_names"]
+__all__ = ["TASKS", "Sample", "Task", "UnknownTaskError", "register", "get_task", "task_names"]
+
+
+class UnknownTaskError(KeyError, ValueError):
+  """No task of that name; the message lists the known ones."""
+
+  def __str__(self) -> str:  # KeyError would print the message in quotes
+    return str(self.args[0])
 
 # Submodules whose import registers tasks. "generic" (probe, llava_jsonl) belongs to the eval engine.
-_MODULES = ["generic"]
+_MODULES = ["vqa", "choice", "pope", "video", "generic"]
 _loaded = False
 
 
@@ -40,5 +47,5 @@ def get_task(name: str, **options: Any) -> Task:
   """The task registered as `name`, constructed with `options` (e.g. `image_folder=...`)."""
   _load_all()
   if name not in TASKS:
-    raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS)) or '(none)'}")
+    raise UnknownTaskError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS)) or '(none)'}")
   return TASKS[name](**options)

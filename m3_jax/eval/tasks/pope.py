@@ -1,0 +1,67 @@
+"""POPE (object hallucination) on COCO: adversarial / popular / random, scored as LLaVA's eval_pope."""
+from __future__ import annotations
+
+import glob
+import os
+from typing import Iterator
+
+from m3_jax.eval import metrics
+from m3_jax.eval.tasks.base import Sample, Task, register
+from m3_jax.eval.tasks.common import SHORT_ANSWER, TaskDataError, field, iter_numbered, load_json_or_jsonl
+
+_PREFIX = "coco_pope_"
+
+
+@register("pope")
+class POPE(Task):
+  """POPE. --data: one coco_pope_<category>.json (JSON lines with question_id, image, text, label; ids: its
+  `question_id`), or the folder holding several (ids "<category>/<question_id>", because every file counts
+  from 1). Images: COCO val2014 (val2014/ beside the files, or --image-folder).
+
+  Summary: accuracy, precision, recall, f1, yes_ratio per category ("f1/adversarial", ...) and, at the top level,
+  their mean over the categories present (the POPE number papers report is the mean F1 over the three).
+  """
+  kind = "generate"
+
+  def __init__(self, image_folder: str | None = None):
+    self.image_folder = image_folder
+
+  def samples(self, path: str) -> Iterator[Sample]:
+    if os.path.isdir(path):
+      files = sorted(glob.glob(os.path.join(path, f"{_PREFIX}*.json")))
+      if not files:
+        raise TaskDataError(f"POPE: no {_PREFIX}<category>.json files in {path}")
+      base, prefix = path, True
+    elif os.path.isfile(path):
+      files, base, prefix = [path], os.path.dirname(os.path.abspath(path)), False
+    else:
+      raise TaskDataError(f"POPE: {path} does not exist")
+    images = self.image_folder or os.path.join(base, "val2014")
+    for f in files:
+      name = os.path.basename(f).removesuffix(".json")
+      category = name[len(_PREFIX):] if name.startswith(_PREFIX) else name
+      for i, r, where in iter_numbered(load_json_or_jsonl(f), f):
+        label = field(r, "label", where)
+        if label not in ("yes", "no"):
+          raise TaskDataError(f"{where}: label {label!r} is not 'yes' or 'no'")
+        qid = str(field(r, "question_id", where))
+        yield Sample(question_id=f"{category}/{qid}" if prefix else qid,
+                     prompt=f"{field(r, 'text', where)}\n{SHORT_ANSWER}", answers=label,
+                     image=os.path.join(images, field(r, "image", where)), category=category)
+
+  def score(self, sample: Sample, prediction: str) -> float:
+    return float(metrics.pope_answer(prediction) == sample.answers)
+
+  def summarize(self, samples, predictions):
+    by_cat: dict[str, tuple[list, list]] = {}
+    for s in samples:
+      preds, labels = by_cat.setdefault(s.category or "all", ([], []))
+      preds.append(predictions[s.question_id])
+      labels.append(s.answers)
+    out: dict[str, float] = {}
+    per = {c: metrics.pope_metrics(p, l) for c, (p, l) in sorted(by_cat.items())}
+    for name in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
+      out[name] = metrics.mean(m[name] for m in per.values())
+      out.update({f"{name}/{c}": m[name] for c, m in per.items()})
+    out["count"] = float(sum(len(l) for _, l in by_cat.values()))
+    return out
