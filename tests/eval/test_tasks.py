@@ -211,6 +211,14 @@ def test_pope_folder(tmp_path):
   assert summary["f1/adversarial"] == pytest.approx(2 / 3) and summary["f1/random"] == 1.0
   assert summary["f1"] == pytest.approx((2 / 3 + 1) / 2) and summary["accuracy"] == pytest.approx(0.75)
   assert summary["yes_ratio/adversarial"] == 1.0 and summary["count"] == 4
+  # LLaVA's question file beside them: its ids, paired by position within each category
+  write_lines(os.path.join(d, "llava_pope_test.jsonl"), [
+      {"question_id": 101, "category": "adversarial"}, {"question_id": 102, "category": "adversarial"},
+      {"question_id": 201, "category": "random"}, {"question_id": 202, "category": "random"}])
+  samples = list(get_task("pope").samples(d))
+  assert [(s.question_id, s.answers) for s in samples] == [("101", "yes"), ("102", "no"), ("201", "yes"),
+                                                           ("202", "no")]
+  os.remove(os.path.join(d, "llava_pope_test.jsonl"))
   # one file: the file's own ids
   ids = [s.question_id for s in get_task("pope").samples(os.path.join(d, "coco_pope_random.json"))]
   assert ids == ["1", "2"]
@@ -300,6 +308,14 @@ def test_scienceqa_img(tmp_path):
   assert samples[0].image == os.path.join(str(d), "images", "test", "4", "image.png")
   # "B" right; "C." is not accepted by LLaVA's parser (needs "C" or "C. ...") -> 0.5
   assert summary["accuracy"] == 0.5 and summary["accuracy/natural science"] == 1.0
+  # LLaVA's converted question file, when present, supplies the prompt text
+  write_json(d / "llava_test_CQM-A.json", [{"id": "6", "image": "6/image.png", "conversations": [
+      {"from": "human", "value": "<image>\nContext: N/A\nWhich state is farthest north?\nA. Ohio\nB. Texas\n"
+       "C. Maine\nD. Utah"}, {"from": "gpt", "value": "C"}]}])
+  samples = list(get_task("scienceqa_img").samples(str(d)))
+  assert samples[1].prompt == ("Context: N/A\nWhich state is farthest north?\nA. Ohio\nB. Texas\nC. Maine\n"
+                               "D. Utah\nAnswer with the option's letter from the given choices directly.")
+  assert samples[0].prompt.startswith("Context: Select the best answer.\n")
 
 
 # --- SEED-Bench -------------------------------------------------------------------------------------------------

@@ -151,7 +151,9 @@ class MMBench(_ChoiceTask):
 @register("scienceqa_img")
 class ScienceQAImg(_ChoiceTask):
   """ScienceQA test questions that have an image (ScienceQA-IMG). --data: the folder with problems.json and
-  pid_splits.json (images at images/test/<pid>/image.png). Ids: the problem id. Answer parsing: LLaVA's
+  pid_splits.json (images at images/test/<pid>/image.png); LLaVA's llava_test_CQM-A.json there, when present,
+  supplies the prompts (else they are built in its layout: "Context: <hint>" line when there is a hint, question,
+  "A. choice" lines). Ids: the problem id. Answer parsing: LLaVA's
   eval_science_qa (a bare letter, "B. text", or "The answer is B."). Category: `subject`."""
 
   def __init__(self, image_folder: str | None = None, split: str = "test"):
@@ -168,6 +170,7 @@ class ScienceQAImg(_ChoiceTask):
     if self.split not in splits:
       raise TaskDataError(f"{splits_file}: no split {self.split!r} (has {', '.join(splits)})")
     images = self.image_folder or os.path.join(path, "images", self.split)
+    llava = self._llava_prompts(path)
     for pid in splits[self.split]:
       where = f"{problems_file}, problem {pid}"
       if pid not in problems:
@@ -179,11 +182,29 @@ class ScienceQAImg(_ChoiceTask):
       answer = field(p, "answer", where)
       if not isinstance(answer, int) or not 0 <= answer < len(choices):
         raise TaskDataError(f"{where}: answer {answer!r} is not an index into its {len(choices)} choices")
-      hint = (p.get("hint") or "").strip()
-      question = f"Context: {hint}\n{p['question']}" if hint else field(p, "question", where)
-      yield Sample(question_id=str(pid), prompt=choice_prompt(question, choices), answers=LETTERS[answer],
+      if pid in llava:
+        prompt = f"{llava[pid]}\n{OPTION_LETTER}"
+      else:
+        hint = (p.get("hint") or "").strip()
+        question = f"Context: {hint}\n{p['question']}" if hint else field(p, "question", where)
+        prompt = choice_prompt(question, choices)
+      yield Sample(question_id=str(pid), prompt=prompt, answers=LETTERS[answer],
                    image=os.path.join(images, str(pid), p["image"]), options=list(choices),
                    category=p.get("subject"), meta={"grade": p.get("grade")})
+
+  def _llava_prompts(self, path: str) -> dict[str, str]:
+    """{problem id: question text} from LLaVA's llava_<split>_CQM-A.json when it is in the folder: the prompts
+    LLaVA-1.5 / M3 were evaluated with (first human turn, "<image>" removed, stripped)."""
+    f = os.path.join(path, f"llava_{self.split}_CQM-A.json")
+    if not os.path.isfile(f):
+      return {}
+    out = {}
+    for i, r, where in iter_numbered(load_json(f), f):
+      turns = field(r, "conversations", where)
+      if not turns or "value" not in turns[0]:
+        raise TaskDataError(f"{where}: expected 'conversations' starting with a human turn {{'value': ...}}")
+      out[str(field(r, "id", where))] = turns[0]["value"].replace("<image>", "").strip()
+    return out
 
   def score(self, sample: Sample, prediction: str) -> float:
     return float(metrics.scienceqa_answer(prediction.strip(), len(sample.options)) == sample.answers)
