@@ -271,7 +271,8 @@ class ChartQA(_ImageTask):
       images = _image_dir(f, ["png"], self.image_folder)
       for i, r, where in iter_numbered(records, f):
         yield Sample(question_id=f"{split}/{i}" if prefix else str(i),
-                     prompt=f"{field(r, 'query', where)}\n{_CHARTQA_INSTRUCTION}", answers=str(field(r, "label", where)),
+                     prompt=f"{field(r, 'query', where)}\n{_CHARTQA_INSTRUCTION}",
+                     answers=str(field(r, "label", where)),
                      image=os.path.join(images, field(r, "imgname", where)), category=split)
 
   def score(self, sample: Sample, prediction: str) -> float:
