@@ -15,8 +15,8 @@ from m3_jax.eval.tasks.common import (TaskDataError, choice_prompt, field, find_
 class _VideoChoice(Task):
   kind = "choice"
 
-  def __init__(self, video_folder: str | None = None, split: str | None = None):
-    self.video_folder = video_folder
+  def __init__(self, video_folder: str | None = None, split: str | None = None, image_folder: str | None = None):
+    self.video_folder = video_folder or image_folder  # engines pass one media-folder option to every task
     self.split = split or self.default_split
 
   default_split = "val"
