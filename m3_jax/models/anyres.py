@@ -28,43 +28,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m3_jax.data import anyres as data_anyres
+from m3_jax.data.anyres import AnyresError, select_best_resolution  # noqa: F401  (re-exported)
 from m3_jax.models.config import ModelConfig
-
-
-class AnyresError(ValueError):
-  """An image size, crop count or grid the anyres composition cannot take; the message says what would fit."""
 
 
 def pinpoints_hw(cfg: ModelConfig, grid: tuple[int, int] | None = None) -> tuple[tuple[int, int], ...]:
   """The candidate resolutions as (h, w), in the checkpoint's list order (or the one the grid override makes)."""
-  crop = cfg.vision.image_size
-  if grid is not None:
-    check_grid(cfg, grid)
-    return ((int(grid[0]) * crop, int(grid[1]) * crop),)
-  pins = cfg.anyres.grid_pinpoints
-  if not pins:
-    raise AnyresError(f"model type {cfg.type!r} has no anyres grid_pinpoints (model.anyres.grid_pinpoints is empty)")
-  if cfg.anyres.pinpoint_order not in ("hw", "wh"):
-    raise AnyresError(f"model.anyres.pinpoint_order={cfg.anyres.pinpoint_order!r}: expected 'hw' or 'wh'")
-  return tuple(pins) if cfg.anyres.pinpoint_order == "hw" else tuple((b, a) for a, b in pins)
-
-
-def select_best_resolution(image_hw: tuple[int, int], candidates_hw) -> tuple[int, int]:
-  """The candidate keeping the most of the image's resolution, then wasting the least; first wins ties.
-
-  transformers' `select_best_resolution` and LLaVA's are this formula, each reading its own pinpoint order.
-  """
-  oh, ow = (int(x) for x in image_hw)
-  if oh <= 0 or ow <= 0:
-    raise AnyresError(f"image size (h, w) = ({oh}, {ow}): both sides must be positive")
-  best, best_eff, best_waste = None, 0, float("inf")
-  for h, w in candidates_hw:
-    scale = min(w / ow, h / oh)
-    eff = min(int(ow * scale) * int(oh * scale), ow * oh)
-    waste = w * h - eff
-    if eff > best_eff or (eff == best_eff and waste < best_waste):
-      best, best_eff, best_waste = (int(h), int(w)), eff, waste
-  return best
+  return data_anyres.pinpoints_hw(cfg.anyres.grid_pinpoints, cfg.anyres.pinpoint_order, cfg.vision.image_size, grid)
 
 
 def grid_shape(cfg: ModelConfig, image_hw, grid: tuple[int, int] | None = None) -> tuple[int, int]:
@@ -105,6 +76,8 @@ def pack_indices(cfg: ModelConfig, image_hw, scale: int, grid: tuple[int, int] |
   cfg.check_scale(scale)
   if cfg.type != "llava_next":
     raise AnyresError(f"anyres packing needs a llava_next model (with image_newline); this one is {cfg.type!r}")
+  if grid is not None:
+    check_grid(cfg, grid, scale)
   rows, cols = grid_shape(cfg, image_hw, grid)
   want = 1 + rows * cols
   if n_crops is not None and n_crops != want:
@@ -128,6 +101,8 @@ def pack_indices(cfg: ModelConfig, image_hw, scale: int, grid: tuple[int, int] |
 
 def visual_tokens(cfg: ModelConfig, image_hw, scale: int, grid: tuple[int, int] | None = None) -> int:
   """The sequence positions one image occupies (base, unpadded grid and newline tokens) at `scale` per crop."""
+  if grid is not None:
+    check_grid(cfg, grid, scale)
   if cfg.type != "llava_next":
     cfg.check_scale(scale)
     return int(scale)
@@ -140,22 +115,18 @@ def check_grid(cfg: ModelConfig, grid, scale: int | None = None):
   if cfg.type != "llava_next":
     raise AnyresError(f"a grid override needs a LLaVA-NeXT checkpoint (anyres crops, image_newline); this one is "
                       f"{cfg.type!r}, which sees one {cfg.vision.image_size}px crop per image")
-  try:
-    rows, cols = (int(g) for g in grid)
-  except (TypeError, ValueError):
-    raise AnyresError(f"grid override {grid!r}: expected (rows, cols), e.g. (3, 3)") from None
-  if rows < 1 or cols < 1 or (rows, cols) != tuple(grid):
-    raise AnyresError(f"grid override {grid!r}: rows and cols must be positive integers")
+  rows, cols = data_anyres.check_grid_shape(grid)
   if scale is not None:
     cfg.check_scale(scale)
     k = math.isqrt(scale)
     most = scale + rows * k * (cols * k + 1)  # no unpadding: the most tokens this grid can take
     if most > cfg.llm.max_len:
+      fits = [s for s in cfg.m3.scales
+              if s + rows * math.isqrt(s) * (cols * math.isqrt(s) + 1) <= cfg.llm.max_len]
       raise AnyresError(
           f"grid override {rows}x{cols} at {scale} tokens per grid takes up to {most} visual tokens, more than this "
-          f"checkpoint's LLM context (model.llm.max_len = {cfg.llm.max_len}); use a smaller grid or scale (e.g. "
-          f"{rows}x{cols} at {max((s for s in cfg.m3.scales if s + rows * math.isqrt(s) * (cols * math.isqrt(s) + 1) <= cfg.llm.max_len), default='none')} "
-          "tokens per grid)")
+          f"checkpoint's LLM context (model.llm.max_len = {cfg.llm.max_len}); scales that fit a {rows}x{cols} grid: "
+          f"{fits or 'none'}")
 
 
 def pack(crop_tokens, image_newline, indices):
