@@ -1,0 +1,113 @@
+"""m3 checkpoint -> llava-hf directory (config.json, safetensors, tokenizer, preprocessor_config.json).
+
+The weights are written in the llava-hf on-disk layout that transformers 4.5x saves and every later version loads
+(`vision_tower.vision_model.*`, `multi_modal_projector.*`, `language_model.model.*`, `language_model.lm_head.weight`,
+`image_newline`), in the checkpoint's stored dtype. Tensors are streamed into the files one at a time (the
+safetensors header is computed from the mapping table first), in shards of at most `shard_bytes`.
+
+transformers has no Matryoshka pooling: the exported model runs at full scale only.
+"""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import struct
+
+import numpy as np
+
+from m3_jax.convert import hf
+from m3_jax.convert.ckpt import load_checkpoint
+from m3_jax.convert.convert import flatten
+
+ST_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+
+
+def hf_tensors(cfg, flat_params: dict):
+  """Yields (HF name, numpy tensor in the HF orientation), one at a time, in table order."""
+  for rule in hf.rules(cfg):
+    leaf = flat_params[rule.m3]
+    back = hf.TRANSFORMS[rule.transform][1]
+    for i, name in enumerate(hf.expand(rule)):
+      x = np.asarray(leaf[i] if rule.layers else leaf)
+      yield name, np.ascontiguousarray(back(x))
+
+
+def _planned(cfg, flat_params):
+  """[(name, shape, dtype name, nbytes)] without computing any tensor."""
+  out = []
+  for rule in hf.rules(cfg):
+    dtype = str(np.dtype(flat_params[rule.m3].dtype))
+    if dtype not in ST_NAMES:
+      raise ValueError(f"parameter {rule.m3} has dtype {dtype}: export writes {', '.join(ST_NAMES)}")
+    shape = rule.hf_shape()
+    nbytes = math.prod(shape) * np.dtype(flat_params[rule.m3].dtype).itemsize
+    out += [(name, shape, dtype, nbytes) for name in hf.expand(rule)]
+  return out
+
+
+def write_safetensors(out_dir: pathlib.Path, cfg, flat_params: dict, shard_bytes: int = 4 << 30) -> list[str]:
+  plan = _planned(cfg, flat_params)
+  shards, cur, size = [], [], 0
+  for item in plan:
+    if cur and size + item[3] > shard_bytes:
+      shards.append(cur)
+      cur, size = [], 0
+    cur.append(item)
+    size += item[3]
+  shards.append(cur)
+  names = (["model.safetensors"] if len(shards) == 1 else
+           [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+  tensors = hf_tensors(cfg, flat_params)
+  weight_map = {}
+  for fname, shard in zip(names, shards):
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, dtype, nbytes in shard:
+      header[name] = {"dtype": ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+      offset += nbytes
+      weight_map[name] = fname
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with open(out_dir / fname, "wb") as f:
+      f.write(struct.pack("<Q", len(blob)))
+      f.write(blob)
+      for name, shape, dtype, nbytes in shard:
+        got_name, x = next(tensors)
+        assert got_name == name and tuple(x.shape) == tuple(shape), (got_name, name, x.shape, shape)
+        f.write(x.tobytes())
+  if len(shards) > 1:
+    total = sum(item[3] for item in plan)
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+  return names
+
+
+def export(ckpt_dir, out_dir, shard_bytes: int = 4 << 30) -> pathlib.Path:
+  """`m3 export CKPT OUT`."""
+  from transformers import LlavaConfig, LlavaNextConfig
+  cfg, params, extras = load_checkpoint(ckpt_dir)
+  out = pathlib.Path(out_dir)
+  if out.exists() and any(out.iterdir()):
+    raise ValueError(f"output directory {out} exists and is not empty: choose a new directory")
+  out.mkdir(parents=True, exist_ok=True)
+  flat = {k: np.asarray(v) for k, v in flatten(params).items()}
+  d = hf.hf_config(cfg)
+  d.pop("model_type")
+  d.pop("pad_token_id", None)
+  config = (LlavaNextConfig if cfg.type == "llava_next" else LlavaConfig)(**d)
+  dtypes = {str(x.dtype) for x in flat.values()}
+  config.dtype = dtypes.pop() if len(dtypes) == 1 else "float32"
+  config.save_pretrained(str(out))
+  write_safetensors(out, cfg, flat, shard_bytes)
+  pre = extras.get("preprocessor_config")
+  if pre is not None:
+    pre = dict(pre)
+    if cfg.type == "llava_next":  # llava-hf reads (h, w)
+      pre.update(image_processor_type="LlavaNextImageProcessor",
+                 image_grid_pinpoints=[list(p) for p in hf.hf_pinpoints(cfg)])
+    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2, sort_keys=True) + "\n")
+  ckpt = pathlib.Path(ckpt_dir)
+  if (ckpt / "tokenizer_config.json").exists() or (ckpt / "tokenizer.json").exists():
+    from transformers import AutoTokenizer
+    AutoTokenizer.from_pretrained(str(ckpt)).save_pretrained(str(out))
+  return out

@@ -1,0 +1,26 @@
+"""`m3 export CKPT OUT`: m3 checkpoint -> llava-hf directory that transformers loads."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser):
+  p.description = (
+      "Write an m3 checkpoint as a llava-hf directory (config.json, safetensors, tokenizer, preprocessor_config.json) "
+      "that LlavaForConditionalGeneration / LlavaNextForConditionalGeneration.from_pretrained loads. transformers "
+      "has no Matryoshka pooling: the exported model runs at FULL SCALE ONLY (576 tokens per image or per crop).")
+  p.add_argument("ckpt", metavar="CKPT", help="m3 checkpoint directory (m3_config.json + params/)")
+  p.add_argument("out", metavar="OUT", help="new output directory (must not exist or be empty)")
+  p.add_argument("--shard-size-gb", type=float, default=4.0, help="largest safetensors shard (default 4 GiB)")
+
+
+def run(args) -> int:
+  from m3_jax.convert.export import export
+  try:
+    out = export(args.ckpt, args.out, shard_bytes=int(args.shard_size_gb * (1 << 30)))
+  except (ValueError, FileNotFoundError) as e:
+    print(f"m3 export: error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {out} (llava-hf layout; transformers runs it at full scale only)")
+  return 0
