@@ -104,62 +104,60 @@ def pooled(images: np.ndarray, scale: int) -> np.ndarray:
 # -------------------------------------------------------------------------------------------------- TFDS
 
 
-def _tfds_builder_cls():
-  import tensorflow_datasets as tfds
+import tensorflow_datasets as tfds  # noqa: E402  (Tensor/Text features only: no TensorFlow needed)
 
-  @dataclasses.dataclass
-  class ProbeConfig(tfds.core.BuilderConfig):
-    seed: int = 0
-    num_train: int = DEFAULT_SIZES["train"]
-    num_validation: int = DEFAULT_SIZES["validation"]
-    num_test: int = DEFAULT_SIZES["test"]
 
-  class Probe(tfds.core.GeneratorBasedBuilder):
-    """M3 granularity probe (see m3_jax/data/probe.py)."""
-    VERSION = tfds.core.Version("1.0.0")
-    BUILDER_CONFIGS = [ProbeConfig(name="default")]
+@dataclasses.dataclass
+class ProbeConfig(tfds.core.BuilderConfig):
+  seed: int = 0
+  num_train: int = DEFAULT_SIZES["train"]
+  num_validation: int = DEFAULT_SIZES["validation"]
+  num_test: int = DEFAULT_SIZES["test"]
 
-    def _info(self):
-      f = tfds.features
-      return self.dataset_info_from_configs(
-          features=f.FeaturesDict({
-              "id": f.Text(),
-              "image": f.Tensor(shape=(IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8),
-              "question": f.Text(),
-              "answer": f.Text(),
-              "family": f.Text(),
-              "scale": f.Tensor(shape=(), dtype=np.int32),
-          }),
-          description=__doc__,
-      )
 
-    def _split_generators(self, dl_manager):
-      c = self.builder_config
-      sizes = {"train": c.num_train, "validation": c.num_validation, "test": c.num_test}
-      return {split: self._generate_examples(split, n) for split, n in sizes.items()}
+class Probe(tfds.core.GeneratorBasedBuilder):
+  """M3 granularity probe (see m3_jax/data/probe.py)."""
+  VERSION = tfds.core.Version("1.0.0")
+  BUILDER_CONFIGS = [ProbeConfig(name="default")]
 
-    def _generate_examples(self, split, n):
-      for i in range(n):
-        yield i, example(self.builder_config.seed, split, i)
+  def _info(self):
+    f = tfds.features
+    return self.dataset_info_from_configs(
+        features=f.FeaturesDict({
+            "id": f.Text(),
+            "image": f.Tensor(shape=(IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8),
+            "question": f.Text(),
+            "answer": f.Text(),
+            "family": f.Text(),
+            "scale": f.Tensor(shape=(), dtype=np.int32),
+        }),
+        description="M3 granularity probe: colour questions that need 1, 9, 36 or 144 visual tokens.",
+    )
 
-  return Probe, ProbeConfig
+  def _split_generators(self, dl_manager):
+    c = self.builder_config
+    sizes = {"train": c.num_train, "validation": c.num_validation, "test": c.num_test}
+    return {split: self._generate_examples(split, n) for split, n in sizes.items()}
+
+  def _generate_examples(self, split, n):
+    for i in range(n):
+      yield i, example(self.builder_config.seed, split, i)
 
 
 def builder(data_dir: str, *, seed: int = 0, sizes: dict | None = None):
   """The TFDS builder for the probe with this seed and split sizes, storing array_record files in data_dir."""
-  Probe, ProbeConfig = _tfds_builder_cls()
   sizes = {**DEFAULT_SIZES, **(sizes or {})}
-  name = "default" if (seed == 0 and sizes == DEFAULT_SIZES) else \
-      f"s{seed}_{sizes['train']}_{sizes['validation']}_{sizes['test']}"
-  config = ProbeConfig(name=name, seed=seed, num_train=sizes["train"], num_validation=sizes["validation"],
-                       num_test=sizes["test"])
+  if seed == 0 and sizes == DEFAULT_SIZES:
+    config = "default"
+  else:
+    config = ProbeConfig(name=f"s{seed}_{sizes['train']}_{sizes['validation']}_{sizes['test']}", seed=seed,
+                         num_train=sizes["train"], num_validation=sizes["validation"], num_test=sizes["test"])
   return Probe(data_dir=str(data_dir), config=config, file_format="array_record")
 
 
 def build(data_dir: str, *, seed: int = 0, sizes: dict | None = None):
   """Generates the probe (idempotent) and returns its builder; `builder.as_data_source(split)` reads it."""
   b = builder(data_dir, seed=seed, sizes=sizes)
-  import tensorflow_datasets as tfds
   b.download_and_prepare(download_config=tfds.download.DownloadConfig(
       beam_options=None, try_download_gcs=False))
   return b
