@@ -38,6 +38,7 @@ def base() -> ml_collections.ConfigDict:
       source="probe",            # "probe" | "llava_json" | "tfds"
       path="",                   # LLaVA JSON file, TFDS data dir, or probe dataset dir ("" = build in workdir)
       image_folder="",
+      tokenizer="",              # directory transformers loads; "" = the tiny word-level probe tokenizer
       template="vicuna_v1",
       max_length=2048,
       on_bad_record="raise",     # "raise" | "skip"
@@ -58,6 +59,7 @@ def base() -> ml_collections.ConfigDict:
       dtype="float32",           # compute dtype ("bfloat16" keeps float32 master weights)
       remat="none",
       on_nonfinite="raise",      # "raise" | "skip"
+      max_label_tokens=0,        # static bound on labelled tokens per row for the logits gather (0 = text length)
   ))
 
   c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, init_from="", async_save=True))

@@ -60,6 +60,26 @@ def rules_of(rules) -> tuple[tuple[str, Any], ...]:
   return tuple(out)
 
 
+def logical_to_mesh_axes(names: Sequence[str | None], rules) -> P:
+  """Logical dim names -> PartitionSpec: each dim takes the first rule for its name whose mesh axes this array
+  does not use yet (as Flax's, but a logical name may repeat, e.g. a conv kernel's ("conv", "conv", ...))."""
+  used: set[str] = set()
+  spec = []
+  for name in names:
+    chosen = None
+    for logical, target in rules:
+      if logical != name or name is None:
+        continue
+      axes = () if target is None else (target if isinstance(target, tuple) else (target,))
+      if used.intersection(axes):
+        continue
+      chosen = target
+      used.update(axes)
+      break
+    spec.append(chosen)
+  return P(*spec)
+
+
 def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh, where: str) -> P:
   """Drops mesh axes from dimensions they do not divide (that dimension is then replicated)."""
   fitted = []
@@ -85,7 +105,7 @@ def logical_shardings(boxed: Any, mesh: Mesh, rules) -> Any:
 
   def one(path, leaf):
     if isinstance(leaf, nn.Partitioned):
-      spec = nn.logical_to_mesh_axes(leaf.names, rules)
+      spec = logical_to_mesh_axes(leaf.names, rules)
       value = leaf.value
     else:
       spec, value = P(), leaf

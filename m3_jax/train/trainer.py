@@ -1,0 +1,376 @@
+"""The training loop: a pure, sharded, ahead-of-time compiled train step; checkpoints, preemption and metrics.
+
+    state = {"step": int32[], "params": float32 tree, "opt_state": optax state of the trainable parts,
+             "rng": uint32[2]}
+    train_step(state, batch) -> (state, metrics)      # pure; jitted with explicit shardings, state donated
+
+The step differentiates only the trainable parts (optim.split), accumulates `train.grad_accum` micro-batches with
+`lax.scan`, clips, applies AdamW, and keeps the previous params and optimiser state when the loss or the gradient
+norm is not finite (so no poisoned state can reach a checkpoint). `train.on_nonfinite="raise"` then stops with the
+step named; `"skip"` carries on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import signal
+import time
+from typing import Any, Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from m3_jax.models import llava
+from m3_jax.models.config import ModelConfig
+from m3_jax.train import checkpoint as ckpt_lib
+from m3_jax.train import objective as obj
+from m3_jax.train import optim
+from m3_jax.train import sharding as shd
+from m3_jax.train.metrics import MetricsWriter
+
+log = logging.getLogger(__name__)
+BATCH_NDIM = {"input_ids": 2, "labels": 2, "attention_mask": 2, "pixels": 4, "has_image": 1}
+BATCH_KEYS = tuple(BATCH_NDIM)
+
+
+class NonFiniteError(FloatingPointError):
+  """The loss or gradient norm of a step was NaN or infinite (the state was left as it was before that step)."""
+
+
+def model_config_of(config: ml_collections.ConfigDict) -> ModelConfig:
+  """The model config with the run's compute choices (`train.dtype`, `train.remat`) applied."""
+  mc = ModelConfig.from_config(config.model)
+  return mc.replace(dtype=str(config.train.get("dtype", mc.dtype)), remat=str(config.train.get("remat", mc.remat)))
+
+
+class Trainer:
+  """Builds the model, mesh, optimiser and the jitted step for `config`; `fit` runs the loop in `workdir`."""
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None,
+               compiler_options: dict | None = None):
+    self.config = config
+    # XLA options for the AOT compile, e.g. {"xla_backend_optimization_level": 0} halves CPU compile time in tests.
+    self.compiler_options = dict(compiler_options or {})
+    train = config.train
+    self.model_config = model_config_of(config)
+    self.model = llava.LlavaM3(self.model_config)
+    self.scales = obj.scales_of(self.model_config.m3.scales, train.get("scales", ()))
+    self.objective = obj.Objective(self.model, self.scales, impl=str(train.scale_loss),
+                                   max_label_tokens=int(train.get("max_label_tokens", 0)))
+    if train.scale_sampling not in ("all", "random"):
+      raise ValueError(f"train.scale_sampling={train.scale_sampling!r}: expected 'all' or 'random'")
+    if train.on_nonfinite not in ("raise", "skip"):
+      raise ValueError(f"train.on_nonfinite={train.on_nonfinite!r}: expected 'raise' or 'skip'")
+    self.freeze = optim.check_freeze(train.freeze)
+    self.grad_accum = int(train.grad_accum)
+    if self.grad_accum < 1:
+      raise ValueError(f"train.grad_accum={self.grad_accum} must be >= 1")
+
+    self.mesh = mesh or shd.make_mesh(config.mesh.shape)
+    rules = shd.rules_of(config.mesh.rules)
+    boxed = llava.abstract_params(self.model_config)
+    self.param_shardings = shd.logical_shardings(boxed, self.mesh, rules)
+    self.abstract_params = nn.unbox(boxed)
+    trainable, _ = optim.split(self.abstract_params, self.freeze)
+    self.optimizer = optim.make_optimizer(train, trainable)
+    abstract_opt = jax.eval_shape(self.optimizer.init, trainable)
+    trainable_sh, _ = optim.split(self.param_shardings, self.freeze)
+    repl = shd.replicated(self.mesh)
+    self.state_shardings = {"step": repl, "params": self.param_shardings,
+                            "opt_state": shd.opt_state_shardings(abstract_opt, trainable_sh, self.mesh),
+                            "rng": repl}
+    self._compiled: dict[Any, Any] = {}
+    batch_sh = {k: shd.batch_sharding(self.mesh, n) for k, n in BATCH_NDIM.items()}
+    self._jitted = jax.jit(self.train_step, in_shardings=(self.state_shardings, batch_sh),
+                           out_shardings=(self.state_shardings, repl), donate_argnums=0)
+
+  # ---- state ----------------------------------------------------------------------------------------------------
+  def abstract_state(self) -> dict:
+    """ShapeDtypeStructs (with shardings) of the train state: the restore target."""
+    def abstract(x, s):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+    shapes = jax.eval_shape(self._fresh_state, jax.random.PRNGKey(0))
+    return jax.tree_util.tree_map(abstract, shapes, self.state_shardings)
+
+  def _fresh_state(self, rng) -> dict:
+    init_rng, state_rng = jax.random.split(rng)
+    ids, pixels = llava.dummy_inputs(self.model_config)
+    params = nn.unbox(self.model.init(init_rng, ids, pixels, self.model_config.full_scale)["params"])
+    return self._state_from_params(params, state_rng)
+
+  def _state_from_params(self, params, rng) -> dict:
+    trainable, _ = optim.split(params, self.freeze)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.optimizer.init(trainable),
+            "rng": rng}
+
+  def init_state(self, seed: int | None = None) -> dict:
+    """A fresh state, created directly in its shards (never whole on one device); with `checkpoint.init_from`
+    the params come from that m3 checkpoint directory."""
+    seed = int(self.config.train.seed if seed is None else seed)
+    rng = jax.random.PRNGKey(seed)
+    init_from = str(self.config.checkpoint.get("init_from", "") or "")
+    if not init_from:
+      return jax.jit(self._fresh_state, out_shardings=self.state_shardings)(rng)
+    ckpt_lib.check_init_from(init_from, self.model_config)
+    params = ckpt_lib.load_params(init_from, target_shardings=self.param_shardings, abstract=self.abstract_params)
+    log.info("initialised params from %s", init_from)
+    state_rng = jax.random.split(rng)[1]
+    return jax.jit(self._state_from_params, out_shardings=self.state_shardings)(params, state_rng)
+
+  # ---- the step -------------------------------------------------------------------------------------------------
+  def loss_and_grads(self, params: dict, batch: dict, rng=None) -> tuple[jax.Array, dict, dict]:
+    """(loss, aux, grads of the trainable parts) for one global batch; aux holds per-scale CE and counts."""
+    trainable, frozen = optim.split(params, self.freeze)
+    num_targets = obj.count_targets(batch, self.model_config.image_token_id)
+    m = len(self.scales)
+    if self.config.train.scale_sampling == "random":
+      index = jax.random.randint(jax.random.PRNGKey(0) if rng is None else rng, (), 0, m)
+      trained = jax.nn.one_hot(index, m, dtype=jnp.float32)
+    else:
+      index, trained = None, jnp.ones((m,), jnp.float32)
+
+    def loss_fn(trainable, micro):
+      p = optim.merge(trainable, frozen)
+      ce = self.objective.one_scale_ce(p, micro, index) if index is not None else self.objective.all_scales_ce(p, micro)
+      loss, _ = obj.m3_loss(ce, num_targets, trained)
+      return loss, ce
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if self.grad_accum == 1:
+      (loss, ce), grads = grad_fn(trainable, batch)
+    else:
+      micro = jax.tree_util.tree_map(self._micro_batches, batch)
+
+      def body(acc, mb):
+        mb = {k: jax.lax.with_sharding_constraint(v, shd.batch_sharding(self.mesh, v.ndim)) for k, v in mb.items()}
+        (l, c), g = grad_fn(trainable, mb)
+        return jax.tree_util.tree_map(jnp.add, acc, (l, c, g)), None
+
+      zeros = (jnp.zeros(()), jnp.zeros((m,)), jax.tree_util.tree_map(jnp.zeros_like, trainable))
+      (loss, ce, grads), _ = jax.lax.scan(body, zeros, micro)
+    _, per_scale = obj.m3_loss(ce, num_targets, trained)
+    return loss, {"per_scale": per_scale, "trained": trained, "num_targets": num_targets}, grads
+
+  def _micro_batches(self, x: jax.Array) -> jax.Array:
+    """[k*b, ...] -> [k, b, ...] with micro-batch j = rows j, k+j, 2k+j, ...: every device's contiguous block of
+    rows feeds every micro-batch, so no rows move between devices."""
+    k = self.grad_accum
+    if x.shape[0] % k:
+      raise ValueError(f"batch size {x.shape[0]} is not a multiple of train.grad_accum={k}")
+    return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+  def train_step(self, state: dict, batch: dict) -> tuple[dict, dict]:
+    rng = jax.random.fold_in(state["rng"], state["step"])
+    loss, aux, grads = self.loss_and_grads(state["params"], batch, rng)
+    trainable, frozen = optim.split(state["params"], self.freeze)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = self.optimizer.update(grads, state["opt_state"], trainable)
+    new_trainable = optax.apply_updates(trainable, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def keep_if_finite(new, old):
+      return jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+    new_state = {"step": state["step"] + 1,
+                 "params": optim.merge(keep_if_finite(new_trainable, trainable), frozen),
+                 "opt_state": keep_if_finite(opt_state, state["opt_state"]),
+                 "rng": state["rng"]}
+    metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, **aux,
+               **optim.learning_rates(self.config.train, state["step"], self.freeze)}
+    return new_state, metrics
+
+  def batch_shardings(self, batch: dict) -> dict:
+    return {k: shd.batch_sharding(self.mesh, np.ndim(v)) for k, v in batch.items()}
+
+  def compiled_step(self, batch: dict):
+    """The step compiled ahead of time for `batch`'s shapes (cached per shape); logs XLA's memory analysis."""
+    key = tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
+    if key not in self._compiled:
+      abstract_batch = {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=s)
+                        for (k, v), s in zip(batch.items(), self.batch_shardings(batch).values())}
+      start = time.perf_counter()
+      lowered = self._jitted.lower(self.abstract_state(), abstract_batch)
+      compiled = lowered.compile(compiler_options=self.compiler_options or None)
+      log.info("compiled the train step for %s in %.1fs; %s", dict((k, s) for k, s, _ in key),
+               time.perf_counter() - start, memory_summary(compiled))
+      self._compiled[key] = compiled
+    return self._compiled[key]
+
+  # ---- the loop -------------------------------------------------------------------------------------------------
+  def fit(self, workdir: str | pathlib.Path, batches: Iterator[dict] | None = None, progress: bool = True) -> dict:
+    """Trains in `workdir` up to `train.num_steps`, resuming from its latest good checkpoint. Returns a summary
+    ({"step", "loss", "stopped"}). `batches` (host-local numpy batches with get_state/set_state) defaults to the
+    configured data source."""
+    workdir = pathlib.Path(workdir)
+    config, train = self.config, self.config.train
+    primary = jax.process_index() == 0
+    if primary:
+      workdir.mkdir(parents=True, exist_ok=True)
+      (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    batches = batches if batches is not None else make_batches(config, workdir)
+    ckpts = ckpt_lib.Checkpoints(workdir, keep=int(config.checkpoint.keep),
+                                 async_save=bool(config.checkpoint.get("async_save", True)))
+    restored = ckpts.restore(self.abstract_state())
+    if restored is None:
+      state, start = self.init_state(), 0
+    else:
+      start, state, data_state = restored
+      if data_state is not None and hasattr(batches, "set_state"):
+        ckpt_lib.set_iterator_state(batches, data_state)
+      log.info("resumed from %s at step %d", ckpts.directory, start)
+
+    writer = MetricsWriter(workdir, enabled=primary)
+    stopper = _Preemption()
+    every, num_steps, log_every = int(config.checkpoint.every), int(train.num_steps), int(train.log_every)
+    bar = _progress(start, num_steps, enabled=progress and primary)
+    pending: list = []
+    last_loss, stopped, step = math.nan, "", start
+    clock = _Clock()
+    data_state = None
+    try:
+      for step in range(start, num_steps):
+        if stopper.requested:
+          stopped = "SIGTERM"
+          break
+        host_batch = {k: v for k, v in next(batches).items() if k in BATCH_KEYS}
+        obj.check_label_budget(host_batch["labels"], self.objective.max_label_tokens)
+        data_state = ckpt_lib.iterator_state(batches) if hasattr(batches, "get_state") else None
+        batch = shd.shard_batch(host_batch, self.mesh)
+        state, metrics = self.compiled_step(batch)(state, batch)
+        clock.add(self._tokens(host_batch))
+        # Metrics are read one step late, so the host queues step n+1 before waiting for step n.
+        for done in pending:
+          last_loss = self._report(done, writer, bar, clock)
+        pending = [(step + 1, metrics)]
+        if (step + 1) % log_every != 0 and (step + 1) % every != 0 and step + 1 != num_steps:
+          continue
+        for done in pending:
+          last_loss = self._report(done, writer, bar, clock, force_log=step + 1 == num_steps)
+        pending = []
+        if (step + 1) % every == 0 or step + 1 == num_steps:
+          ckpts.save(step + 1, state, data_state, force=True)
+      else:
+        step = num_steps
+      for done in pending:
+        last_loss = self._report(done, writer, bar, clock, force_log=True)
+      pending = []
+      if stopped and step > start:
+        log.warning("SIGTERM: saving a checkpoint at step %d and exiting", step)
+        ckpts.save(step, state, data_state, force=True)
+    finally:
+      ckpts.close()
+      writer.close()
+      bar.close()
+      stopper.restore()
+    return {"step": int(step), "loss": last_loss, "stopped": stopped}
+
+  def _tokens(self, host_batch: dict) -> int:
+    """Decoder tokens this step processes: text tokens at every trained scale plus each scale's visual tokens."""
+    text = int(np.asarray(host_batch["attention_mask"]).sum()) * jax.process_count()
+    images = int(np.asarray(host_batch["has_image"]).sum()) * jax.process_count()
+    scales = self.scales if self.config.train.scale_sampling == "all" else (sum(self.scales) / len(self.scales),)
+    return int(sum(text + images * s for s in scales))
+
+  def _report(self, done, writer: MetricsWriter, bar, clock: "_Clock", force_log: bool = False) -> float:
+    step, metrics = done
+    m = jax.device_get(metrics)
+    loss = float(m["loss"])
+    if not bool(m["finite"]):
+      message = (f"non-finite loss or gradient at step {step} (loss={loss}, grad_norm={float(m['grad_norm'])}); "
+                 "the update was not applied")
+      if self.config.train.on_nonfinite == "raise":
+        raise NonFiniteError(message + "; no checkpoint was written after it (set train.on_nonfinite='skip' to "
+                             "skip such steps)")
+      log.warning(message + " (train.on_nonfinite='skip')")
+    rates = clock.rates()
+    bar.update(step - bar.n)
+    bar.set_postfix(loss=f"{loss:.4f}", steps_s=f"{rates[0]:.2f}", tokens_s=f"{rates[1]:.0f}", refresh=False)
+    if force_log or step % int(self.config.train.log_every) == 0:
+      scalars = {"loss": loss, "grad_norm": float(m["grad_norm"]), "skipped": int(not bool(m["finite"])),
+                 "num_targets": int(m["num_targets"]), "steps_per_s": rates[0], "tokens_per_s": rates[1]}
+      for s, value, trained in zip(self.scales, m["per_scale"], m["trained"]):
+        if trained:
+          scalars[f"loss/scale_{s}"] = float(value)
+      scalars.update({k: float(v) for k, v in m.items() if k.startswith("lr/")})
+      writer.write(step, scalars)
+    return loss
+
+
+def memory_summary(compiled) -> str:
+  """XLA's memory analysis of a compiled executable, per device, in MiB."""
+  try:
+    ma = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001 -- some backends have none
+    return "memory analysis unavailable"
+  if ma is None:
+    return "memory analysis unavailable"
+  mib = 1 << 20
+  return (f"per-device memory: arguments {ma.argument_size_in_bytes / mib:.1f} MiB, outputs "
+          f"{ma.output_size_in_bytes / mib:.1f} MiB, temporaries {ma.temp_size_in_bytes / mib:.1f} MiB, "
+          f"aliased {ma.alias_size_in_bytes / mib:.1f} MiB")
+
+
+def make_batches(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Iterator[dict]:
+  """The configured data source as an iterator of host-local numpy batches with get_state / set_state."""
+  data, mc = config.data, config.model
+  if data.source == "synthetic":
+    from m3_jax.train.synthetic import SyntheticBatches
+    return SyntheticBatches(batch_size=int(config.train.batch_size), seq_len=int(data.max_length),
+                            image_size=int(mc.vision.image_size), vocab_size=int(mc.llm.vocab_size),
+                            image_token_id=int(mc.image_token_id), bos_token_id=int(mc.bos_token_id),
+                            eos_token_id=int(mc.eos_token_id), pad_token_id=int(mc.pad_token_id),
+                            seed=int(data.get("seed", 0)))
+  from m3_jax.data import pipeline
+  return pipeline.train_iterator(config, workdir)
+
+
+class _Preemption:
+  """SIGTERM (a preempted TPU VM, SLURM's time limit) asks the loop to save a checkpoint and return."""
+
+  def __init__(self):
+    self.requested = False
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._previous = None
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+class _Clock:
+  """Steps and tokens per second, timed from the first step's dispatch (which waits for compilation)."""
+
+  def __init__(self):
+    self.start = None
+    self.steps = 0
+    self.tokens = 0
+
+  def add(self, tokens: int):
+    if self.start is None:
+      self.start = time.perf_counter()
+      return
+    self.steps += 1
+    self.tokens += tokens
+
+  def rates(self) -> tuple[float, float]:
+    dt = time.perf_counter() - self.start if self.start is not None else 0.0
+    if self.steps <= 0 or dt <= 0:
+      return 0.0, 0.0
+    return self.steps / dt, self.tokens / dt
+
+
+def _progress(start: int, total: int, enabled: bool):
+  from tqdm import tqdm
+  return tqdm(total=total, initial=start, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
