@@ -134,9 +134,11 @@ def check_record(rec: dict, *, check_image: bool = True, max_pixels: int | None 
   img = rec.get("image")
   if check_image and isinstance(img, str):
     from m3_jax.data import image as image_lib
-    kw = {} if max_pixels is None else {"max_pixels": max_pixels}
-    try:
-      image_lib.load_image(img, **kw)
-    except image_lib.ImageError as e:
-      problems.append(str(e).replace(f"image {img}:", f"image {img!r}:").replace("file not found", "missing image"))
+    if not os.path.isfile(img):
+      problems.append(f"missing image: {img} does not exist")
+    else:
+      try:
+        image_lib.load_image(img, **({} if max_pixels is None else {"max_pixels": max_pixels}))
+      except image_lib.ImageError as e:
+        problems.append(f"unreadable image: {e}")
   return problems

@@ -1,0 +1,131 @@
+"""`m3 data check` (validate a LLaVA JSON file) and `m3 data probe` (build the granularity probe)."""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import pathlib
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+  sub = parser.add_subparsers(dest="data_command", metavar="{check,probe}")
+  sub.required = True
+  c = sub.add_parser("check", help="validate a LLaVA JSON file; non-zero exit when any record is bad",
+                     description="Counts records and names every bad one (missing/unreadable image, a path that "
+                     "escapes the image folder, no or malformed turns, a first turn not from the human, missing or "
+                     "extra <image>, an empty answer, and with --tokenizer an answer cut away by truncation).")
+  c.add_argument("json_file", metavar="JSON", help="LLaVA JSON file (a list of {id, image?, conversations})")
+  c.add_argument("--image-folder", default="", help="folder the 'image' paths are relative to (default: the "
+                 "JSON file's folder)")
+  c.add_argument("--tokenizer", default="", help="m3 checkpoint, training workdir or tokenizer directory: also "
+                 "tokenize every record and check truncation")
+  c.add_argument("--max-length", type=int, default=2048, help="training max_length (with --tokenizer)")
+  c.add_argument("--max-scale", type=int, default=0, help="visual tokens of the largest trained scale (default: "
+                 "from the checkpoint's m3_config.json, else 576)")
+  c.add_argument("--template", default="vicuna_v1", help="vicuna_v1 | llava_hf | plain (with --tokenizer)")
+  c.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+  c.set_defaults(_data=run_check)
+  p = sub.add_parser("probe", help="build the granularity probe dataset (TFDS, array_record)",
+                     description="Builds the procedurally generated granularity probe (see m3_jax/data/probe.py) "
+                     "as a TFDS dataset under --out; read it with data.source=probe, data.path=OUT.")
+  p.add_argument("--out", required=True, help="TFDS data directory to build into")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--train", type=int, default=4000)
+  p.add_argument("--validation", type=int, default=400)
+  p.add_argument("--test", type=int, default=400)
+  p.set_defaults(_data=run_probe)
+
+
+def run(args) -> int:
+  return args._data(args)
+
+
+def run_probe(args) -> int:
+  from m3_jax.data import probe
+  b = probe.build(args.out, seed=args.seed, sizes=dict(train=args.train, validation=args.validation, test=args.test))
+  counts = {s: len(b.as_data_source(s)) for s in ("train", "validation", "test")}
+  print(json.dumps({"data_dir": str(b.data_dir), "config": b.builder_config.name, "splits": counts}))
+  return 0
+
+
+def _load_tokenizer(path: str):
+  from transformers import AutoTokenizer
+  p = pathlib.Path(path)
+  for cand in (p, p / "tokenizer"):
+    if (cand / "tokenizer_config.json").exists() or (cand / "tokenizer.json").exists():
+      return AutoTokenizer.from_pretrained(str(cand))
+  raise FileNotFoundError(f"no tokenizer files in {p} or {p / 'tokenizer'} (expected what transformers "
+                          "save_pretrained writes)")
+
+
+def _max_scale(path: str) -> int:
+  p = pathlib.Path(path)
+  for cand in (p / "m3_config.json", p / "config.json"):
+    if cand.exists():
+      d = json.loads(cand.read_text())
+      m3 = d.get("m3") or d.get("model", {}).get("m3") or {}
+      if m3.get("scales"):
+        return max(int(s) for s in m3["scales"])
+  return 576
+
+
+def check(json_path: str, image_folder: str = "", *, tokenizer=None, max_length: int = 2048,
+          max_scale: int = 576, template: str = "vicuna_v1") -> dict:
+  """Validates every record -> {"records", "with_image", "text_only", "turns", "bad", "bad_records": [...]}."""
+  from m3_jax.data import conversation as cv
+  from m3_jax.data import sources
+  from m3_jax.data.errors import BadRecord
+  src = sources.LlavaJson(json_path, image_folder)
+  image_id = -200  # LLaVA's IMAGE_TOKEN_INDEX: any id works for counting
+  if tokenizer is not None and "<image>" in tokenizer.get_vocab():
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+  ids = collections.Counter(str(r.get("id")) for r in src.records if isinstance(r, dict) and "id" in r)
+  stats = collections.Counter()
+  bad = []
+  for i in range(len(src)):
+    rec = src[i]
+    problems = sources.check_record(rec)
+    raw = src.records[i]
+    if isinstance(raw, dict) and "id" not in raw:
+      problems.append(f"no 'id' (record #{i})")
+    elif ids.get(rec["id"], 0) > 1:
+      problems.append(f"duplicate id ({ids[rec['id']]} records share it)")
+    if not problems and tokenizer is not None:
+      try:
+        cv.tokenize_conversation(rec["conversations"], tokenizer, template=template, image_token_id=image_id,
+                                 has_image=rec["image"] is not None, max_length=max_length, max_scale=max_scale,
+                                 record_id=rec["id"])
+      except BadRecord as e:
+        problems.append(e.problem)
+    stats["records"] += 1
+    has_image = isinstance(raw, dict) and raw.get("image") is not None
+    stats["with_image" if has_image else "text_only"] += 1
+    convs = rec.get("conversations")
+    stats["turns"] += len(convs) if isinstance(convs, list) else 0
+    if problems:
+      bad.append({"id": rec["id"], "problems": problems})
+  return {"records": stats["records"], "with_image": stats["with_image"], "text_only": stats["text_only"],
+          "turns": stats["turns"], "bad": len(bad), "bad_records": bad}
+
+
+def run_check(args) -> int:
+  tokenizer, max_scale = None, args.max_scale or 576
+  if args.tokenizer:
+    tokenizer = _load_tokenizer(args.tokenizer)
+    max_scale = args.max_scale or _max_scale(args.tokenizer)
+  try:
+    report = check(args.json_file, args.image_folder, tokenizer=tokenizer, max_length=args.max_length,
+                   max_scale=max_scale, template=args.template)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"m3 data check: {e}", file=sys.stderr)
+    return 2
+  if args.json:
+    print(json.dumps(report))
+  else:
+    print(f"{report['records']} records: {report['with_image']} with an image, {report['text_only']} text-only, "
+          f"{report['turns']} turns; {report['bad']} bad")
+    for b in report["bad_records"]:
+      for p in b["problems"]:
+        print(f"  {b['id']}: {p}")
+  return 1 if report["bad"] else 0
