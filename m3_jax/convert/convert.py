@@ -122,13 +122,19 @@ def assemble(cfg: ModelConfig, found: dict[str, tuple[TensorSource, str]], dtype
       source, key = found[name]
       jobs.append((str(source.file(key)), key, source, rule, i if rule.layers else None))
   jobs.sort(key=lambda j: (j[0], j[1]))  # file order: sequential reads of memory-mapped shards
-  for _, key, source, rule, layer in tqdm(jobs, desc="convert", unit="tensor", disable=not progress):
+  previous = None
+  for file, key, source, rule, layer in tqdm(jobs, desc="convert", unit="tensor", disable=not progress):
+    if previous is not None and previous[0] != file:
+      previous[1].release(previous[0])  # done with that shard: unmap it so peak memory stays ~ output + 1 shard
+    previous = (file, source)
     x = hf.TRANSFORMS[rule.transform][0](source.get(key))
     if layer is None:
       leaves[rule.m3][...] = x.astype(target, copy=False)
     else:
       leaves[rule.m3][layer] = x.astype(target, copy=False)
     del x
+  if previous is not None:
+    previous[1].release(previous[0])
   return unflatten(leaves)
 
 

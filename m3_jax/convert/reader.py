@@ -99,13 +99,13 @@ class TensorSource:
     return key in self._where
 
   def shape(self, key) -> tuple[int, ...]:
-    h = self._handles[self._where[key]]
+    h = self._handle(self._where[key]) if self.kind == "safetensors" else self._handles[self._where[key]]
     if self.kind == "safetensors":
       return tuple(h.get_slice(key).get_shape())
     return tuple(h[key].shape)
 
   def dtype(self, key) -> str:
-    h = self._handles[self._where[key]]
+    h = self._handle(self._where[key]) if self.kind == "safetensors" else self._handles[self._where[key]]
     if self.kind == "safetensors":
       st = h.get_slice(key).get_dtype()
       return ST_DTYPES.get(st, st)
@@ -113,6 +113,20 @@ class TensorSource:
 
   def file(self, key) -> pathlib.Path:
     return self.files[self._where[key]]
+
+  def release(self, path) -> None:
+    """Unmaps one safetensors file (its pages leave this process's RSS); a later `get` reopens it."""
+    if self.kind != "safetensors":
+      return
+    i = self.files.index(pathlib.Path(path))
+    self._handles[i] = None
+    self._flax_handles.pop(i, None)
+
+  def _handle(self, i: int):
+    if self._handles[i] is None:
+      from safetensors import safe_open
+      self._handles[i] = safe_open(str(self.files[i]), framework="np")
+    return self._handles[i]
 
   def get(self, key) -> np.ndarray:
     i = self._where[key]
@@ -129,7 +143,7 @@ class TensorSource:
         from safetensors import safe_open
         self._flax_handles[i] = safe_open(str(self.files[i]), framework="flax")
       return np.asarray(self._flax_handles[i].get_tensor(key))
-    return self._handles[i].get_tensor(key)
+    return self._handle(i).get_tensor(key)
 
   def close(self):
     self._handles.clear()
