@@ -52,12 +52,14 @@ def main(argv=None):
   ap.add_argument("--probe-size", type=int, default=4000)
   ap.add_argument("--eval-per-family", type=int, default=100)
   ap.add_argument("--config", default="configs/tiny.py")
+  ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                  help="config overrides, e.g. train.freeze=('vision',) model.m3.pool_position=before_projector")
   a = ap.parse_args(argv)
 
   from m3_jax import config as cfg_lib
   from m3_jax.train import checkpoint as ckpt_lib
   from m3_jax.train.trainer import Trainer
-  config = cfg_lib.load(a.config)
+  config = cfg_lib.load(a.config, a.set)
   wd = pathlib.Path(a.workdir)
   config.data.source, config.data.path = "probe", str(wd / "probe")
   config.data.probe_size = a.probe_size
@@ -70,7 +72,8 @@ def main(argv=None):
   step, state, _ = ckpt_lib.Checkpoints(wd, keep=1, async_save=False).restore(trainer.abstract_state())
   acc = evaluate(trainer, state["params"], config, a.eval_per_family)
   scales = sorted(trainer.scales)
-  print(f"trained {step} steps (batch {a.batch}, lr {a.lr}) in {train_s:.0f} s; final loss {summary.get('loss')}")
+  print(f"trained {step} steps (batch {a.batch}, lr {a.lr}, {' '.join(a.set) or 'no overrides'}) in "
+        f"{train_s:.0f} s; final loss {summary.get('loss')}")
   print("| family (needs) | " + " | ".join(f"{s} tok" for s in scales) + " |")
   print("|---|" + "---:|" * len(scales))
   from m3_jax.data import probe
