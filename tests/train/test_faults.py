@@ -1,0 +1,171 @@
+"""Faults: SIGKILL / SIGTERM and resume reproduce an uninterrupted run's losses; a partial or corrupt latest
+checkpoint falls back to the previous one; non-finite steps stop (naming the step) or are skipped and never reach a
+checkpoint; `checkpoint.init_from` checks the model config."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from m3_jax.train import checkpoint as ckpt_lib
+from m3_jax.train import sharding as shd
+from m3_jax.train.metrics import read_metrics
+from m3_jax.train.synthetic import SyntheticBatches
+from m3_jax.train.trainer import NonFiniteError, Trainer, model_config_of
+
+from train_testlib import FAST_COMPILE, small_config, small_overrides, subprocess_env, train_command
+
+STEPS = 24
+
+
+def wait_for_step(workdir, step: int, proc: subprocess.Popen, timeout: float = 240.0):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if proc.poll() is not None:
+      raise AssertionError(f"training exited early with {proc.returncode}: {proc.stderr.read()[-3000:]}")
+    path = workdir / "metrics.jsonl"
+    if path.exists() and any(json.loads(l)["step"] >= step for l in path.read_text().splitlines() if l.strip()):
+      return
+    time.sleep(0.05)
+  raise AssertionError(f"no step {step} in {workdir}/metrics.jsonl after {timeout}s")
+
+
+def test_sigkill_and_sigterm_then_resume_match_an_uninterrupted_run(tmp_path, compile_cache):
+  env = subprocess_env(compile_cache, devices=2)
+  overrides = small_overrides(**{"train.num_steps": STEPS, "checkpoint.every": 4, "train.lr": 3e-3})
+  straight, broken = tmp_path / "straight", tmp_path / "broken"
+  run = subprocess.run(train_command(straight, overrides), env=env, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+
+  def start():
+    return subprocess.Popen(train_command(broken, overrides), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+  proc = start()
+  wait_for_step(broken, 6, proc)
+  proc.send_signal(signal.SIGKILL)         # mid-run, possibly mid-save
+  proc.wait(timeout=60)
+  proc = start()                           # resumes from the last finalised checkpoint
+  wait_for_step(broken, 14, proc)
+  proc.send_signal(signal.SIGTERM)         # preemption: save and exit 0
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  stopped_at = max(read_metrics(broken))
+  assert stopped_at < STEPS
+  assert ckpt_lib.Checkpoints(broken).latest_step() == stopped_at   # the SIGTERM checkpoint
+  run = subprocess.run(train_command(broken, overrides), env=env, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+
+  a, b = read_metrics(straight), read_metrics(broken)
+  assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+  for step in a:
+    assert abs(a[step]["loss"] - b[step]["loss"]) <= 1e-6, (step, a[step]["loss"], b[step]["loss"])
+    assert "loss/scale_9" in b[step] and "loss/scale_1" in b[step]
+  assert a[STEPS]["loss"] < 0.7 * a[1]["loss"]   # and it learned something
+  assert (straight / "config.json").exists() and any((straight / "tb").iterdir())
+
+
+def toy_state(scale: float):
+  mesh = shd.make_mesh((1, -1, 1))
+  w = jax.device_put(jnp.arange(64.0).reshape(16, 4) * scale, jax.sharding.NamedSharding(mesh, shd.P("fsdp")))
+  return {"params": {"w": w}, "step": jnp.int32(scale), "rng": jax.random.PRNGKey(0)}
+
+
+def test_partial_and_corrupt_latest_checkpoints_fall_back(tmp_path):
+  ckpts = ckpt_lib.Checkpoints(tmp_path, keep=5)
+  for step in (2, 4, 6):
+    ckpts.save(step, toy_state(step), {"index": step})
+  ckpts.wait()
+  # A save cut short: orbax's temporary directory is never listed as a step.
+  (tmp_path / "checkpoints" / "8.orbax-checkpoint-tmp-1234").mkdir()
+  # Step 6: a data file lost; step 4: finalised but its array bytes truncated.
+  for f in (tmp_path / "checkpoints" / "6" / "state").rglob("*"):
+    if f.is_file() and f.parent.name == "d":
+      f.unlink()
+  for f in (tmp_path / "checkpoints" / "4" / "state").rglob("*"):
+    if f.is_file() and f.parent.name == "d":
+      f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                    toy_state(1))
+  ckpts = ckpt_lib.Checkpoints(tmp_path, keep=5)
+  assert ckpts.steps() == [2, 4, 6]
+  step, state, data = ckpts.restore(abstract)
+  assert step == 2 and data == {"index": 2}
+  np.testing.assert_array_equal(np.asarray(state["params"]["w"]), np.arange(64.0).reshape(16, 4) * 2)
+  assert state["params"]["w"].sharding == abstract["params"]["w"].sharding
+  assert sorted(p.name for p in (tmp_path / "corrupt_checkpoints").iterdir()) == ["4", "6"]
+  ckpts.save(4, toy_state(4), {"index": 4})   # the moved-aside step can be written again
+  ckpts.wait()
+  assert ckpts.restore(abstract)[0] == 4
+
+
+class PoisonedBatches(SyntheticBatches):
+  """Synthetic batches whose pixels are NaN at one index."""
+
+  def __init__(self, config, poison_index: int):
+    mc = config.model
+    super().__init__(batch_size=int(config.train.batch_size), seq_len=int(config.data.max_length),
+                     image_size=int(mc.vision.image_size), vocab_size=int(mc.llm.vocab_size),
+                     image_token_id=int(mc.image_token_id))
+    self.poison_index = poison_index
+
+  def __next__(self):
+    index = self.index
+    batch = super().__next__()
+    if index == self.poison_index:
+      batch["pixels"] = np.full_like(batch["pixels"], np.nan)
+    return batch
+
+
+def test_nonfinite_step_stops_or_skips_and_never_reaches_a_checkpoint(tmp_path):
+  config = small_config(**{"train.num_steps": 4, "checkpoint.every": 1, "train.freeze": "('vision',)",
+                           "train.on_nonfinite": "'raise'"})
+  trainer = Trainer(config, mesh=shd.make_mesh((1, 1, 1), jax.devices()[:1]), compiler_options=FAST_COMPILE)
+  with pytest.raises(NonFiniteError, match="at step 3"):
+    trainer.fit(tmp_path / "raise", PoisonedBatches(config, poison_index=2), progress=False)
+  assert ckpt_lib.Checkpoints(tmp_path / "raise").steps() == [1, 2]
+  assert max(read_metrics(tmp_path / "raise")) == 2
+
+  config.train.on_nonfinite = "skip"         # read by the host loop: the compiled step is reused
+  summary = trainer.fit(tmp_path / "skip", PoisonedBatches(config, poison_index=2), progress=False)
+  assert summary["step"] == 4 and math.isfinite(summary["loss"])
+  records = read_metrics(tmp_path / "skip")
+  assert records[3]["skipped"] == 1 and records[3]["loss"] == "nan"
+  assert records[2]["skipped"] == records[4]["skipped"] == 0
+  step, state, _ = ckpt_lib.Checkpoints(tmp_path / "skip").restore(trainer.abstract_state())
+  assert step == 4
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state))
+  # The frozen vision tower never moved; the LLM did.
+  init = trainer.init_state()["params"]
+  for a, b in zip(jax.tree_util.tree_leaves(init["vision"]), jax.tree_util.tree_leaves(state["params"]["vision"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert not np.allclose(np.asarray(init["llm"]["norm"]["scale"]), np.asarray(state["params"]["llm"]["norm"]["scale"]))
+
+
+def test_init_from_checks_the_model_config(tmp_path):
+  config = small_config()
+  mc = model_config_of(config)
+  good = tmp_path / "good"
+  good.mkdir()
+  (good / "m3_config.json").write_text(json.dumps({"model": mc.to_dict(), "template": "vicuna_v1"}))
+  ckpt_lib.check_init_from(good, mc.replace(dtype="bfloat16"))   # compute choices may differ
+  bad = tmp_path / "bad"
+  bad.mkdir()
+  wrong = mc.to_dict()
+  wrong["llm"]["width"] = 256
+  wrong["image_token_id"] = 7
+  (bad / "m3_config.json").write_text(json.dumps(wrong))
+  with pytest.raises(ValueError) as err:
+    ckpt_lib.check_init_from(bad, mc)
+  assert "model.llm.width: checkpoint 256, run config 128" in str(err.value)
+  assert "model.image_token_id: checkpoint 7, run config 4" in str(err.value)
+  with pytest.raises(FileNotFoundError, match="m3_config.json"):
+    ckpt_lib.check_init_from(tmp_path, mc)
