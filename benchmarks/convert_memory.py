@@ -75,16 +75,18 @@ def main(argv=None):
   tiny = REPO.parent / "shared" / "fixtures" / "transformers-5.23.0" / "llava-1.5"
   rows = []
   base_rss, _ = peak_rss_of(m3 + [str(tiny), str(work / "tiny")])
-  rows.append(("tiny fixture (baseline: imports)", du(tiny), du(work / "tiny"), base_rss, 0.0))
+  rows.append(("tiny fixture (baseline: imports)", du(tiny), 0, du(work / "tiny"), base_rss, 0.0))
   for dtype in ("bfloat16", "float32"):
     out = work / f"out_{dtype}"
     rss, secs = peak_rss_of(m3 + [str(src), str(out), "--dtype", dtype])
-    rows.append((f"{n / 1e6:.0f}M params, float16 shards -> {dtype}", du(src), du(out), rss, secs))
+    params_bytes = n * (2 if dtype == "bfloat16" else 4)
+    rows.append((f"{n / 1e6:.0f}M params, float16 shards -> {dtype}", du(src), params_bytes, du(out), rss, secs))
   mib = 1 << 20
-  lines = ["| conversion | source MiB | output MiB | peak RSS MiB | peak RSS - baseline MiB | seconds |",
-           "|---|---|---|---|---|---|"]
-  for name, s, o, rss, secs in rows:
-    lines.append(f"| {name} | {s / mib:.0f} | {o / mib:.0f} | {rss:.0f} | {rss - base_rss:.0f} | {secs:.1f} |")
+  lines = ["| conversion | source MiB | output params in memory MiB | output on disk MiB (orbax) | peak RSS MiB | "
+           "peak RSS - baseline MiB | seconds |", "|---|---|---|---|---|---|---|"]
+  for name, s, pb, o, rss, secs in rows:
+    lines.append(f"| {name} | {s / mib:.0f} | {pb / mib:.0f} | {o / mib:.0f} | {rss:.0f} | {rss - base_rss:.0f} | "
+                 f"{secs:.1f} |")
   table = "\n".join(lines)
   pathlib.Path(args.out).write_text(
       f"# m3 convert peak memory\n\n`python benchmarks/convert_memory.py` ({time.strftime('%Y-%m-%d')}, "
