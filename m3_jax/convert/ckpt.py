@@ -82,6 +82,9 @@ def _save_tokenizer(src, out: pathlib.Path):
   if not any((src / f).exists() for f in TOKENIZER_FILES):
     return
   from transformers import AutoTokenizer
+  from transformers.utils import logging as hf_logging
+  verbosity = hf_logging.get_verbosity()
+  hf_logging.set_verbosity_error()  # original checkpoints' config.json (llava_llama) makes transformers chatter
   try:
     tok = AutoTokenizer.from_pretrained(str(src))
   except Exception as e:  # a tokenizer this transformers cannot load: keep the files as they are
@@ -90,6 +93,8 @@ def _save_tokenizer(src, out: pathlib.Path):
       if (src / f).exists():
         shutil.copy(src / f, out / f)
     return
+  finally:
+    hf_logging.set_verbosity(verbosity)
   tok.save_pretrained(str(out))
 
 

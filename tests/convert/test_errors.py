@@ -133,3 +133,20 @@ def test_output_directory_must_be_new(fixtures_dir, tmp_path):
   (tmp_path / "out" / "x").write_text("keep me")
   with pytest.raises(ConversionError, match="exists and is not empty"):
     convert(fixtures_dir / HF15, tmp_path / "out", progress=False)
+
+
+def test_vision_from_a_full_clip_model_directory(fixtures_dir, tmp_path, logits_of):
+  """openai/clip-vit-large-patch14-336 is a CLIPModel: its text tower and projections are skipped."""
+  clip = tmp_path / "clip"
+  clip.mkdir()
+  sd = load_file(fixtures_dir / "original/llava-v1.5-m3-original/clip/model.safetensors")
+  sd.update({"text_model.embeddings.token_embedding.weight": torch.zeros(10, 8), "logit_scale": torch.zeros(()),
+             "visual_projection.weight": torch.zeros(32, 32), "text_projection.weight": torch.zeros(32, 8)})
+  save_file(sd, clip / "model.safetensors")
+  vision = json.loads((fixtures_dir / "original/llava-v1.5-m3-original/clip/config.json").read_text())
+  (clip / "config.json").write_text(json.dumps({"model_type": "clip", "architectures": ["CLIPModel"],
+                                                "vision_config": vision, "text_config": {"hidden_size": 8}}))
+  src = fixtures_dir / "original/llava-v1.5-m3-original"
+  assert main(["convert", str(src), str(tmp_path / "out"), "--no-progress", "--vision-from", str(clip)]) == 0
+  ref = np.load(src / "reference.npz")
+  np.testing.assert_allclose(logits_of(tmp_path / "out", ref), ref["logits"], atol=1e-4, rtol=0)
