@@ -1,0 +1,66 @@
+"""Launchers: TPU-pod and SLURM commands rendered in a dry run; two processes on loopback (gloo) train with the
+losses of one process on the same number of devices."""
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+
+from m3_jax.train.metrics import read_metrics
+
+from train_testlib import REPO, small_overrides, subprocess_env, train_command
+
+
+def run_launcher(*argv: str) -> str:
+  out = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert out.returncode == 0, out.stderr
+  return out.stdout
+
+
+def test_tpu_dry_run_renders_gcloud_ssh_to_all_workers():
+  out = run_launcher("launch/tpu.py", "--tpu", "m3-v5p-64", "--zone", "us-east5-a", "--config",
+                     "configs/llava15_7b_m3.py:init=gs://b/llava15", "--workdir", "gs://b/runs/m3", "--set",
+                     "train.batch_size=256")
+  argv = shlex.split(out.strip())
+  assert argv[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "m3-v5p-64"]
+  assert "--zone=us-east5-a" in argv and "--worker=all" in argv
+  remote = next(a for a in argv if a.startswith("--command="))
+  assert "-m m3_jax.cli train --config configs/llava15_7b_m3.py:init=gs://b/llava15 --workdir gs://b/runs/m3" in remote
+  assert "--config.train.batch_size=256" in remote
+  assert "--coordinator" not in remote   # jax.distributed.initialize() finds the pod by itself
+
+
+def test_slurm_dry_run_renders_one_task_per_node():
+  out = run_launcher("launch/slurm.py", "--nodes", "4", "--gpus-per-node", "8", "--partition", "a100",
+                     "--config", "configs/llava15_7b_m3.py", "--workdir", "/shared/runs/m3", "--set", "train.lr=2e-5")
+  assert out.startswith("#!/bin/bash\n")
+  for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
+               "#SBATCH --partition=a100", "#SBATCH --signal=TERM@300", "#SBATCH --requeue"):
+    assert line in out.splitlines()
+  srun = [l for l in out.splitlines() if l.startswith("srun ")]
+  assert len(srun) == 1
+  assert "m3_jax.cli train --config configs/llava15_7b_m3.py --workdir /shared/runs/m3 --config.train.lr=2e-5" in srun[0]
+
+
+def test_two_processes_on_loopback_match_one_process(tmp_path, compile_cache):
+  overrides = small_overrides(**{"train.num_steps": 3, "checkpoint.every": 2, "train.scales": "(1,)"})
+  one = tmp_path / "one"
+  env = subprocess_env(compile_cache, devices=4)
+  single = subprocess.Popen(train_command(one, overrides, "--no-distributed"), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  two = tmp_path / "two"
+  env2 = subprocess_env(compile_cache, devices=2)
+  env2.pop("XLA_FLAGS")   # launch/local.py sets each process's device count
+  argv = [sys.executable, "launch/local.py", "--num-processes", "2", "--devices-per-process", "2",
+          "--xla-flags=--xla_backend_optimization_level=0", "--config", str(REPO / "configs/tiny.py"),
+          "--workdir", str(two), *sum((["--set", o] for o in overrides), [])]
+  multi = subprocess.run(argv, cwd=REPO, env=env2, capture_output=True, text=True, timeout=400)
+  _, err = single.communicate(timeout=400)
+  logs = "".join(p.read_text() for p in two.glob("process_*.log"))
+  assert multi.returncode == 0, multi.stderr[-3000:] + logs[-3000:]
+  assert single.returncode == 0, err[-3000:]
+  a, b = read_metrics(one), read_metrics(two)
+  assert sorted(a) == sorted(b) == [1, 2, 3]
+  for step in a:
+    assert abs(a[step]["loss"] - b[step]["loss"]) <= 1e-5 * abs(a[step]["loss"]), (step, a[step], b[step])
+  assert (two / "checkpoints" / "3").exists()
