@@ -190,7 +190,8 @@ def source_for(config, workdir: str | pathlib.Path | None = None, split: str = "
     path = d.path or str(pathlib.Path(workdir or ".") / "probe")
     n = int(d.get("probe_size", 0) or 0)   # train examples (validation, test: n // 10); 0 = the default 4000
     sizes = dict(train=n, validation=max(1, n // 10), test=max(1, n // 10)) if n else None
-    return sources.Probe(path, split, seed=int(d.get("seed", 0)), sizes=sizes)
+    return sources.Probe(path, split, seed=int(d.get("seed", 0)), sizes=sizes,
+                         family_set=d.get("probe_families", "binding"))
   if d.source == "llava_json":
     return sources.LlavaJson(d.path, d.image_folder)
   if d.source == "tfds":

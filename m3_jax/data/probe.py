@@ -1,21 +1,33 @@
 """The granularity probe: procedurally generated VQA whose question families need known numbers of visual tokens.
 
-48x48 images (the tiny config; patch 4 -> a 12x12 grid). Average pooling to scale s gives cells of
-48/sqrt(s) pixels: 1 -> 48, 9 -> 16, 36 -> 8, 144 -> 4. Families (answers: one colour word of six):
+48x48 images (the tiny config; patch 4 -> a 12x12 grid). Pooling to scale s gives cells of 48/sqrt(s) pixels:
+1 -> 48, 9 -> 16, 36 -> 8, 144 -> 4. Answers are one word.
 
-  colour (needs 1)    "what colour is the picture?"       the whole image is one colour.
-  big    (needs 9)    "what colour are the big squares?"  two 16 px squares (two cells of the 3x3 grid).
-  small  (needs 36)   "what colour are the small squares?" two 8 px squares inside one 16 px cell.
-  tiny   (needs 144)  "what colour are the tiny squares?" two 4 px squares inside one 8 px cell.
+What pooling can and cannot lose (measured, see benchmarks/probe_learnability.py). M3 pools AFTER the vision
+encoder and projector, so a coarse token is the mean of per-token features that a ViT computed while seeing the
+whole image. Whatever is a sum over tokens survives: the presence and colour of any object, counts. What pooling
+loses is which feature sat with which when several objects share a pooled cell: binding. So the default
+("binding") families ask for an attribute of one object picked by another of its attributes:
 
-The two squares of a pair have complementary colours c and 255 - c on a grey (128) background, and they share one
-cell of the next coarser scale, so that cell averages to 127.5 whatever c is: below the family's scale the answer
-is not just blurred, it is gone (every pooled token is the same for every answer). At or above the family's
-scale two tokens are pure c and 255 - c, and the answer is the name of c. Questions are answered by finding the
-non-grey tokens and reading their colour (content-based attention), not by looking a position up: the prototype in
-DESIGN.md found colour questions learnable in minutes and position questions not.
+  whole   (needs 1)    one object fills the picture
+  blocks  (needs 9)    4 objects, 16 px, in 4 cells of the 3x3 grid
+  tiles   (needs 36)   4 objects, 8 px, filling the four quadrants of one 16 px cell
+  patches (needs 144)  4 objects, 4 px, filling the four quadrants of one 8 px cell
+  "what colour is next to the {key}?"  -> the value colour of the object whose key colour is {key}
 
-Everything is deterministic from (seed, split, index); families are balanced exactly (index % 4).
+Each object is a square of 1 px vertical stripes alternating a key colour (black, maroon, crimson, red: the 4
+objects of an image have the 4 keys) and a value colour (4 of green, blue, cyan, teal, navy, azure: distinct), on
+white, so every token that sees an object sees both its colours. At the family's scale and finer, no token mixes two
+objects, so the answer is a content lookup (attend to a token with the key, read its value). One scale coarser, all four objects share one token: keys and values are still
+there but unbound, so the best a model can do is guess one of the four values (25%; chance over answers 1/6).
+
+The "presence" families (the first design, kept for the comparison) need the same pixels but no binding:
+  colour "what colour is the picture?" (1); big / small / tiny "what colour are the {size} squares?" (9 / 36 / 144):
+  two squares of complementary colours c and 255 - c on grey inside one cell of the next coarser scale, so that
+  cell's mean pixel is the same for every c. Pixel pooling destroys the answer below the family's scale, but the
+  model pools nonlinear features and learns all four families at every scale within ~40 steps.
+
+Everything is deterministic from (seed, split, index); families are balanced exactly (index % #families).
 The TFDS builder (`Probe`) uses only Tensor/Text features so it builds array_record files without TensorFlow.
 """
 from __future__ import annotations
@@ -26,7 +38,21 @@ import numpy as np
 
 IMAGE_SIZE = 48
 GREY = 128
-# Primary colours named by the answers; each square pair is (c, 255 - c).
+WHITE = 255
+
+# ---- binding families (default)
+KEYS = {"black": (0, 0, 0), "maroon": (85, 0, 0), "crimson": (170, 0, 0), "red": (255, 0, 0)}
+VALUES = {"green": (0, 255, 0), "blue": (0, 0, 255), "cyan": (0, 255, 255), "teal": (0, 128, 128),
+          "navy": (0, 0, 128), "azure": (0, 128, 255)}
+BINDING = {  # family -> (scale it needs, object side in pixels)
+    "whole": (1, 48),
+    "blocks": (9, 16),
+    "tiles": (36, 8),
+    "patches": (144, 4),
+}
+BINDING_QUESTION = "what colour is next to the {key}?"
+
+# ---- presence families (first design)
 COLOURS = {
     "red": (255, 0, 0),
     "green": (0, 255, 0),
@@ -35,57 +61,97 @@ COLOURS = {
     "purple": (128, 0, 255),
     "pink": (255, 0, 128),
 }
-ANSWERS = tuple(COLOURS)
-# family -> (scale it needs, square side in pixels, question)
-FAMILIES = {
+PRESENCE = {  # family -> (scale it needs, square side in pixels, question)
     "colour": (1, 48, "what colour is the picture?"),
     "big": (9, 16, "what colour are the big squares?"),
     "small": (36, 8, "what colour are the small squares?"),
     "tiny": (144, 4, "what colour are the tiny squares?"),
 }
-FAMILY_NAMES = tuple(FAMILIES)
+
+FAMILY_SETS = {"binding": tuple(BINDING), "presence": tuple(PRESENCE)}
+FAMILY_NAMES = FAMILY_SETS["binding"]
 SPLITS = {"train": 0, "validation": 1, "test": 2}
 DEFAULT_SIZES = {"train": 4000, "validation": 400, "test": 400}
 
 
+def needed_scale(family: str) -> int:
+  return BINDING[family][0] if family in BINDING else PRESENCE[family][0]
+
+
+def answers(family_set: str = "binding") -> tuple[str, ...]:
+  return tuple(VALUES) if family_set == "binding" else tuple(COLOURS)
+
+
 def vocabulary() -> list[str]:
-  """Every word a probe question or answer uses (for the tiny word-level tokenizer)."""
-  words = []
-  for _, _, q in FAMILIES.values():
+  """Every word a probe question or answer uses, in both family sets (for the tiny word-level tokenizer)."""
+  words = BINDING_QUESTION.replace("?", " ?").split() + list(KEYS) + list(VALUES)
+  for _, _, q in PRESENCE.values():
     words += q.replace("?", " ?").split()
-  return list(dict.fromkeys(words + list(ANSWERS)))
+  return [w for w in dict.fromkeys(words + list(COLOURS)) if w != "{key}"]
 
 
-def render(family: str, colour: str, rng: np.random.Generator) -> np.ndarray:
-  """uint8[48, 48, 3] image of `family` whose answer is `colour`."""
+def _quadrant_cells(rng, side: int) -> list[tuple[int, int]]:
+  """The four quadrant cells (row, col in units of `side`) of one random cell of side 2 * side."""
+  n_outer = IMAGE_SIZE // (2 * side)
+  oy, ox = divmod(int(rng.integers(n_outer * n_outer)), n_outer)
+  return [(2 * oy + q // 2, 2 * ox + q % 2) for q in range(4)]
+
+
+def render_binding(family: str, rng: np.random.Generator) -> tuple[np.ndarray, str, str]:
+  """(uint8[48, 48, 3], key asked about, its value) for a binding family."""
+  _, side = BINDING[family]
+  img = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), WHITE, np.uint8)
+  if family == "whole":
+    cells = [(0, 0)]
+  elif family == "blocks":
+    cells = [divmod(int(c), 3) for c in rng.choice(9, size=4, replace=False)]
+  else:
+    cells = _quadrant_cells(rng, side)
+  keys = [list(KEYS)[int(i)] for i in rng.permutation(len(KEYS))[:len(cells)]]
+  values = [list(VALUES)[int(i)] for i in rng.choice(len(VALUES), size=len(cells), replace=False)]
+  for (y, x), k, v in zip(cells, keys, values):
+    # 1 px vertical stripes, key then value: every 4 px patch (every token at every scale) holds both halves.
+    obj = img[y * side:(y + 1) * side, x * side:(x + 1) * side]
+    obj[:, 0::2] = KEYS[k]
+    obj[:, 1::2] = VALUES[v]
+  q = int(rng.integers(len(cells)))
+  return img, keys[q], values[q]
+
+
+def render_presence(family: str, colour: str, rng: np.random.Generator) -> np.ndarray:
+  """uint8[48, 48, 3] image of a presence family whose answer is `colour`."""
   c = np.asarray(COLOURS[colour], np.uint8)
   if family == "colour":
     return np.broadcast_to(c, (IMAGE_SIZE, IMAGE_SIZE, 3)).copy()
-  _, side, _ = FAMILIES[family]
+  _, side, _ = PRESENCE[family]
   img = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), GREY, np.uint8)
   if family == "big":
     # Any two distinct cells of the 3x3 grid: the coarser "cell" is the whole image.
     a, b = rng.choice(9, size=2, replace=False)
     cells = [divmod(int(a), 3), divmod(int(b), 3)]
   else:
-    # Two of the four quadrants of one cell of the next coarser grid (side 2 * side).
-    n_outer = IMAGE_SIZE // (2 * side)
-    oy, ox = divmod(int(rng.integers(n_outer * n_outer)), n_outer)
-    a, b = rng.choice(4, size=2, replace=False)
-    cells = [(2 * oy + int(q) // 2, 2 * ox + int(q) % 2) for q in (a, b)]
+    quads = _quadrant_cells(rng, side)
+    cells = [quads[int(q)] for q in rng.choice(4, size=2, replace=False)]
   for (y, x), colour_value in zip(cells, (c, 255 - c)):
     img[y * side:(y + 1) * side, x * side:(x + 1) * side] = colour_value
   return img
 
 
-def example(seed: int, split: str, index: int) -> dict:
+def example(seed: int, split: str, index: int, family_set: str = "binding") -> dict:
   """The probe example `index` of `split`: {id, image uint8[48,48,3], question, answer, family, scale}."""
+  if family_set not in FAMILY_SETS:
+    raise ValueError(f"probe family set {family_set!r} is not one of {', '.join(FAMILY_SETS)}")
   rng = np.random.default_rng([seed, SPLITS[split], index])
-  family = FAMILY_NAMES[index % len(FAMILY_NAMES)]
-  colour = ANSWERS[int(rng.integers(len(ANSWERS)))]
-  scale, _, question = FAMILIES[family]
-  return dict(id=f"{split}-{index}", image=render(family, colour, rng), question=question, answer=colour,
-              family=family, scale=np.int32(scale))
+  names = FAMILY_SETS[family_set]
+  family = names[index % len(names)]
+  if family_set == "binding":
+    image, key, answer = render_binding(family, rng)
+    question = BINDING_QUESTION.format(key=key)
+  else:
+    answer = tuple(COLOURS)[int(rng.integers(len(COLOURS)))]
+    image, question = render_presence(family, answer, rng), PRESENCE[family][2]
+  return dict(id=f"{split}-{index}", image=image, question=question, answer=answer, family=family,
+              scale=np.int32(needed_scale(family)))
 
 
 def conversation(ex: dict) -> list[dict]:
@@ -110,6 +176,7 @@ import tensorflow_datasets as tfds  # noqa: E402  (Tensor/Text features only: no
 @dataclasses.dataclass
 class ProbeConfig(tfds.core.BuilderConfig):
   seed: int = 0
+  family_set: str = "binding"
   num_train: int = DEFAULT_SIZES["train"]
   num_validation: int = DEFAULT_SIZES["validation"]
   num_test: int = DEFAULT_SIZES["test"]
@@ -131,7 +198,7 @@ class Probe(tfds.core.GeneratorBasedBuilder):
             "family": f.Text(),
             "scale": f.Tensor(shape=(), dtype=np.int32),
         }),
-        description="M3 granularity probe: colour questions that need 1, 9, 36 or 144 visual tokens.",
+        description="M3 granularity probe: questions that need 1, 9, 36 or 144 visual tokens.",
     )
 
   def _split_generators(self, dl_manager):
@@ -141,23 +208,26 @@ class Probe(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, split, n):
     for i in range(n):
-      yield i, example(self.builder_config.seed, split, i)
+      yield i, example(self.builder_config.seed, split, i, self.builder_config.family_set)
 
 
-def builder(data_dir: str, *, seed: int = 0, sizes: dict | None = None):
+def builder(data_dir: str, *, seed: int = 0, sizes: dict | None = None, family_set: str = "binding"):
   """The TFDS builder for the probe with this seed and split sizes, storing array_record files in data_dir."""
   sizes = {**DEFAULT_SIZES, **(sizes or {})}
-  if seed == 0 and sizes == DEFAULT_SIZES:
+  if family_set not in FAMILY_SETS:
+    raise ValueError(f"probe family set {family_set!r} is not one of {', '.join(FAMILY_SETS)}")
+  if seed == 0 and sizes == DEFAULT_SIZES and family_set == "binding":
     config = "default"
   else:
-    config = ProbeConfig(name=f"s{seed}_{sizes['train']}_{sizes['validation']}_{sizes['test']}", seed=seed,
-                         num_train=sizes["train"], num_validation=sizes["validation"], num_test=sizes["test"])
+    config = ProbeConfig(name=f"{family_set}_s{seed}_{sizes['train']}_{sizes['validation']}_{sizes['test']}",
+                         seed=seed, family_set=family_set, num_train=sizes["train"],
+                         num_validation=sizes["validation"], num_test=sizes["test"])
   return Probe(data_dir=str(data_dir), config=config, file_format="array_record")
 
 
-def build(data_dir: str, *, seed: int = 0, sizes: dict | None = None):
+def build(data_dir: str, *, seed: int = 0, sizes: dict | None = None, family_set: str = "binding"):
   """Generates the probe (idempotent) and returns its builder; `builder.as_data_source(split)` reads it."""
-  b = builder(data_dir, seed=seed, sizes=sizes)
+  b = builder(data_dir, seed=seed, sizes=sizes, family_set=family_set)
   b.download_and_prepare(download_config=tfds.download.DownloadConfig(
       beam_options=None, try_download_gcs=False))
   return b

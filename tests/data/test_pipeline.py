@@ -140,4 +140,4 @@ def test_train_iterator_on_the_probe(tmp_path):
   tok = AutoTokenizer.from_pretrained(str(tmp_path / "work" / "tokenizer"))
   answers = [tok.convert_ids_to_tokens(row[row != -100].tolist())[0] for row in b["labels"]]
   from m3_jax.data import probe
-  assert set(answers) <= set(probe.ANSWERS) and len(tok) <= 256
+  assert set(answers) <= set(probe.answers()) and len(tok) <= 256
