@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser):
   p.add_argument("--train", type=int, default=4000)
   p.add_argument("--validation", type=int, default=400)
   p.add_argument("--test", type=int, default=400)
+  p.add_argument("--families", default="binding", choices=("binding", "presence"),
+                 help="binding (default: needs 1/9/36/144 tokens in the model) or presence (the first design)")
   p.set_defaults(_data=run_probe)
 
 
@@ -43,7 +45,8 @@ def run(args) -> int:
 
 def run_probe(args) -> int:
   from m3_jax.data import probe
-  b = probe.build(args.out, seed=args.seed, sizes=dict(train=args.train, validation=args.validation, test=args.test))
+  b = probe.build(args.out, seed=args.seed, sizes=dict(train=args.train, validation=args.validation, test=args.test),
+                  family_set=args.families)
   counts = {s: len(b.as_data_source(s)) for s in ("train", "validation", "test")}
   print(json.dumps({"data_dir": str(b.data_dir), "config": b.builder_config.name, "splits": counts}))
   return 0

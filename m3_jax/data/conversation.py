@@ -105,11 +105,18 @@ def place_image(message: str) -> str:
 
 
 def _adds_bos(tokenizer) -> bool:
+  """Whether the tokenizer starts a sequence with BOS (LLaMA yes; many others no). Cached on the tokenizer."""
+  cached = getattr(tokenizer, "_m3_adds_bos", None)
+  if cached is not None:
+    return cached
   bos = tokenizer.bos_token_id
-  if bos is None:
-    return False
-  ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-  return bool(ids) and ids[0] == bos
+  ids = tokenizer("a", add_special_tokens=True)["input_ids"] if bos is not None else []
+  adds = bool(ids) and ids[0] == bos
+  try:
+    tokenizer._m3_adds_bos = adds
+  except AttributeError:
+    pass
+  return adds
 
 
 def tokenize_with_images(text: str, tokenizer, image_token_id: int) -> list[int]:
