@@ -55,7 +55,7 @@ def test_kv_cache_decoding_matches_full_forward(tiny):
   mask = np.ones((2, t), bool)
   mask[1, :3] = False  # a left-padded row
   pos = jnp.asarray(np.maximum(np.cumsum(mask, 1) - 1, 0))
-  apply = lambda method, *a: model.apply({"params": params}, *a, method=method)
+  apply = jax.jit(lambda method, *a: model.apply({"params": params}, *a, method=method), static_argnums=0)
   x = apply(model.embed_text, ids)
   full = apply(model.logits, apply(model.decode, x, pos, jnp.asarray(mask))[0])
 
@@ -74,10 +74,10 @@ def test_left_padding_does_not_change_a_rows_logits(tiny):
   cfg, model, params = tiny
   pixels = jnp.asarray(np.random.default_rng(1).normal(size=(1, 48, 48, 3)), jnp.float32)
   ids = jnp.array([[1, IMG, 9, 10, 11]])
-  ref = model.apply({"params": params}, ids, pixels, 9)
+  forward = jax.jit(lambda ids, mask: model.apply({"params": params}, ids, pixels, 9, mask))
+  ref = forward(ids, jnp.ones_like(ids, bool))
   padded = jnp.array([[3, 3, 1, IMG, 9, 10, 11]])
-  mask = jnp.array([[0, 0, 1, 1, 1, 1, 1]], bool)
-  out = model.apply({"params": params}, padded, pixels, 9, mask)
+  out = forward(padded, jnp.array([[0, 0, 1, 1, 1, 1, 1]], bool))
   np.testing.assert_allclose(np.asarray(out)[:, 2:], np.asarray(ref), atol=2e-5, rtol=1e-5)
 
 
@@ -88,7 +88,8 @@ def test_pooling_before_and_after_the_projector_differ(tiny):
   ids = jnp.array([[1, IMG, 9]])
   before = llava.LlavaM3(llava.with_overrides(cfg, pool_position="before_projector"))
   after = llava.LlavaM3(cfg)
-  out = {s: [np.asarray(m.apply({"params": params}, ids, pixels, s)) for m in (after, before)] for s in (144, 9)}
+  out = {s: [np.asarray(jax.jit(lambda p, m=m, s=s: m.apply({"params": p}, ids, pixels, s))(params))
+             for m in (after, before)] for s in (144, 9)}
   np.testing.assert_allclose(out[144][0], out[144][1], atol=1e-5)
   assert np.abs(out[9][0] - out[9][1]).max() > 1e-3
 
