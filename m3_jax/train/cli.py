@@ -71,7 +71,9 @@ def _cluster_detected() -> bool:
   env = os.environ
   slurm = int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env
   tpu_pod = "TPU_WORKER_HOSTNAMES" in env and "," in env.get("TPU_WORKER_HOSTNAMES", "")
-  return slurm or tpu_pod or "MEGASCALE_COORDINATOR_ADDRESS" in env
+  import importlib.util
+  on_tpu_vm = importlib.util.find_spec("libtpu") is not None and env.get("JAX_PLATFORMS", "") in ("", "tpu")
+  return slurm or tpu_pod or on_tpu_vm or "MEGASCALE_COORDINATOR_ADDRESS" in env
 
 
 def run(args) -> int:
