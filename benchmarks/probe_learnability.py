@@ -35,8 +35,11 @@ def evaluate(trainer, params, config, n_per_family: int = 100) -> dict[str, dict
   out = {}
   for fam in names:
     group = [e for e in exs if e["family"] == fam]
-    ids = np.stack([cv.tokenize_prompt(config.data.template, e["question"], tok, int(config.model.image_token_id))
-                    for e in group])
+    # Teacher-force everything the reply says before the scored word (for binding families: the restated key).
+    ids = np.stack([np.concatenate([
+        cv.tokenize_prompt(config.data.template, e["question"], tok, int(config.model.image_token_id)),
+        np.asarray(tok(" ".join(e["reply"].split()[:-1]), add_special_tokens=False)["input_ids"], np.int32)])
+        for e in group])
     from PIL import Image
     px = np.stack([image_lib.preprocess(Image.fromarray(e["image"]), img_cfg, aspect="pad") for e in group])
     gold = np.array([tok.convert_tokens_to_ids(e["answer"]) for e in group])

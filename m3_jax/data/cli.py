@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser):
   p.add_argument("--validation", type=int, default=400)
   p.add_argument("--test", type=int, default=400)
   p.add_argument("--families", default="binding", choices=("binding", "presence"),
-                 help="binding (default: needs 1/9/36/144 tokens in the model) or presence (the first design)")
+                 help="binding (default; see m3_jax/data/probe.py) or presence (the first design)")
   p.set_defaults(_data=run_probe)
 
 

@@ -138,7 +138,14 @@ def render_presence(family: str, colour: str, rng: np.random.Generator) -> np.nd
 
 
 def example(seed: int, split: str, index: int, family_set: str = "binding") -> dict:
-  """The probe example `index` of `split`: {id, image uint8[48,48,3], question, answer, family, scale}."""
+  """The probe example `index` of `split`: {id, image uint8[48,48,3], question, answer, reply, family, scale}.
+
+  `answer` is the one word that is scored; `reply` is what the model is trained to say. For the binding families
+  the reply restates the key first ("black green"): copying the key from the question and then looking its value
+  up from the key's own position are each one attention hop, which the tiny model learns in a few hundred steps;
+  answering directly needs both hops composed at one position and stayed at 25% (the four values, unbound) after
+  300 steps at every scale.
+  """
   if family_set not in FAMILY_SETS:
     raise ValueError(f"probe family set {family_set!r} is not one of {', '.join(FAMILY_SETS)}")
   rng = np.random.default_rng([seed, SPLITS[split], index])
@@ -146,17 +153,18 @@ def example(seed: int, split: str, index: int, family_set: str = "binding") -> d
   family = names[index % len(names)]
   if family_set == "binding":
     image, key, answer = render_binding(family, rng)
-    question = BINDING_QUESTION.format(key=key)
+    question, reply = BINDING_QUESTION.format(key=key), f"{key} {answer}"
   else:
     answer = tuple(COLOURS)[int(rng.integers(len(COLOURS)))]
     image, question = render_presence(family, answer, rng), PRESENCE[family][2]
-  return dict(id=f"{split}-{index}", image=image, question=question, answer=answer, family=family,
+    reply = answer
+  return dict(id=f"{split}-{index}", image=image, question=question, answer=answer, reply=reply, family=family,
               scale=np.int32(needed_scale(family)))
 
 
 def conversation(ex: dict) -> list[dict]:
-  """The example as a LLaVA `conversations` list (image first, one-word answer)."""
-  return [{"from": "human", "value": "<image>\n" + ex["question"]}, {"from": "gpt", "value": ex["answer"]}]
+  """The example as a LLaVA `conversations` list (image first, then the reply)."""
+  return [{"from": "human", "value": "<image>\n" + ex["question"]}, {"from": "gpt", "value": ex["reply"]}]
 
 
 def pooled(images: np.ndarray, scale: int) -> np.ndarray:
@@ -184,7 +192,8 @@ class ProbeConfig(tfds.core.BuilderConfig):
 
 class Probe(tfds.core.GeneratorBasedBuilder):
   """M3 granularity probe (see m3_jax/data/probe.py)."""
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "binding families; `reply` (trained text) beside `answer` (scored word)"}
   BUILDER_CONFIGS = [ProbeConfig(name="default")]
 
   def _info(self):
@@ -195,6 +204,7 @@ class Probe(tfds.core.GeneratorBasedBuilder):
             "image": f.Tensor(shape=(IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8),
             "question": f.Text(),
             "answer": f.Text(),
+            "reply": f.Text(),
             "family": f.Text(),
             "scale": f.Tensor(shape=(), dtype=np.int32),
         }),

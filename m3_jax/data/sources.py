@@ -98,8 +98,10 @@ def from_tfds_record(rec: dict, default_id: str) -> dict:
       out["_problem"] = f"'conversations' is not JSON ({e})"
   elif "question" in rec and "answer" in rec:
     q = _text(rec["question"])
+    reply = _text(rec["reply"]) if "reply" in rec else _text(rec["answer"])  # the probe trains on `reply`
     out["conversations"] = [{"from": "human", "value": (cv.IMAGE + "\n" + q) if out["image"] is not None else q},
-                            {"from": "gpt", "value": _text(rec["answer"])}]
+                            {"from": "gpt", "value": reply}]
+    out["answer"] = _text(rec["answer"])
   else:
     out["_problem"] = "record has neither 'conversations' nor 'question' + 'answer'"
   for k in ("family", "scale"):

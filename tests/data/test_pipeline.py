@@ -133,11 +133,13 @@ def test_train_iterator_on_the_probe(tmp_path):
   b = next(it)
   assert b["input_ids"].shape[0] == 8 and b["pixels"].shape == (8, 48, 48, 3)
   # tiny config: 256 max length, 144 visual tokens -> 113 text ids; the vicuna prompt needs ~40.
-  assert b["input_ids"].shape[1] <= 113 and (b["labels"] != -100).sum(1).tolist() == [2] * 8
+  # Binding families reply "{key} {value}": three labelled tokens with </s>.
+  assert b["input_ids"].shape[1] <= 113 and (b["labels"] != -100).sum(1).tolist() == [3] * 8
   assert (tmp_path / "work" / "preprocessor_config.json").exists()
   assert (tmp_path / "work" / "tokenizer" / "tokenizer.json").exists()
   from transformers import AutoTokenizer
   tok = AutoTokenizer.from_pretrained(str(tmp_path / "work" / "tokenizer"))
-  answers = [tok.convert_ids_to_tokens(row[row != -100].tolist())[0] for row in b["labels"]]
+  replies = [tok.convert_ids_to_tokens(row[row != -100].tolist()) for row in b["labels"]]
   from m3_jax.data import probe
-  assert set(answers) <= set(probe.answers()) and len(tok) <= 256
+  assert {r[0] for r in replies} <= set(probe.KEYS) and {r[1] for r in replies} <= set(probe.answers())
+  assert {r[2] for r in replies} == {"</s>"} and len(tok) <= 256

@@ -33,6 +33,14 @@ def test_family_balance_and_answers(family_set):
     assert tok.unk_token_id not in tok(e["question"] + " " + e["answer"])["input_ids"]
 
 
+def test_reply_restates_the_key_for_binding():
+  e = probe.example(0, "train", 1)
+  key = e["question"].removeprefix("what colour is next to the ").removesuffix("?")
+  assert e["reply"] == f"{key} {e['answer']}" and probe.conversation(e)[1]["value"] == e["reply"]
+  p = probe.example(0, "train", 1, "presence")
+  assert p["reply"] == p["answer"]
+
+
 def test_binding_layout_hand_worked():
   # 'patches': four 4 px objects fill one 8 px cell; each is 1 px stripes key, value, key, value.
   for i in range(3, 40, 4):
