@@ -87,6 +87,7 @@ class Trainer:
                             "opt_state": shd.opt_state_shardings(abstract_opt, trainable_sh, self.mesh),
                             "rng": repl}
     self._compiled: dict[Any, Any] = {}
+    self._init = None
     batch_sh = {k: shd.batch_sharding(self.mesh, n) for k, n in BATCH_NDIM.items()}
     self._jitted = jax.jit(self.train_step, in_shardings=(self.state_shardings, batch_sh),
                            out_shardings=(self.state_shardings, repl), donate_argnums=0)
@@ -117,7 +118,10 @@ class Trainer:
     rng = jax.random.PRNGKey(seed)
     init_from = str(self.config.checkpoint.get("init_from", "") or "")
     if not init_from:
-      return jax.jit(self._fresh_state, out_shardings=self.state_shardings)(rng)
+      if self._init is None:
+        self._init = jax.jit(self._fresh_state, out_shardings=self.state_shardings).lower(rng).compile(
+            compiler_options=self.compiler_options or None)
+      return self._init(rng)
     ckpt_lib.check_init_from(init_from, self.model_config)
     params = ckpt_lib.load_params(init_from, target_shardings=self.param_shardings, abstract=self.abstract_params)
     log.info("initialised params from %s", init_from)

@@ -12,8 +12,9 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 
 
 def small_overrides(**kw) -> list[str]:
-  """configs/tiny.py trimmed for tests: synthetic batches of 4 x 24 tokens, scales 9 and 1."""
-  base = {"data.source": "'synthetic'", "data.max_length": "24", "train.batch_size": "4",
+  """configs/tiny.py trimmed for tests: one ViT layer used (of 2), one LLM layer (XLA:CPU compile time grows with
+  depth), synthetic batches of 4 x 24 tokens, scales 9 and 1."""
+  base = {"model.vision.depth": "2", "model.llm.depth": "1", "data.source": "'synthetic'", "data.max_length": "24", "train.batch_size": "4",
           "train.scales": "(9, 1)", "train.num_steps": "6", "train.log_every": "1", "train.warmup_ratio": "0.0",
           "checkpoint.every": "2", "checkpoint.keep": "3", "mesh.shape": "(1, -1, 1)"}
   base.update({k: str(v) for k, v in kw.items()})
