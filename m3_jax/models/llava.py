@@ -126,9 +126,10 @@ def merge_embeddings(text, image, source):
 
 
 def check_placeholders(input_ids, num_images, image_token_id: int):
-  """Host-side check before jit: row b must hold exactly num_images[b] (0 or 1) placeholders."""
-  counts = (np.asarray(input_ids) == image_token_id).sum(axis=1)
-  num_images = np.broadcast_to(np.asarray(num_images), counts.shape)
+  """Host-side check before jit: row b of input_ids (an array or a list of ragged rows) must hold exactly
+  num_images[b] (0 or 1) placeholders."""
+  counts = [int((np.asarray(row) == image_token_id).sum()) for row in input_ids]
+  num_images = np.broadcast_to(np.asarray(num_images), (len(counts),))
   for row, (got, want) in enumerate(zip(counts, num_images)):
     if got != want:
       raise ValueError(f"row {row}: {got} image placeholders (id {image_token_id}) for {want} image(s); each "

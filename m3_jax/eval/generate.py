@@ -1,0 +1,204 @@
+"""The generation engine: jitted batched prefill + decode with a KV cache, a visual-token scale per sample, and
+log-likelihood scoring of answer options. `m3 generate`, `m3 eval` and `m3_jax.load(...).generate` all use it.
+
+Prompts are left-padded to a bucketed length and visual tokens padded to a bucketed count, so a few shapes are
+compiled once and reused. Every sample carries its own number of visual tokens (`n_vis`): padding slots are out
+of attention and of the RoPE position count, so a sample's result does not depend on what it is batched with.
+A batch may mix scales: samples are grouped by scale for the encoder, results come back in input order.
+
+Shapes: B batch, T prompt length (bucketed), N visual tokens (bucketed), L = T + N - 1, K new tokens, D width.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from m3_jax.models import llama, llava
+from m3_jax.models.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  max_new_tokens: int = 32
+  temperature: float = 0.0   # 0: greedy
+  top_p: float = 1.0
+  seed: int = 0
+
+
+def bucket(n: int, step: int) -> int:
+  return max(step, -(-n // step) * step)
+
+
+class Engine:
+  """Generation and scoring for one LlavaM3 checkpoint.
+
+  params may be sharded (`shard_params`); inputs are small and replicated, XLA partitions the rest.
+  """
+
+  def __init__(self, config: ModelConfig, params, *, stop_ids: Sequence[int] | None = None, length_step: int = 16):
+    self.config = config
+    self.model = llava.LlavaM3(config)
+    self.params = params
+    self.stop_ids = tuple(stop_ids) if stop_ids is not None else (config.eos_token_id,)
+    self.length_step = length_step
+    self._visual = jax.jit(self._visual_impl, static_argnames=("scale",))
+    self._generate = jax.jit(self._generate_impl, static_argnames=("max_new", "greedy"))
+    self._score = jax.jit(self._score_impl)
+
+  # ---------------------------------------------------------------------------------------------- vision
+  def _visual_impl(self, params, pixels, scale: int):
+    m = self.model
+    feats = m.apply({"params": params}, pixels, method=m.encode)
+    return m.apply({"params": params}, feats, scale, method=m.image_embeds)
+
+  def visual_tokens(self, pixels: np.ndarray, scales: int | Sequence[int], batch_size: int = 16) -> list[np.ndarray]:
+    """float32[B, H, W, 3] (CLIP-normalised) -> per sample float[scale_b, D], grouped by scale for the encoder."""
+    b = len(pixels)
+    scales = [scales] * b if isinstance(scales, (int, np.integer)) else list(scales)
+    if len(scales) != b:
+      raise ValueError(f"{len(scales)} scales for {b} images: give one scale, or one per image")
+    out: list[np.ndarray | None] = [None] * b
+    for scale in sorted(set(scales)):
+      self.config.check_scale(int(scale))
+      rows = [i for i in range(b) if scales[i] == scale]
+      for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        px = np.asarray(pixels)[chunk]
+        pad = batch_size - len(chunk) if len(rows) > batch_size else 0  # one shape per scale across chunks
+        if pad:
+          px = np.concatenate([px, np.zeros((pad, *px.shape[1:]), px.dtype)])
+        emb = np.asarray(self._visual(self.params, jnp.asarray(px), scale=int(scale)))
+        for j, i in enumerate(chunk):
+          out[i] = emb[j]
+    return out
+
+  # -------------------------------------------------------------------------------------------- batching
+  def _pack(self, prompts: Sequence[np.ndarray], visual: Sequence[np.ndarray | None], side: str,
+            extra: Sequence[np.ndarray] | None = None):
+    """Pads prompts (+ optional continuations) to a bucketed length on `side` and visual tokens to a bucket."""
+    c = self.config
+    if len(visual) != len(prompts):
+      raise ValueError(f"{len(prompts)} prompts but {len(visual)} visual-token entries (None for text-only)")
+    seqs = [np.asarray(p, np.int32) for p in prompts]
+    if extra is not None:
+      seqs = [np.concatenate([p, np.asarray(e, np.int32)]) for p, e in zip(seqs, extra)]
+    llava.check_placeholders(seqs, [int(v is not None) for v in visual], c.image_token_id)
+    t = bucket(max(len(s) for s in seqs), self.length_step)
+    n_vis = np.array([0 if v is None else len(v) for v in visual], np.int32)
+    n = bucket(max(int(n_vis.max()), 1), self.length_step) if n_vis.max() > 1 else 1
+    b = len(seqs)
+    ids = np.full((b, t), c.pad_token_id, np.int32)
+    mask = np.zeros((b, t), bool)
+    for i, s in enumerate(seqs):
+      sl = slice(t - len(s), t) if side == "left" else slice(0, len(s))
+      ids[i, sl], mask[i, sl] = s, True
+    img = np.zeros((b, n, c.llm.width), np.float32)
+    for i, v in enumerate(visual):
+      if v is not None:
+        img[i, :len(v)] = np.asarray(v, np.float32)
+    return ids, mask, img, n_vis
+
+  def _inputs(self, params, ids, mask, img, n_vis, side: str, labels=None):
+    """Embeddings, mask, positions (and labels) of the expanded sequence [B, L]."""
+    c, m = self.config, self.model
+    n = img.shape[1]
+    ex = llava.expand_image_placeholders(ids, mask, n, c.image_token_id, labels=labels, pad_side=side)
+    text = m.apply({"params": params}, ids, method=m.embed_text)
+    x = llava.merge_embeddings(text, img.astype(text.dtype), ex.source)
+    # Visual slots past a sample's own count are padding.
+    valid = ex.mask & ~(ex.is_image & (ex.source - ids.shape[1] >= n_vis[:, None]))
+    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
+    return x, valid, positions, ex.labels
+
+  # ------------------------------------------------------------------------------------------ generation
+  def _generate_impl(self, params, ids, mask, img, n_vis, rng, temperature, top_p, *, max_new: int, greedy: bool):
+    m = self.model
+    x, valid, positions, _ = self._inputs(params, ids, mask, img, n_vis, "left")
+    b, length = valid.shape
+    cache = llama.init_cache(self.config.llm, b, length + max_new, x.dtype)
+    kv_mask = jnp.zeros((b, length + max_new), bool).at[:, :length].set(valid)
+    hidden, cache = m.apply({"params": params}, x, positions, kv_mask, cache, 0, method=m.decode)
+    logits = m.apply({"params": params}, hidden[:, -1], method=m.logits)
+    stop = jnp.asarray(self.stop_ids, jnp.int32)
+    pad = self.config.pad_token_id
+
+    def pick(logits, rng):
+      if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+      logits = logits / jnp.maximum(temperature, 1e-6)
+      probs = jax.nn.softmax(logits, axis=-1)
+      order = jnp.argsort(-probs, axis=-1)
+      sorted_p = jnp.take_along_axis(probs, order, axis=-1)
+      keep_sorted = jnp.cumsum(sorted_p, axis=-1) - sorted_p < top_p   # always keeps the top token
+      keep = jnp.zeros_like(keep_sorted).at[jnp.arange(b)[:, None], order].set(keep_sorted)
+      return jax.random.categorical(rng, jnp.where(keep, logits, -jnp.inf), axis=-1).astype(jnp.int32)
+
+    def cond(state):
+      step, _, _, _, _, done, _, _ = state
+      return (step < max_new) & ~jnp.all(done)
+
+    def body(state):
+      step, logits, cache, kv_mask, pos, done, out, rng = state
+      rng, sub = jax.random.split(rng)
+      tok = jnp.where(done, pad, pick(logits, sub))
+      out = out.at[:, step].set(tok)
+      done = done | jnp.isin(tok, stop)
+      kv_mask = kv_mask.at[:, length + step].set(True)
+      emb = m.apply({"params": params}, tok[:, None], method=m.embed_text)
+      hidden, cache = m.apply({"params": params}, emb, pos[:, None], kv_mask, cache, length + step, method=m.decode)
+      logits = m.apply({"params": params}, hidden[:, 0], method=m.logits)
+      return step + 1, logits, cache, kv_mask, pos + 1, done, out, rng
+
+    out = jnp.full((b, max_new), pad, jnp.int32)
+    state = (jnp.int32(0), logits, cache, kv_mask, positions[:, -1] + 1, jnp.zeros((b,), bool), out, rng)
+    return jax.lax.while_loop(cond, body, state)[6]
+
+  def generate(self, prompts: Sequence[np.ndarray], visual: Sequence[np.ndarray | None],
+               sampling: Sampling = Sampling()) -> list[list[int]]:
+    """Prompt ids (one placeholder where a sample has visual tokens) + per-sample visual tokens float[n_b, D]
+    (or None for text-only) -> generated ids per sample, up to and excluding the first stop token."""
+    ids, mask, img, n_vis = self._pack(prompts, visual, "left")
+    greedy = sampling.temperature <= 0
+    out = self._generate(self.params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(img), jnp.asarray(n_vis),
+                         jax.random.key(sampling.seed), jnp.float32(sampling.temperature),
+                         jnp.float32(sampling.top_p), max_new=int(sampling.max_new_tokens), greedy=greedy)
+    results = []
+    for row in np.asarray(out).tolist():
+      cut = next((i for i, t in enumerate(row) if t in self.stop_ids), len(row))
+      results.append(row[:cut])
+    return results
+
+  # ----------------------------------------------------------------------------------------------- scoring
+  def _score_impl(self, params, ids, mask, labels, img, n_vis):
+    m = self.model
+    x, valid, positions, labels = self._inputs(params, ids, mask, img, n_vis, "right", labels)
+    hidden, _ = m.apply({"params": params}, x, positions, valid, method=m.decode)
+    logits = m.apply({"params": params}, hidden[:, :-1], method=m.logits)
+    targets = labels[:, 1:]
+    ok = targets != llava.IGNORE
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    gold = jnp.take_along_axis(logp, jnp.where(ok, targets, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(ok, gold, 0.0), axis=1), jnp.sum(ok, axis=1)
+
+  def loglikelihood(self, prompts: Sequence[np.ndarray], continuations: Sequence[np.ndarray],
+                    visual: Sequence[np.ndarray | None]) -> tuple[np.ndarray, np.ndarray]:
+    """Sum of log p(continuation | prompt, image) per sample, and the continuation's token count."""
+    ids, mask, img, n_vis = self._pack(prompts, visual, "right", extra=continuations)
+    labels = np.full_like(ids, llava.IGNORE)
+    for i, (p, c) in enumerate(zip(prompts, continuations)):
+      labels[i, len(p):len(p) + len(c)] = c
+    total, count = self._score(self.params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(labels),
+                               jnp.asarray(img), jnp.asarray(n_vis))
+    return np.asarray(total), np.asarray(count)
+
+
+def shard_params(params, config: ModelConfig, mesh, rules):
+  """Lays params out on `mesh` with the training rules (logical axis names -> mesh axes)."""
+  from m3_jax.train import sharding
+  shardings = sharding.logical_shardings(llava.abstract_params(config), mesh, rules)
+  return jax.device_put(params, shardings)
