@@ -11,7 +11,8 @@ restore, or whose restored state does not match its fingerprint, is moved to `<w
 the previous step is tried.
 
 An m3 checkpoint directory (DESIGN.md) stores its weights in `params/` with `save_params` / `load_params`; the
-converter writes it with them and `checkpoint.init_from` reads it.
+converter writes it with them and `checkpoint.init_from` reads it. `load_params` also reads the params of a
+training workdir (latest or a given step), which is what `--ckpt WORKDIR` means for eval and generate.
 """
 from __future__ import annotations
 
@@ -172,36 +173,51 @@ def save_params(directory: str | pathlib.Path, params: Any):
     ckptr.wait_until_finished()
 
 
-def load_params(directory: str | pathlib.Path, target_shardings: Any = None, abstract: Any = None) -> Any:
-  """Reads `<directory>/params`. With `target_shardings` (a tree of jax.sharding.Sharding matching the params),
-  each array is read straight into its shards; with `abstract` (a tree of ShapeDtypeStruct, e.g. from
-  jax.eval_shape(init)) the shapes and dtypes are checked too; otherwise arrays land on the default device.
-  Mismatched trees are a ValueError naming each differing key."""
-  path = pathlib.Path(directory).absolute() / "params"
-  if not path.exists():
-    raise FileNotFoundError(f"{path} does not exist: an m3 checkpoint directory holds m3_config.json and params/ "
-                            "(written by `m3 convert` or m3_jax.train.checkpoint.save_params)")
-  with ocp.StandardCheckpointer() as ckptr:
+def load_params(directory: str | pathlib.Path, target_shardings: Any = None, abstract: Any = None,
+                step: int | None = None) -> Any:
+  """Reads the params of an m3 checkpoint directory (`<directory>/params`) or of a training workdir (the params of
+  `<directory>/checkpoints/<step>`, the latest when `step` is None; nothing else of the train state is read).
+
+  With `target_shardings` (a tree of jax.sharding.Sharding matching the params) each array is read straight into
+  its shards; with `abstract` (a tree of ShapeDtypeStruct, e.g. from jax.eval_shape(init)) the keys and shapes are
+  checked first; otherwise arrays land on the default device. A mismatch is a ValueError naming each key."""
+  directory = pathlib.Path(directory).absolute()
+  if (directory / "params").exists():
+    path, subtree = directory / "params", None
+  elif (directory / "checkpoints").exists():
+    steps = sorted(int(p.name) for p in (directory / "checkpoints").iterdir() if p.name.isdigit())
+    if not steps:
+      raise FileNotFoundError(f"training workdir {directory} has no finished checkpoint in checkpoints/")
+    if step is None:
+      step = steps[-1]
+    elif step not in steps:
+      raise FileNotFoundError(f"training workdir {directory} has no checkpoint for step {step}; it has {steps}")
+    path, subtree = directory / "checkpoints" / str(step) / "state", "params"
+  else:
+    raise FileNotFoundError(f"{directory} is neither an m3 checkpoint directory (m3_config.json + params/, written "
+                            "by `m3 convert` or save_params) nor a training workdir (checkpoints/)")
+  with ocp.PyTreeCheckpointer() as ckptr:
     stored = ckptr.metadata(path)
     stored = getattr(stored, "item_metadata", stored)
     stored = getattr(stored, "tree", stored)
+    if subtree is not None:
+      stored = stored[subtree]
     stored_shapes = {jax.tree_util.keystr(p): (tuple(m.shape), np.dtype(m.dtype))
                      for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]}
-    if abstract is None and target_shardings is None:
-      device = jax.devices()[0]
-      target = jax.tree_util.tree_map(
-          lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=jax.sharding.SingleDeviceSharding(device)),
-          stored)
+    if abstract is None:
+      abstract = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), stored)
     else:
-      if abstract is None:
-        abstract = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), stored)
       check_tree_matches(abstract, stored_shapes, str(path))
-      if target_shardings is None:
-        target_shardings = jax.tree_util.tree_map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]),
-                                                  abstract)
-      target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-                                      target_shardings)
-    return ckptr.restore(path, target)
+    if target_shardings is None:
+      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      target_shardings = jax.tree_util.tree_map(lambda _: device, abstract)
+    target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                                    target_shardings)
+    if subtree is not None:
+      target = {subtree: target}
+    restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+    return restored[subtree] if subtree is not None else restored
 
 
 def check_tree_matches(abstract: Any, stored_shapes: dict[str, tuple[tuple[int, ...], np.dtype]], where: str):

@@ -26,7 +26,8 @@ def grads_of(config, batch, params=None, mesh=None):
   gbatch = shd.shard_batch(batch, trainer.mesh)
   fn = jax.jit(trainer.loss_and_grads)
   compiled = fn.lower(params, gbatch).compile(compiler_options=FAST_COMPILE)
-  loss, _, grads = compiled(params, gbatch)
+  loss, aux, grads = compiled(params, gbatch)
+  trainer.last_aux = jax.device_get(aux)
   return trainer, params, float(loss), grads, compiled
 
 
@@ -36,7 +37,7 @@ def reference():
   batch = batch_of(config)
   trainer, params, loss, grads, compiled = grads_of(config, batch)
   return dict(config=config, batch=batch, params=jax.device_get(params), loss=loss, grads=jax.device_get(grads),
-              compiled=compiled)
+              compiled=compiled, per_scale=trainer.last_aux["per_scale"])
 
 
 def assert_trees_close(a, b, rtol, atol):
@@ -103,6 +104,22 @@ def test_remat_lowers_compiled_memory_with_the_same_loss(reference):
   remat_temp = compiled.memory_analysis().temp_size_in_bytes
   plain_temp = reference["compiled"].memory_analysis().temp_size_in_bytes
   assert remat_temp < plain_temp, (remat_temp, plain_temp)
+
+
+def test_random_scale_sampling_trains_one_drawn_scale(reference):
+  """Paper Table 8's alternative: one scale per step, drawn from the step's RNG; its loss is that scale's CE."""
+  config = small_config(**{"train.scale_sampling": "'random'"})
+  trainer = Trainer(config, mesh=shd.make_mesh((1, 1, 1), jax.devices()[:1]))
+  batch = {k: jnp.asarray(v) for k, v in reference["batch"].items()}
+  fn = jax.jit(trainer.loss_and_grads).lower(reference["params"], batch, jax.random.PRNGKey(0)).compile(
+      compiler_options=FAST_COMPILE)
+  seen = set()
+  for seed in range(6):
+    loss, aux, _ = fn(reference["params"], batch, jax.random.PRNGKey(seed))
+    (index,) = np.flatnonzero(np.asarray(aux["trained"]))
+    seen.add(int(index))
+    np.testing.assert_allclose(float(loss), reference["per_scale"][index], rtol=1e-5)
+  assert seen == {0, 1}   # both scales (9, 1) get drawn
 
 
 def test_optimizer_parts_decay_and_frozen_parts():
