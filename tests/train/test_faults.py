@@ -71,6 +71,7 @@ def test_sigkill_and_sigterm_then_resume_match_an_uninterrupted_run(tmp_path, co
     assert "loss/scale_9" in b[step] and "loss/scale_1" in b[step]
   assert a[STEPS]["loss"] < 0.7 * a[1]["loss"]   # and it learned something
   assert (straight / "config.json").exists() and any((straight / "tb").iterdir())
+  assert ckpt_lib.Checkpoints(straight).steps() == [16, 20, 24]   # checkpoint.keep=3
 
 
 def toy_state(scale: float):
@@ -169,3 +170,21 @@ def test_init_from_checks_the_model_config(tmp_path):
   assert "model.image_token_id: checkpoint 7, run config 4" in str(err.value)
   with pytest.raises(FileNotFoundError, match="m3_config.json"):
     ckpt_lib.check_init_from(tmp_path, mc)
+
+
+def test_init_from_loads_the_params_into_their_shards(tmp_path):
+  config = small_config(**{"mesh.shape": "(1, 4, 2)"})
+  mc = model_config_of(config)
+  rng = np.random.default_rng(0)
+  trainer = Trainer(config)
+  params = jax.tree_util.tree_map(lambda a: rng.normal(size=a.shape).astype(np.float32), trainer.abstract_params)
+  ckpt_lib.save_params(tmp_path / "init", params)
+  (tmp_path / "init" / "m3_config.json").write_text(json.dumps(mc.to_dict()))
+  config.checkpoint.init_from = str(tmp_path / "init")
+  state = Trainer(config).init_state()
+  for (path, want), got in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                               jax.tree_util.tree_leaves(state["params"])):
+    np.testing.assert_array_equal(np.asarray(got), want, err_msg=jax.tree_util.keystr(path))
+  kernel = state["params"]["llm"]["layers"]["mlp"]["up"]["kernel"]
+  assert kernel.sharding.spec == shd.P(None, "fsdp", "tensor")
+  assert int(state["step"]) == 0

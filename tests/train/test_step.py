@@ -97,13 +97,21 @@ def test_bf16_compute_close_to_float32(reference):
 
 
 def test_remat_lowers_compiled_memory_with_the_same_loss(reference):
-  config = small_config(**{"train.remat": "'full'"})
-  _, _, loss, grads, compiled = grads_of(config, reference["batch"], reference["params"])
-  assert abs(loss - reference["loss"]) <= 1e-6 * abs(reference["loss"])
-  assert_trees_close(grads, reference["grads"], rtol=1e-4, atol=1e-6)
-  remat_temp = compiled.memory_analysis().temp_size_in_bytes
-  plain_temp = reference["compiled"].memory_analysis().temp_size_in_bytes
-  assert remat_temp < plain_temp, (remat_temp, plain_temp)
+  # The tiny config's own depths: remat keeps one layer's activations instead of every layer's, so the gain
+  # needs a few layers (at one layer there is nothing to drop).
+  depths = {"model.llm.depth": 2, "model.vision.depth": 3}
+  plain = small_config(**depths)
+  rng = np.random.default_rng(0)   # random weights: no init program to compile
+  params = jax.tree_util.tree_map(lambda a: 0.05 * rng.normal(size=a.shape).astype(np.float32),
+                                  Trainer(plain).abstract_params)
+  _, _, loss, grads, compiled = grads_of(plain, reference["batch"], params)
+  _, _, remat_loss, remat_grads, remat_compiled = grads_of(small_config(**depths, **{"train.remat": "'full'"}),
+                                                           reference["batch"], params)
+  assert abs(remat_loss - loss) <= 1e-6 * abs(loss)
+  assert_trees_close(remat_grads, grads, rtol=1e-4, atol=1e-6)
+  remat_temp = remat_compiled.memory_analysis().temp_size_in_bytes
+  plain_temp = compiled.memory_analysis().temp_size_in_bytes
+  assert remat_temp < 0.5 * plain_temp, (remat_temp, plain_temp)   # measured: 8.3 MiB vs 26.7 MiB
 
 
 def test_random_scale_sampling_trains_one_drawn_scale(reference):
