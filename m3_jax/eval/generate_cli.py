@@ -1,0 +1,32 @@
+"""`m3 generate --ckpt CKPT --image PATH --prompt TEXT [--scale N] [--max-new-tokens K] [--template T] [--json]`."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(p: argparse.ArgumentParser):
+  p.add_argument("--ckpt", required=True, help="m3 checkpoint directory or training workdir")
+  p.add_argument("--step", type=int, default=None, help="with a training workdir: this step (default: latest)")
+  p.add_argument("--image", default=None, help="image file (omit for a text-only prompt)")
+  p.add_argument("--prompt", required=True)
+  p.add_argument("--scale", type=int, default=None,
+                 help="visual tokens for the image: one of the checkpoint's model.m3.scales (default: the full grid)")
+  p.add_argument("--max-new-tokens", type=int, default=64)
+  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+  p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--template", default="auto",
+                 choices=["auto", "vicuna_v1", "llava_hf", "plain", "none"],
+                 help="chat template; auto = the one recorded at conversion")
+  p.add_argument("--json", action="store_true",
+                 help='print one JSON object {"text", "token_ids", "scale", "visual_tokens"} (generated ids only)')
+
+
+def run(args) -> int:
+  from m3_jax.eval.pipeline import load
+  model = load(args.ckpt, step=args.step, template=args.template)
+  out = model.generate([args.image], [args.prompt], scale=args.scale, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_p=args.top_p, seed=args.seed)[0]
+  print(json.dumps(out) if args.json else out["text"])
+  return 0

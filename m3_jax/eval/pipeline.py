@@ -1,0 +1,120 @@
+"""`m3_jax.load(ckpt)`: a checkpoint as a model object that answers prompts about images at any scale.
+
+    model = m3_jax.load("ckpt/llava15-m3")
+    model.generate(["cat.jpg"], ["What is this?"], scale=9)   # -> [{"text", "token_ids", "scale", "visual_tokens"}]
+
+CKPT is an m3 checkpoint directory (`m3 convert`) or a training workdir (its latest step, or `step=N`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any, Sequence
+
+import numpy as np
+
+from m3_jax.data import conversation, image as image_lib
+from m3_jax.eval.generate import Engine, Sampling
+from m3_jax.models.config import ModelConfig
+
+
+@dataclasses.dataclass
+class Checkpoint:
+  config: ModelConfig
+  params: Any
+  template: str
+  tokenizer_dir: str
+  preprocessor: dict | None
+  aspect: str  # LLaVA-1.5 "pad" (original LLaVA eval) or "crop" (transformers' processor)
+
+
+def read_checkpoint(ckpt: str | pathlib.Path, step: int | None = None, shardings=None) -> Checkpoint:
+  path = pathlib.Path(ckpt)
+  if (path / "m3_config.json").exists():
+    from m3_jax.convert.ckpt import load_checkpoint
+    cfg, params, extras = load_checkpoint(path, shardings)
+    template = extras.get("template", "llava_hf")
+    return Checkpoint(cfg, params, template, extras["tokenizer_dir"], extras.get("preprocessor_config"),
+                      "pad" if template == "vicuna_v1" else "crop")
+  if (path / "config.json").exists() and (path / "checkpoints").exists():
+    import ml_collections
+    from m3_jax.train.checkpoint import load_params
+    run = ml_collections.ConfigDict(json.loads((path / "config.json").read_text()))
+    cfg = ModelConfig.from_config(run.model)
+    params = load_params(path, target_shardings=shardings, step=step)
+    pre = path / "preprocessor_config.json"
+    return Checkpoint(cfg, params, run.data.template, str(path / "tokenizer"),
+                      json.loads(pre.read_text()) if pre.exists() else None, run.data.get("image_aspect", "pad"))
+  raise FileNotFoundError(f"{path} is neither an m3 checkpoint directory (m3_config.json, written by `m3 convert`) "
+                          "nor a training workdir (config.json + checkpoints/, written by `m3 train`)")
+
+
+class M3Model:
+  """A loaded checkpoint: tokenizer, image preprocessing, chat template and the generation engine."""
+
+  def __init__(self, ckpt: Checkpoint, template: str = "auto"):
+    from transformers import AutoTokenizer
+    self.ckpt = ckpt
+    self.config = ckpt.config
+    self.template = ckpt.template if template == "auto" else template
+    self.tokenizer = AutoTokenizer.from_pretrained(ckpt.tokenizer_dir)
+    self.image_cfg = (image_lib.ImageProcessorConfig.from_dict(ckpt.preprocessor) if ckpt.preprocessor
+                      else image_lib.ImageProcessorConfig.for_size(self.config.vision.image_size))
+    if self.config.type != "llava15":
+      raise NotImplementedError("generation for LLaVA-NeXT checkpoints goes through m3_jax.models.anyres; the "
+                                "batched engine takes LLaVA-1.5 style single-crop images")
+    stop = {self.config.eos_token_id}
+    if self.tokenizer.eos_token_id is not None:
+      stop.add(int(self.tokenizer.eos_token_id))
+    self.engine = Engine(self.config, ckpt.params, stop_ids=sorted(stop))
+
+  @property
+  def scales(self) -> tuple[int, ...]:
+    return self.config.m3.scales
+
+  def pixels(self, images: Sequence[Any]) -> np.ndarray:
+    """Paths / bytes / PIL images (or None) -> float32[B, H, W, 3]; None becomes zeros (text-only)."""
+    size = self.config.vision.image_size
+    return np.stack([image_lib.load_and_preprocess(im, self.image_cfg, aspect=self.ckpt.aspect)
+                     if im is not None else np.zeros((size, size, 3), np.float32) for im in images])
+
+  def prompt_ids(self, prompt: str, has_image: bool) -> np.ndarray:
+    return conversation.tokenize_prompt(self.template, prompt, self.tokenizer, self.config.image_token_id,
+                                        image=has_image)
+
+  def generate(self, images: Sequence[Any], prompts: Sequence[str], scale: int | Sequence[int] | None = None,
+               max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+               batch_size: int = 16) -> list[dict]:
+    """One answer per (image, prompt). `scale`: one for all, one per sample, or None (the full grid)."""
+    if len(images) != len(prompts):
+      raise ValueError(f"{len(images)} images for {len(prompts)} prompts: give one image (or None) per prompt")
+    n = len(prompts)
+    scales = [self.config.full_scale] * n if scale is None else (
+        [int(scale)] * n if isinstance(scale, (int, np.integer)) else [int(s) for s in scale])
+    for s in scales:
+      self.config.check_scale(s)
+    has = [im is not None for im in images]
+    ids = [self.prompt_ids(p, h) for p, h in zip(prompts, has)]
+    sampling = Sampling(max_new_tokens, temperature, top_p, seed)
+    results: list[dict] = []
+    for start in range(0, n, batch_size):
+      sl = slice(start, start + batch_size)
+      rows = range(start, min(start + batch_size, n))
+      visual = [None] * len(rows)
+      with_image = [i for i in rows if has[i]]
+      if with_image:
+        vis = self.engine.visual_tokens(self.pixels([images[i] for i in with_image]),
+                                        [scales[i] for i in with_image], batch_size=batch_size)
+        for i, v in zip(with_image, vis):
+          visual[i - start] = v
+      out = self.engine.generate(ids[sl], visual, sampling)
+      for i, tokens in zip(rows, out):
+        results.append({"text": self.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+                        "token_ids": [int(t) for t in tokens], "scale": scales[i],
+                        "visual_tokens": scales[i] if has[i] else 0})
+    return results
+
+
+def load(ckpt: str | pathlib.Path, step: int | None = None, template: str = "auto") -> M3Model:
+  return M3Model(read_checkpoint(ckpt, step), template)
