@@ -1,0 +1,246 @@
+"""Granularity analysis of `m3 eval` runs: score per scale (per task and per question family), the oracle, a
+markdown report and the paper's Figure-2-style plot (score against visual tokens).
+
+Input: eval directories, each holding `predictions.jsonl` (one object per sample and scale, at least
+`question_id`, `scale`, `prediction`, `score`; optionally `category`) and usually `summary.json` (its `task` names
+the run). No JAX here: analysis runs anywhere.
+
+Oracle (paper Sec. 4.2, Table 2): per sample, the smallest scale whose score >= `threshold` answers it; a sample no
+scale answers counts as 1 token; the oracle score is the fraction answered at any scale. Samples that lack a
+prediction at some scale of their run are left out of the oracle (their scale is unknown) and counted as
+`incomplete`.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import math
+import pathlib
+from typing import Iterable
+
+DEFAULT_THRESHOLD = 0.5
+UNANSWERED_TOKENS = 1  # DESIGN.md: a sample wrong at every scale counts as 1 token
+
+
+@dataclasses.dataclass
+class Run:
+  """One eval directory: its task and its predictions keyed by (question_id, scale)."""
+  name: str                                    # label in tables and plots
+  task: str
+  path: str
+  scores: dict[str, dict[int, float]]          # question_id -> scale -> score
+  categories: dict[str, str | None]            # question_id -> category
+
+  @property
+  def scales(self) -> list[int]:
+    return sorted({s for per in self.scores.values() for s in per}, reverse=True)
+
+
+def read_run(path: str | pathlib.Path, name: str | None = None) -> Run:
+  """Reads an eval directory (or a predictions.jsonl file). A later line for the same (question_id, scale) wins,
+  as after a resumed eval."""
+  path = pathlib.Path(path)
+  file = path if path.is_file() else path / "predictions.jsonl"
+  if not file.exists():
+    raise FileNotFoundError(f"{path}: no predictions.jsonl (expected the --out directory of `m3 eval`)")
+  folder = file.parent
+  task = folder.name
+  summary = folder / "summary.json"
+  if summary.exists():
+    task = json.loads(summary.read_text()).get("task", task)
+  scores: dict[str, dict[int, float]] = collections.defaultdict(dict)
+  categories: dict[str, str | None] = {}
+  with open(file) as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{file}:{lineno}: not a JSON object ({e})") from None
+      missing = [k for k in ("question_id", "scale", "score") if k not in rec]
+      if missing:
+        raise ValueError(f"{file}:{lineno}: record lacks {missing}; `m3 analyze` needs question_id, scale and "
+                         f"score per line (got keys {sorted(rec)})")
+      if rec["score"] is None:
+        raise ValueError(f"{file}:{lineno}: score is null for question_id={rec['question_id']!r}; the task "
+                         "has no per-sample score, so the oracle cannot be computed")
+      qid = str(rec["question_id"])
+      scores[qid][int(rec["scale"])] = float(rec["score"])
+      categories[qid] = rec.get("category") or categories.get(qid)
+  return Run(name=name or task, task=task, path=str(folder), scores=dict(scores), categories=categories)
+
+
+def mean(xs: Iterable[float]) -> float:
+  xs = list(xs)
+  return sum(xs) / len(xs) if xs else float("nan")
+
+
+def per_scale(run: Run, qids: Iterable[str] | None = None) -> dict[int, dict[str, float]]:
+  """scale -> {"score": mean score, "count": samples} over `qids` (default all)."""
+  qids = list(run.scores) if qids is None else list(qids)
+  out = {}
+  for s in run.scales:
+    vals = [run.scores[q][s] for q in qids if s in run.scores[q]]
+    if vals:
+      out[s] = {"score": mean(vals), "count": len(vals)}
+  return out
+
+
+def oracle(run: Run, threshold: float = DEFAULT_THRESHOLD, qids: Iterable[str] | None = None) -> dict:
+  """The per-sample cheapest answering scale.
+
+  Returns {"score": fraction answered at any scale, "mean_tokens": mean oracle tokens, "count": samples used,
+  "incomplete": samples left out for lacking some scale, "chosen": {question_id: tokens},
+  "histogram": {tokens: samples}}.
+  """
+  scales = run.scales
+  qids = list(run.scores) if qids is None else list(qids)
+  chosen, answered, incomplete = {}, 0, 0
+  for q in qids:
+    per = run.scores[q]
+    if any(s not in per for s in scales):
+      incomplete += 1
+      continue
+    good = [s for s in scales if per[s] >= threshold]
+    if good:
+      answered += 1
+      chosen[q] = min(good)
+    else:
+      chosen[q] = UNANSWERED_TOKENS
+  n = len(chosen)
+  hist = collections.Counter(chosen.values())
+  return {"score": answered / n if n else float("nan"),
+          "mean_tokens": mean(chosen.values()),
+          "count": n, "incomplete": incomplete, "chosen": chosen,
+          "histogram": {int(k): hist[k] for k in sorted(hist, reverse=True)}}
+
+
+def analyze(runs: list[Run], threshold: float = DEFAULT_THRESHOLD) -> dict:
+  """Everything the report shows, as plain data (written as analysis.json)."""
+  out = {"threshold": threshold, "runs": []}
+  for run in runs:
+    cats = sorted({c for c in run.categories.values() if c is not None})
+    by_cat = {}
+    for c in cats:
+      qids = [q for q in run.scores if run.categories.get(q) == c]
+      o = oracle(run, threshold, qids)
+      by_cat[c] = {"per_scale": per_scale(run, qids),
+                   "oracle": {k: o[k] for k in ("score", "mean_tokens", "count")}}
+    o = oracle(run, threshold)
+    out["runs"].append({
+        "name": run.name, "task": run.task, "path": run.path, "scales": run.scales,
+        "per_scale": per_scale(run),
+        "oracle": {k: v for k, v in o.items() if k != "chosen"},
+        "categories": by_cat,
+    })
+  return out
+
+
+def _fmt(x: float) -> str:
+  return "nan" if x != x else f"{100 * x:.1f}"
+
+
+def report_markdown(result: dict) -> str:
+  """Scores are shown in percent; tokens are visual tokens per image (per grid for NeXT)."""
+  lines = ["# M3 granularity report", "",
+           f"A sample counts as answered at a scale when its score >= {result['threshold']}. Oracle: per sample "
+           f"the smallest answering scale; samples no scale answers count as {UNANSWERED_TOKENS} token. "
+           "Scores in percent.", ""]
+  for r in result["runs"]:
+    scales = r["scales"]
+    lines += [f"## {r['name']} (task `{r['task']}`)", "", f"Source: `{r['path']}`", ""]
+    head = "| | " + " | ".join(str(s) for s in scales) + " | oracle | oracle tokens |"
+    lines += [head, "|---" * (len(scales) + 3) + "|"]
+
+    def row(label, ps, o):
+      cells = [_fmt(ps[s]["score"]) if s in ps else "" for s in scales]
+      return f"| {label} | " + " | ".join(cells) + f" | {_fmt(o['score'])} | {o['mean_tokens']:.2f} |"
+
+    lines.append(row(f"**all** ({r['oracle']['count']})", r["per_scale"], r["oracle"]))
+    for c, d in r["categories"].items():
+      lines.append(row(f"{c} ({d['oracle']['count']})", d["per_scale"], d["oracle"]))
+    o = r["oracle"]
+    lines += ["", "Oracle scale histogram (tokens: samples): " +
+              ", ".join(f"{k}: {v}" for k, v in o["histogram"].items()) + "."]
+    if o["incomplete"]:
+      lines.append(f"{o['incomplete']} sample(s) lack a prediction at some scale and are left out of the oracle.")
+    lines.append("")
+  lines += ["![score vs visual tokens](score_vs_tokens.png)", ""]
+  return "\n".join(lines)
+
+
+def plot_score_vs_tokens(result: dict, path: str | pathlib.Path) -> None:
+  """Paper Figure 2 style: score (%) against visual tokens on a log axis, one panel per task; each run's fixed
+  scales as a curve and its oracle as a star of the same colour."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  tasks = list(dict.fromkeys(r["task"] for r in result["runs"]))
+  fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.2), squeeze=False)
+  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  for ax, task in zip(axes[0], tasks):
+    runs = [r for r in result["runs"] if r["task"] == task]
+    ticks = set()
+    for i, r in enumerate(runs):
+      color = colors[i % len(colors)]
+      xs = sorted(r["per_scale"])
+      ys = [100 * r["per_scale"][s]["score"] for s in xs]
+      ticks.update(xs)
+      ax.plot(xs, ys, "o-", color=color, label=f"{r['name']} (fixed scale)")
+      for x, y in zip(xs, ys):
+        ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+      o = r["oracle"]
+      if o["count"]:
+        ax.plot([o["mean_tokens"]], [100 * o["score"]], "*", color=color, markersize=16,
+                markeredgecolor="black", label=f"{r['name']} oracle ({o['mean_tokens']:.1f} tok)")
+        ax.annotate(f"{100 * o['score']:.1f}", (o["mean_tokens"], 100 * o["score"]), textcoords="offset points",
+                    xytext=(0, 9), ha="center", fontsize=8)
+    ax.set_xscale("log")
+    ticks = sorted(ticks)
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([str(t) for t in ticks])
+    ax.minorticks_off()
+    lo, hi = min(ticks), max(ticks)
+    ax.set_xlim(lo / 1.6, hi * 1.6)
+    ax.set_xlabel("# visual tokens")
+    ax.set_ylabel("score (%)")
+    ax.set_title(task)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def run_names(paths: list[str]) -> list[str | None]:
+  """Label runs by task, adding the directory name where two runs share a task."""
+  tasks = []
+  for p in paths:
+    p = pathlib.Path(p)
+    folder = p.parent if p.is_file() else p
+    summary = folder / "summary.json"
+    tasks.append(json.loads(summary.read_text()).get("task", folder.name) if summary.exists() else folder.name)
+  counts = collections.Counter(tasks)
+  out = []
+  for p, t in zip(paths, tasks):
+    folder = pathlib.Path(p)
+    folder = folder.parent if folder.is_file() else folder
+    out.append(t if counts[t] == 1 else f"{folder.name}")
+  return out
+
+
+def write_report(paths: list[str], out: str | pathlib.Path, threshold: float = DEFAULT_THRESHOLD) -> dict:
+  """Reads the runs, writes report.md, analysis.json and score_vs_tokens.png into `out`; returns the result."""
+  if not 0.0 <= threshold <= 1.0 or math.isnan(threshold):
+    raise ValueError(f"--correct-threshold {threshold} is outside [0, 1] (per-sample scores are in [0, 1])")
+  runs = [read_run(p, n) for p, n in zip(paths, run_names(paths))]
+  result = analyze(runs, threshold)
+  out = pathlib.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "report.md").write_text(report_markdown(result))
+  (out / "analysis.json").write_text(json.dumps(result, indent=2))
+  plot_score_vs_tokens(result, out / "score_vs_tokens.png")
+  return result
