@@ -1,0 +1,122 @@
+"""`m3 eval`: a checkpoint on a task at several scales -> predictions.jsonl, summary.json, summary.csv.
+
+Resumable: predictions already in `predictions.jsonl` (by question_id and scale) are not recomputed; the summary
+is always rebuilt from the whole file (a later line for the same key wins).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+import string
+import time
+from typing import Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from m3_jax.eval.pipeline import M3Model
+from m3_jax.eval.tasks import Sample, Task
+
+
+def sample_image(sample: Sample):
+  """The image a sample shows the model: a file, embedded bytes, or a video's frame collage."""
+  if sample.video is not None:
+    from m3_jax.data.video import load_video
+    return load_video(sample.video)
+  if sample.image_bytes is not None:
+    return sample.image_bytes
+  return sample.image
+
+
+def read_predictions(path: pathlib.Path) -> dict[tuple[str, int], dict]:
+  done: dict[tuple[str, int], dict] = {}
+  lines = path.read_text().splitlines() if path.exists() else []
+  for lineno, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      rec = json.loads(line)
+      done[(str(rec["question_id"]), int(rec["scale"]))] = rec
+    except (json.JSONDecodeError, KeyError, ValueError) as e:
+      if lineno == len(lines):  # the last line, cut by a crash: redo that sample
+        continue
+      raise ValueError(f"{path}, line {lineno}: not a prediction record ({e})") from e
+  return done
+
+
+def choose_option(model: M3Model, samples: Sequence[Sample], scale: int) -> list[str]:
+  """Likelihood scoring: the option letter with the highest log p(letter | prompt, image) at `scale`."""
+  letters = [string.ascii_uppercase[:len(s.options)] for s in samples]
+  prompts, conts, images, owners = [], [], [], []
+  for i, s in enumerate(samples):
+    has = sample_image(s) is not None
+    ids = model.prompt_ids(s.prompt, has)
+    for letter in letters[i]:
+      prompts.append(ids)
+      conts.append(np.asarray(model.tokenizer(letter, add_special_tokens=False)["input_ids"], np.int32))
+      images.append(sample_image(s))
+      owners.append(i)
+  with_image = [j for j, im in enumerate(images) if im is not None]
+  visual = [None] * len(images)
+  if with_image:
+    vis = model.engine.visual_tokens(model.pixels([images[j] for j in with_image]), scale)
+    for j, v in zip(with_image, vis):
+      visual[j] = v
+  total, _ = model.engine.loglikelihood(prompts, conts, visual)
+  best: dict[int, tuple[float, str]] = {}
+  for j, i in enumerate(owners):
+    letter = letters[i][len([o for o in owners[:j] if o == i])]
+    if i not in best or total[j] > best[i][0]:
+      best[i] = (float(total[j]), letter)
+  return [best[i][1] for i in range(len(samples))]
+
+
+def evaluate(model: M3Model, task: Task, samples: Sequence[Sample], scales: Sequence[int], out: str | pathlib.Path,
+             *, batch_size: int = 16, max_new_tokens: int = 16, likelihood: bool = False, progress: bool = True,
+             extra_summary: dict | None = None) -> dict:
+  out = pathlib.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  pred_file = out / "predictions.jsonl"
+  done = read_predictions(pred_file)
+  timing = {}
+  with open(pred_file, "a") as f:
+    for scale in scales:
+      model.config.check_scale(scale)
+      todo = [s for s in samples if (s.question_id, scale) not in done]
+      bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc=f"scale {scale}", disable=not progress,
+                 unit="sample")
+      start = time.perf_counter()
+      for i in range(0, len(todo), batch_size):
+        chunk = todo[i:i + batch_size]
+        if likelihood and all(s.options for s in chunk):
+          preds = choose_option(model, chunk, scale)
+        else:
+          out_ = model.generate([sample_image(s) for s in chunk], [s.prompt for s in chunk], scale=scale,
+                                max_new_tokens=max_new_tokens, batch_size=batch_size)
+          preds = [o["text"] for o in out_]
+        for s, p in zip(chunk, preds):
+          rec = {"question_id": s.question_id, "scale": scale, "prediction": p, "score": task.score(s, p),
+                 "category": s.category}
+          done[(s.question_id, scale)] = rec
+          f.write(json.dumps(rec) + "\n")
+        f.flush()
+        bar.update(len(chunk))
+      bar.close()
+      if todo:
+        timing[scale] = len(todo) / (time.perf_counter() - start)
+  summary = {"task": task.name, "num_samples": len(samples), "scales": {}, **(extra_summary or {})}
+  for scale in scales:
+    preds = {qid: rec["prediction"] for (qid, s), rec in done.items() if s == scale}
+    metrics = task.summarize([s for s in samples if s.question_id in preds], preds)
+    if scale in timing:
+      metrics["samples_per_second"] = timing[scale]
+    summary["scales"][str(scale)] = metrics
+  (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  names = sorted({k for m in summary["scales"].values() for k in m})
+  with open(out / "summary.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["scale", *names])
+    for scale, m in summary["scales"].items():
+      w.writerow([scale, *(m.get(k, "") for k in names)])
+  return summary

@@ -1,0 +1,93 @@
+"""Tasks of the eval engine itself: the granularity probe and LLaVA's generic question JSONL."""
+from __future__ import annotations
+
+import io
+import json
+import pathlib
+from typing import Iterator
+
+from m3_jax.eval import metrics
+from m3_jax.eval.tasks.base import Sample, Task, register
+
+
+@register("probe")
+class ProbeTask(Task):
+  """The granularity probe (`m3 data probe --out DIR`): --data is that DIR, its `test` split is evaluated.
+
+  The model is trained to restate the key and then name its value ("black green"); a prediction is correct when
+  its last word is the answer. Each sample's category is its question family.
+  """
+  kind = "generate"
+
+  def __init__(self, split: str = "test", **options):
+    super().__init__(**options)
+    self.split = split
+
+  def samples(self, path: str) -> Iterator[Sample]:
+    from PIL import Image
+    from m3_jax.data import sources
+    source = sources.Probe(path, self.split)
+    for i in range(len(source)):
+      rec = source[i]
+      buf = io.BytesIO()
+      Image.fromarray(rec["image"]).save(buf, format="PNG")
+      question = rec["conversations"][0]["value"].replace("<image>", "").strip()
+      yield Sample(question_id=rec["id"], prompt=question, answers=rec["answer"], image_bytes=buf.getvalue(),
+                   category=rec.get("family"), meta={"needed_scale": rec.get("scale")})
+
+  def score(self, sample: Sample, prediction: str) -> float:
+    words = prediction.lower().replace(".", " ").split()
+    return float(bool(words) and words[-1] == sample.answers)
+
+
+@register("llava_jsonl")
+class LlavaJsonl(Task):
+  """LLaVA's generic question file: one JSON object per line with `question_id`, `image`, `text` (the prompt,
+  instruction included) and optionally `answer` / `answers` / `category`. Answers may instead come from an
+  `answers.jsonl` beside the file (`question_id` + `answer`/`answers`/`text`). Images are resolved against
+  `image_folder` (default: the file's folder). Score: VQA soft accuracy with EvalAI normalisation when there are
+  several reference answers, normalised exact match for one."""
+  kind = "generate"
+
+  def __init__(self, image_folder: str | None = None, **options):
+    super().__init__(**options)
+    self.image_folder = image_folder
+
+  def samples(self, path: str) -> Iterator[Sample]:
+    file = pathlib.Path(path)
+    folder = pathlib.Path(self.image_folder) if self.image_folder else file.parent
+    gold = _read_answers(file.with_name("answers.jsonl")) if file.with_name("answers.jsonl").exists() else {}
+    with open(file) as f:
+      for lineno, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          rec = json.loads(line)
+          qid = str(rec["question_id"])
+          text = rec["text"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+          raise ValueError(f"{file}, line {lineno}: expected a JSON object with question_id, image, text ({e})")
+        answers = rec.get("answers", rec.get("answer", gold.get(qid)))
+        if answers is None:
+          raise ValueError(f"{file}, line {lineno}: question {qid!r} has no answer (give `answer` in the line or "
+                           f"an answers.jsonl beside {file.name})")
+        image = str(folder / rec["image"]) if rec.get("image") else None
+        yield Sample(question_id=qid, prompt=text.replace("<image>", "").strip(), answers=answers, image=image,
+                     category=rec.get("category"))
+
+  def score(self, sample: Sample, prediction: str) -> float:
+    answers = sample.answers if isinstance(sample.answers, list) else [sample.answers]
+    if len(answers) > 1:
+      return metrics.vqa_soft_accuracy(prediction, [str(a) for a in answers])
+    return float(metrics.evalai_normalize(prediction) == metrics.evalai_normalize(str(answers[0])))
+
+
+def _read_answers(path: pathlib.Path) -> dict:
+  out = {}
+  for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    if line.strip():
+      rec = json.loads(line)
+      if "question_id" not in rec:
+        raise ValueError(f"{path}, line {lineno}: no question_id")
+      out[str(rec["question_id"])] = rec.get("answers", rec.get("answer", rec.get("text")))
+  return out
