@@ -79,6 +79,10 @@ def evaluate(model: M3Model, task: Task, samples: Sequence[Sample], scales: Sequ
   out.mkdir(parents=True, exist_ok=True)
   pred_file = out / "predictions.jsonl"
   done = read_predictions(pred_file)
+  if pred_file.exists():  # drop a last line cut by a crash before appending after it
+    text = pred_file.read_text()
+    if text and not text.endswith("\n"):
+      pred_file.write_text(text[:text.rfind("\n") + 1])
   timing = {}
   with open(pred_file, "a") as f:
     for scale in scales:
