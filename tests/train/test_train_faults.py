@@ -23,7 +23,7 @@ from m3_jax.train.trainer import NonFiniteError, Trainer, model_config_of
 
 from train_testlib import FAST_COMPILE, small_config, small_overrides, subprocess_env, train_command
 
-STEPS = 24
+STEPS = 16
 
 
 def wait_for_step(workdir, step: int, proc: subprocess.Popen, timeout: float = 240.0):
@@ -50,11 +50,11 @@ def test_sigkill_and_sigterm_then_resume_match_an_uninterrupted_run(tmp_path, co
   # XLA:CPU compiles on one core: the reference run and the first broken run compile side by side.
   reference = start(straight)
   proc = start(broken)
-  wait_for_step(broken, 6, proc)
+  wait_for_step(broken, 5, proc)
   proc.send_signal(signal.SIGKILL)         # mid-run, possibly mid-save
   proc.wait(timeout=60)
   proc = start(broken)                     # resumes from the last finalised checkpoint
-  wait_for_step(broken, 14, proc)
+  wait_for_step(broken, 10, proc)
   proc.send_signal(signal.SIGTERM)         # preemption: save and exit 0
   assert proc.wait(timeout=120) == 0, (tmp_path / "broken.log").read_text()[-3000:]
   stopped_at = max(read_metrics(broken))
@@ -71,7 +71,7 @@ def test_sigkill_and_sigterm_then_resume_match_an_uninterrupted_run(tmp_path, co
     assert "loss/scale_9" in b[step] and "loss/scale_1" in b[step]
   assert a[STEPS]["loss"] < 0.7 * a[1]["loss"]   # and it learned something
   assert (straight / "config.json").exists() and any((straight / "tb").iterdir())
-  assert ckpt_lib.Checkpoints(straight).steps() == [16, 20, 24]   # checkpoint.keep=3
+  assert ckpt_lib.Checkpoints(straight).steps() == [8, 12, 16]   # checkpoint.keep=3
 
 
 def toy_state(scale: float):

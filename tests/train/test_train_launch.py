@@ -6,9 +6,13 @@ import shlex
 import subprocess
 import sys
 
-from m3_jax.train.metrics import read_metrics
+import jax
 
-from train_testlib import REPO, small_overrides, subprocess_env, train_command
+from m3_jax.train import sharding as shd
+from m3_jax.train.metrics import read_metrics
+from m3_jax.train.trainer import Trainer
+
+from train_testlib import FAST_COMPILE, REPO, small_config, small_overrides, subprocess_env
 
 
 def run_launcher(*argv: str) -> str:
@@ -44,22 +48,21 @@ def test_slurm_dry_run_renders_one_task_per_node():
 
 def test_two_processes_on_loopback_match_one_process(tmp_path, compile_cache):
   overrides = small_overrides(**{"train.num_steps": 3, "checkpoint.every": 2, "train.scales": "(1,)"})
-  one = tmp_path / "one"
-  env = subprocess_env(compile_cache, devices=4)
-  single = subprocess.Popen(train_command(one, overrides, "--no-distributed"), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   two = tmp_path / "two"
-  env2 = subprocess_env(compile_cache, devices=2)
-  env2.pop("XLA_FLAGS")   # launch/local.py sets each process's device count
+  env = subprocess_env(compile_cache, devices=2)
+  env.pop("XLA_FLAGS")   # launch/local.py sets each process's device count
   argv = [sys.executable, "launch/local.py", "--num-processes", "2", "--devices-per-process", "2",
           "--xla-flags=--xla_backend_optimization_level=0", "--config", str(REPO / "configs/tiny.py"),
           "--workdir", str(two), *sum((["--set", o] for o in overrides), [])]
-  multi = subprocess.run(argv, cwd=REPO, env=env2, capture_output=True, text=True, timeout=400)
-  _, err = single.communicate(timeout=400)
+  multi = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  # Meanwhile, the reference: one process (this one) on 4 devices, the same global mesh and batches.
+  config = small_config(**dict(o.split("=", 1) for o in overrides))
+  trainer = Trainer(config, mesh=shd.make_mesh((1, -1, 1), jax.devices()[:4]), compiler_options=FAST_COMPILE)
+  trainer.fit(tmp_path / "one", progress=False)
+  _, err = multi.communicate(timeout=400)
   logs = "".join(p.read_text() for p in two.glob("process_*.log"))
-  assert multi.returncode == 0, multi.stderr[-3000:] + logs[-3000:]
-  assert single.returncode == 0, err[-3000:]
-  a, b = read_metrics(one), read_metrics(two)
+  assert multi.returncode == 0, err[-3000:] + logs[-3000:]
+  a, b = read_metrics(tmp_path / "one"), read_metrics(two)
   assert sorted(a) == sorted(b) == [1, 2, 3]
   for step in a:
     assert abs(a[step]["loss"] - b[step]["loss"]) <= 1e-5 * abs(a[step]["loss"]), (step, a[step], b[step])
