@@ -240,7 +240,7 @@ class Trainer:
     data_state = None
     try:
       for step in range(start, num_steps):
-        if stopper.requested:
+        if stopper.agreed():
           stopped = "SIGTERM"
           break
         host_batch = {k: v for k, v in next(batches).items() if k in BATCH_KEYS}
@@ -347,6 +347,13 @@ class _Preemption:
 
   def _handle(self, signum, frame):
     self.requested = True
+
+  def agreed(self) -> bool:
+    """True on every host as soon as any host got SIGTERM (the checkpoint save that follows is collective)."""
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(self.requested))).any())
 
   def restore(self):
     if self._previous is not None:
