@@ -162,13 +162,18 @@ class Engine:
                sampling: Sampling = Sampling()) -> list[list[int]]:
     """Prompt ids (one placeholder where a sample has visual tokens) + per-sample visual tokens float[n_b, D]
     (or None for text-only) -> generated ids per sample, up to and excluding the first stop token."""
+    n = len(prompts)
+    # Pad the batch to a power of two with 1-token text rows, so batch sizes share a few compilations.
+    rows = 1 << max(n - 1, 0).bit_length()
+    prompts = list(prompts) + [np.array([self.config.bos_token_id], np.int32)] * (rows - n)
+    visual = list(visual) + [None] * (rows - n)
     ids, mask, img, n_vis = self._pack(prompts, visual, "left")
     greedy = sampling.temperature <= 0
     out = self._generate(self.params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(img), jnp.asarray(n_vis),
                          jax.random.key(sampling.seed), jnp.float32(sampling.temperature),
                          jnp.float32(sampling.top_p), max_new=int(sampling.max_new_tokens), greedy=greedy)
     results = []
-    for row in np.asarray(out).tolist():
+    for row in np.asarray(out)[:n].tolist():
       cut = next((i for i, t in enumerate(row) if t in self.stop_ids), len(row))
       results.append(row[:cut])
     return results

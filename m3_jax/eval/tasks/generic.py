@@ -27,8 +27,9 @@ class ProbeTask(Task):
     from PIL import Image
     from m3_jax.data import sources
     source = sources.Probe(path, self.split)
-    for i in range(len(source)):
-      rec = source[i]
+    # In example order (index % 4 is the family), so that --limit keeps the families balanced.
+    records = sorted((source[i] for i in range(len(source))), key=lambda r: int(r["id"].rsplit("-", 1)[-1]))
+    for rec in records:
       buf = io.BytesIO()
       Image.fromarray(rec["image"]).save(buf, format="PNG")
       question = rec["conversations"][0]["value"].replace("<image>", "").strip()
