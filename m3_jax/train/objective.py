@@ -5,8 +5,9 @@
 Cost structure (DESIGN.md "Training design"):
 - The vision encoder and projector run once per step; every scale pools from that one output.
 - The vocabulary projection runs only at labelled positions: each row's positions whose next token carries a
-  label are gathered (at most `max_label_tokens` per row, a static bound) before `model.logits`; visual and
-  prompt tokens never reach the [.., V] matmul.
+  label are gathered (at most P per row, a static bound: `label_budget`) before `model.logits`; visual and
+  prompt tokens never reach the [.., V] matmul. The trainer picks P per batch as the next power of two above
+  the batch's most labelled row (`label_budget`), so logits cost ~ labelled tokens, with a few compilations.
 - Two implementations of the sum over scales, which agree to float tolerance:
     loop: a Python loop, each scale's decoder pass at its own length T + scale - 1 (exact FLOPs);
     vmap: every scale's visual tokens padded to the largest scale (padding masked out of attention and of the
@@ -18,7 +19,7 @@ The cross-entropy is summed here and divided by `num_targets`, the labelled-toke
 (the caller passes it), so k micro-batches of b accumulate exactly to one batch of k*b. Every scale sees the same
 labelled tokens (visual tokens carry no labels), so one count serves all scales.
 
-Shapes: B batch, T text length, N encoder tokens, S a scale, P = max_label_tokens, D width, V vocabulary.
+Shapes: B batch, T text length, N encoder tokens, S a scale, P the label budget, D width, V vocabulary.
 """
 from __future__ import annotations
 
@@ -85,10 +86,10 @@ class Objective:
     text = self._apply(params, batch["input_ids"], method=llava.LlavaM3.embed_text)
     return feats, text
 
-  def _budget(self, batch) -> int:
-    return self.max_label_tokens or batch["input_ids"].shape[1]
+  def _budget(self, batch, label_budget: int | None) -> int:
+    return int(label_budget or self.max_label_tokens or batch["input_ids"].shape[1])
 
-  def scale_ce(self, params, batch, feats, text, scale: int) -> jax.Array:
+  def scale_ce(self, params, batch, feats, text, scale: int, label_budget: int | None = None) -> jax.Array:
     """Summed CE at one scale, its decoder pass at its own length T + scale - 1."""
     c = self.config
     img = self._apply(params, feats, scale, method=llava.LlavaM3.image_embeds)
@@ -96,27 +97,28 @@ class Objective:
                                          labels=batch["labels"])
     x = llava.merge_embeddings(text, img, ex.source)
     hidden, _ = self._apply(params, x, ex.positions, ex.mask, method=llava.LlavaM3.decode)
-    h, t = gather_labelled(hidden, targets_of(ex.labels), self._budget(batch))
+    h, t = gather_labelled(hidden, targets_of(ex.labels), self._budget(batch, label_budget))
     return cross_entropy_sum(self._apply(params, h, method=llava.LlavaM3.logits), t)
 
-  def all_scales_ce(self, params, batch) -> jax.Array:
-    """float32[M]: summed CE per configured scale."""
+  def all_scales_ce(self, params, batch, label_budget: int | None = None) -> jax.Array:
+    """float32[M]: summed CE per configured scale. `label_budget` (static): labelled positions kept per row
+    (default: `max_label_tokens`, else the text length)."""
     feats, text = self.encode(params, batch)
     if self.impl == "loop":
-      return jnp.stack([self.scale_ce(params, batch, feats, text, s) for s in self.scales])
-    return self._vmapped_ce(params, batch, feats, text)
+      return jnp.stack([self.scale_ce(params, batch, feats, text, s, label_budget) for s in self.scales])
+    return self._vmapped_ce(params, batch, feats, text, label_budget)
 
-  def one_scale_ce(self, params, batch, index: jax.Array) -> jax.Array:
+  def one_scale_ce(self, params, batch, index: jax.Array, label_budget: int | None = None) -> jax.Array:
     """float32[M] with only entry `index` (a traced int) filled: one scale drawn for this step."""
     feats, text = self.encode(params, batch)
     m = len(self.scales)
 
     def branch(i):
       return lambda: jax.nn.one_hot(i, m, dtype=jnp.float32) * self.scale_ce(params, batch, feats, text,
-                                                                               self.scales[i])
+                                                                               self.scales[i], label_budget)
     return jax.lax.switch(index, [branch(i) for i in range(m)])
 
-  def _vmapped_ce(self, params, batch, feats, text) -> jax.Array:
+  def _vmapped_ce(self, params, batch, feats, text, label_budget: int | None) -> jax.Array:
     """All scales padded to the largest one, one vmapped decoder pass over the scale axis."""
     c = self.config
     s_max = max(self.scales)
@@ -139,23 +141,30 @@ class Objective:
     hidden = jax.vmap(decode)(x, positions, mask)                          # [M, B, L, D]
     # Labels sit on text positions, which the padding does not move: one gather plan for every scale.
     targets = targets_of(ex.labels)
-    h, t = jax.vmap(gather_labelled, in_axes=(0, None, None))(hidden, targets, self._budget(batch))
+    h, t = jax.vmap(gather_labelled, in_axes=(0, None, None))(hidden, targets, self._budget(batch, label_budget))
     logits = self._apply(params, h, method=llava.LlavaM3.logits)          # [M, B, P, V]
     return jax.vmap(cross_entropy_sum, in_axes=(0, None))(logits, t[0])
 
 
-def check_label_budget(labels, max_label_tokens: int):
-  """Host-side check before a step: no row may hold more labelled tokens than the static gather budget."""
+def label_budget(labels, max_label_tokens: int = 0, minimum: int = 8, worst: int | None = None) -> int:
+  """Host-side, before a step: the static number of labelled positions per row to keep (P).
+
+  `max_label_tokens` > 0 fixes P (a row with more labels is an error); 0 picks the next power of two at or above
+  the batch's most labelled row (at least `minimum`, at most the text length): few distinct values, so few
+  compilations, and the logits cost follows the labelled tokens. On several hosts pass `worst`, the largest
+  count over every host's rows, so that all hosts pick the same P (the same program)."""
   import numpy as np
-  if not max_label_tokens:
-    return
-  counts = (np.asarray(labels) != IGNORE).sum(axis=1)
-  worst = int(counts.max(initial=0))
-  if worst > max_label_tokens:
-    row = int(counts.argmax())
-    raise ValueError(f"batch row {row} has {worst} labelled tokens but train.max_label_tokens={max_label_tokens}: "
-                     "logits are computed only at the first max_label_tokens labelled positions of a row; raise "
-                     "train.max_label_tokens (0 = the text length, always enough)")
+  labels = np.asarray(labels)
+  counts = (labels != IGNORE).sum(axis=1)
+  worst = max(int(counts.max(initial=0)), int(worst or 0))
+  if max_label_tokens:
+    if worst > max_label_tokens:
+      row = int(counts.argmax())
+      raise ValueError(f"batch row {row} has {worst} labelled tokens but train.max_label_tokens={max_label_tokens}: "
+                       "logits are computed only at the first max_label_tokens labelled positions of a row; raise "
+                       "train.max_label_tokens (0 = chosen per batch, always enough)")
+    return int(max_label_tokens)
+  return int(min(labels.shape[1], max(minimum, 1 << max(worst - 1, 0).bit_length())))
 
 
 def m3_loss(ce_per_scale: jax.Array, num_targets: jax.Array, trained: jax.Array) -> tuple[jax.Array, jax.Array]:

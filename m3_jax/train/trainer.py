@@ -90,7 +90,7 @@ class Trainer:
     self._init = None
     batch_sh = {k: shd.batch_sharding(self.mesh, n) for k, n in BATCH_NDIM.items()}
     self._jitted = jax.jit(self.train_step, in_shardings=(self.state_shardings, batch_sh),
-                           out_shardings=(self.state_shardings, repl), donate_argnums=0)
+                           out_shardings=(self.state_shardings, repl), donate_argnums=0, static_argnums=2)
 
   # ---- state ----------------------------------------------------------------------------------------------------
   def abstract_state(self) -> dict:
@@ -129,8 +129,10 @@ class Trainer:
     return jax.jit(self._state_from_params, out_shardings=self.state_shardings)(params, state_rng)
 
   # ---- the step -------------------------------------------------------------------------------------------------
-  def loss_and_grads(self, params: dict, batch: dict, rng=None) -> tuple[jax.Array, dict, dict]:
-    """(loss, aux, grads of the trainable parts) for one global batch; aux holds per-scale CE and counts."""
+  def loss_and_grads(self, params: dict, batch: dict, rng=None, label_budget: int | None = None
+                     ) -> tuple[jax.Array, dict, dict]:
+    """(loss, aux, grads of the trainable parts) for one global batch; aux holds per-scale CE and counts.
+    `label_budget` (static, see objective.label_budget): labelled positions per row that reach the logits."""
     trainable, frozen = optim.split(params, self.freeze)
     num_targets = obj.count_targets(batch, self.model_config.image_token_id)
     m = len(self.scales)
@@ -142,7 +144,10 @@ class Trainer:
 
     def loss_fn(trainable, micro):
       p = optim.merge(trainable, frozen)
-      ce = self.objective.one_scale_ce(p, micro, index) if index is not None else self.objective.all_scales_ce(p, micro)
+      if index is not None:
+        ce = self.objective.one_scale_ce(p, micro, index, label_budget)
+      else:
+        ce = self.objective.all_scales_ce(p, micro, label_budget)
       loss, _ = obj.m3_loss(ce, num_targets, trained)
       return loss, ce
 
@@ -170,9 +175,9 @@ class Trainer:
       raise ValueError(f"batch size {x.shape[0]} is not a multiple of train.grad_accum={k}")
     return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
 
-  def train_step(self, state: dict, batch: dict) -> tuple[dict, dict]:
+  def train_step(self, state: dict, batch: dict, label_budget: int | None = None) -> tuple[dict, dict]:
     rng = jax.random.fold_in(state["rng"], state["step"])
-    loss, aux, grads = self.loss_and_grads(state["params"], batch, rng)
+    loss, aux, grads = self.loss_and_grads(state["params"], batch, rng, label_budget)
     trainable, frozen = optim.split(state["params"], self.freeze)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = self.optimizer.update(grads, state["opt_state"], trainable)
@@ -193,16 +198,18 @@ class Trainer:
   def batch_shardings(self, batch: dict) -> dict:
     return {k: shd.batch_sharding(self.mesh, np.ndim(v)) for k, v in batch.items()}
 
-  def compiled_step(self, batch: dict):
-    """The step compiled ahead of time for `batch`'s shapes (cached per shape); logs XLA's memory analysis."""
-    key = tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
+  def compiled_step(self, batch: dict, label_budget: int | None = None):
+    """The step compiled ahead of time for `batch`'s shapes and the label budget (cached per pair); logs XLA's
+    memory analysis."""
+    key = tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items())) + (label_budget,)
     if key not in self._compiled:
       abstract_batch = {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=s)
                         for (k, v), s in zip(batch.items(), self.batch_shardings(batch).values())}
       start = time.perf_counter()
-      lowered = self._jitted.lower(self.abstract_state(), abstract_batch)
+      lowered = self._jitted.lower(self.abstract_state(), abstract_batch, label_budget)
       compiled = lowered.compile(compiler_options=self.compiler_options or None)
-      log.info("compiled the train step for %s in %.1fs; %s", dict((k, s) for k, s, _ in key),
+      log.info("compiled the train step for %s, %s labelled positions per row, in %.1fs; %s",
+               dict((k, s) for k, s, _ in key[:-1]), label_budget or "all",
                time.perf_counter() - start, memory_summary(compiled))
       self._compiled[key] = compiled
     return self._compiled[key]
@@ -244,10 +251,11 @@ class Trainer:
           stopped = "SIGTERM"
           break
         host_batch = {k: v for k, v in next(batches).items() if k in BATCH_KEYS}
-        obj.check_label_budget(host_batch["labels"], self.objective.max_label_tokens)
+        budget = obj.label_budget(host_batch["labels"], self.objective.max_label_tokens,
+                                  worst=_max_over_hosts(np.sum(host_batch["labels"] != obj.IGNORE, axis=1).max()))
         data_state = ckpt_lib.iterator_state(batches) if hasattr(batches, "get_state") else None
         batch = shd.shard_batch(host_batch, self.mesh)
-        state, metrics = self.compiled_step(batch)(state, batch)
+        state, metrics = self.compiled_step(batch, budget)(state, batch)
         clock.add(self._tokens(host_batch))
         # Metrics are read one step late, so the host queues step n+1 before waiting for step n.
         for done in pending:
@@ -333,6 +341,13 @@ def make_batches(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> It
                             seed=int(data.get("seed", 0)))
   from m3_jax.data import pipeline
   return pipeline.train_iterator(config, workdir)
+
+
+def _max_over_hosts(value) -> int:
+  if jax.process_count() == 1:
+    return int(value)
+  from jax.experimental import multihost_utils
+  return int(np.max(multihost_utils.process_allgather(np.int32(value))))
 
 
 class _Preemption:

@@ -63,6 +63,11 @@ def test_loop_and_vmap_match_full_logits_reference():
     expected.append(reference_ce(np.asarray(logits), np.asarray(ids), np.asarray(labels), s, mc.image_token_id))
   expected = np.array(expected)
   np.testing.assert_allclose(ce_loop, expected, rtol=2e-5)
+  # Only the labelled positions reach the logits: a budget of 2 per row (each row has 2 labels) is the same.
+  budget = obj.label_budget(labels)
+  assert budget == 8 and int((labels != -100).sum(1).max()) == 2
+  tight = compiled(lambda p, b: loop.all_scales_ce(p, b, label_budget=2), params, batch)(params, batch)
+  np.testing.assert_allclose(np.asarray(tight), expected, rtol=2e-5)
   np.testing.assert_allclose(ce_vmap, ce_loop, rtol=2e-5)
 
   # Eq. 3.2: the mean over scales of each scale's token-averaged CE; every scale has the same targets.
@@ -85,13 +90,18 @@ def test_gather_labelled_keeps_labelled_positions_in_order():
   np.testing.assert_array_equal(np.asarray(h)[..., 0][np.asarray(t) != -100], [1, 3, 6, 11])
 
 
-def test_label_budget_is_checked_on_the_host():
-  labels = np.full((2, 8), -100)
+def test_label_budget_is_chosen_or_checked_on_the_host():
+  labels = np.full((2, 40), -100)
   labels[1, 2:7] = 5
-  obj.check_label_budget(labels, 5)
+  assert obj.label_budget(labels, 0) == 8               # next power of two >= 5, at least 8
+  assert obj.label_budget(labels, 0, worst=9) == 16     # another host's rows need more
+  labels[0, :33] = 1
+  assert obj.label_budget(labels, 0) == 40              # never more than the text length
+  assert obj.label_budget(labels[:, :36] * 0 - 100, 0) == 8
+  assert obj.label_budget(labels[1:], 5) == 5           # fixed by train.max_label_tokens
   try:
-    obj.check_label_budget(labels, 4)
+    obj.label_budget(labels[1:], 4)
   except ValueError as e:
-    assert "row 1 has 5 labelled tokens" in str(e) and "train.max_label_tokens" in str(e)
+    assert "row 0 has 5 labelled tokens" in str(e) and "train.max_label_tokens" in str(e)
   else:
     raise AssertionError("a row over the label budget must be an error")
