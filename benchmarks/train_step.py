@@ -17,22 +17,25 @@ import time
 import jax
 
 from m3_jax import config as m3_config
+from m3_jax.train import objective as obj
 from m3_jax.train import sharding as shd
 from m3_jax.train.trainer import Trainer, make_batches
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def measure(name: str, impl: str, batch: int, steps: int, max_length: int) -> dict:
+def measure(name: str, impl: str, batch: int, steps: int, max_length: int, label_budget: bool = True) -> dict:
   config = m3_config.load(str(REPO / "configs" / f"{name}.py"), [
       "data.source='synthetic'", f"data.max_length={max_length}", f"train.batch_size={batch}",
       f"train.scale_loss='{impl}'", "mesh.shape=(1, 1, 1)"])
   trainer = Trainer(config, mesh=shd.make_mesh((1, 1, 1), jax.devices()[:1]))
   batches = make_batches(config, None)
   state = trainer.init_state()
-  b = shd.shard_batch(next(batches), trainer.mesh)
+  host = next(batches)
+  budget = obj.label_budget(host["labels"]) if label_budget else None   # None: every text position
+  b = shd.shard_batch(host, trainer.mesh)
   start = time.perf_counter()
-  step = trainer.compiled_step(b)
+  step = trainer.compiled_step(b, budget)
   compile_s = time.perf_counter() - start
   temp = step.memory_analysis().temp_size_in_bytes / 2**20
   state, metrics = step(state, b)
@@ -44,7 +47,8 @@ def measure(name: str, impl: str, batch: int, steps: int, max_length: int) -> di
     state, metrics = step(state, b)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
-  return dict(config=name, impl=impl, scales=trainer.scales, batch=batch, text=max_length, compile_s=compile_s,
+  return dict(config=name, impl=impl, scales=trainer.scales, batch=batch, text=max_length, budget=budget or max_length,
+              compile_s=compile_s,
               temp_mib=temp, step_s=statistics.median(times), loss=float(metrics["loss"]))
 
 
@@ -55,15 +59,17 @@ def main(argv=None):
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--max-length", type=int, default=64, help="text tokens per row (before visual tokens)")
+  p.add_argument("--all-positions", action="store_true",
+                 help="logits at every text position instead of the per-batch label budget")
   args = p.parse_args(argv)
   rows = []
   for name in args.configs.split(","):
     for impl in args.impls.split(","):
-      r = measure(name, impl, args.batch, args.steps, args.max_length)
+      r = measure(name, impl, args.batch, args.steps, args.max_length, not args.all_positions)
       rows.append(r)
       print(f"# {r}", flush=True)
   print(f"\nTrain step on {jax.devices()[0].device_kind} (1 device), batch {args.batch}, {args.max_length} text "
-        "tokens per row, all scales per step:\n")
+        f"tokens per row, logits at {rows[0]['budget']} positions per row, all scales per step:\n")
   print("| config | scales | scale_loss | step (s) | vs loop | compile (s) | XLA temp memory (MiB) | loss |")
   print("|---|---|---|---:|---:|---:|---:|---:|")
   for r in rows:
