@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser):
   p.add_argument("--pool", default=None, choices=["avg", "spatial", "sequential"],
                  help="override the pooling method at inference (paper Tables 4 and 6: inference-time pooling of a "
                       "model trained at full scale, or the spatial / sequential samplers)")
+  p.add_argument("--grid", default=None, metavar="RxC",
+                 help="LLaVA-NeXT: override the anyres crop grid, e.g. 3x3 (paper Table 5); scales are per crop")
   p.add_argument("--likelihood", action="store_true",
                  help="multiple-choice tasks: pick the option letter with the highest log-likelihood at the scale "
                       "instead of generating")
@@ -30,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser):
 
 def run(args) -> int:
   from m3_jax.eval import evaluator
+  from m3_jax.eval.generate_cli import parse_grid
   from m3_jax.eval.pipeline import M3Model, read_checkpoint
   from m3_jax.eval.tasks import get_task
   from m3_jax.models.llava import with_overrides
@@ -50,7 +53,7 @@ def run(args) -> int:
     model.config.check_scale(s)
   summary = evaluator.evaluate(model, task, samples, scales, args.out, batch_size=args.batch_size,
                                max_new_tokens=args.max_new_tokens, likelihood=args.likelihood,
-                               progress=not args.no_progress,
+                               progress=not args.no_progress, grid=parse_grid(args.grid),
                                extra_summary={"ckpt": str(args.ckpt), "pool": ckpt.config.m3.pool})
   print(json.dumps(summary))
   return 0

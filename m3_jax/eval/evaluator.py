@@ -45,7 +45,7 @@ def read_predictions(path: pathlib.Path) -> dict[tuple[str, int], dict]:
   return done
 
 
-def choose_option(model: M3Model, samples: Sequence[Sample], scale: int) -> list[str]:
+def choose_option(model: M3Model, samples: Sequence[Sample], scale: int, grid=None) -> list[str]:
   """Likelihood scoring: the option letter with the highest log p(letter | prompt, image) at `scale`."""
   letters = [string.ascii_uppercase[:len(s.options)] for s in samples]
   prompts, conts, images, owners = [], [], [], []
@@ -60,7 +60,7 @@ def choose_option(model: M3Model, samples: Sequence[Sample], scale: int) -> list
   with_image = [j for j, im in enumerate(images) if im is not None]
   visual = [None] * len(images)
   if with_image:
-    vis = model.engine.visual_tokens(model.pixels([images[j] for j in with_image]), scale)
+    vis = model.visual([images[j] for j in with_image], [scale] * len(with_image), grid)
     for j, v in zip(with_image, vis):
       visual[j] = v
   total, _ = model.engine.loglikelihood(prompts, conts, visual)
@@ -74,7 +74,7 @@ def choose_option(model: M3Model, samples: Sequence[Sample], scale: int) -> list
 
 def evaluate(model: M3Model, task: Task, samples: Sequence[Sample], scales: Sequence[int], out: str | pathlib.Path,
              *, batch_size: int = 16, max_new_tokens: int = 16, likelihood: bool = False, progress: bool = True,
-             extra_summary: dict | None = None) -> dict:
+             grid: tuple[int, int] | None = None, extra_summary: dict | None = None) -> dict:
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   pred_file = out / "predictions.jsonl"
@@ -94,10 +94,10 @@ def evaluate(model: M3Model, task: Task, samples: Sequence[Sample], scales: Sequ
       for i in range(0, len(todo), batch_size):
         chunk = todo[i:i + batch_size]
         if likelihood and all(s.options for s in chunk):
-          preds = choose_option(model, chunk, scale)
+          preds = choose_option(model, chunk, scale, grid)
         else:
           out_ = model.generate([sample_image(s) for s in chunk], [s.prompt for s in chunk], scale=scale,
-                                max_new_tokens=max_new_tokens, batch_size=batch_size)
+                                max_new_tokens=max_new_tokens, batch_size=batch_size, grid=grid)
           preds = [o["text"] for o in out_]
         for s, p in zip(chunk, preds):
           rec = {"question_id": s.question_id, "scale": scale, "prediction": p, "score": task.score(s, p),

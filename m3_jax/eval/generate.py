@@ -77,6 +77,18 @@ class Engine:
           out[i] = emb[j]
     return out
 
+  def anyres_tokens(self, crops: np.ndarray, image_hw: tuple[int, int], scale: int,
+                    grid: tuple[int, int] | None = None) -> np.ndarray:
+    """LLaVA-NeXT: one image's crops float32[C, H, W, 3] (base first, `m3_jax.data.anyres.anyres_crops`) ->
+    float[n, D], every crop pooled to `scale` tokens ("tokens per grid"), unpadded, a newline per row."""
+    from m3_jax.models import anyres
+    if grid is not None:
+      anyres.check_grid(self.config, grid, scale)
+    self.config.check_scale(int(scale))
+    per_crop = self._visual(self.params, jnp.asarray(crops), scale=int(scale))
+    idx = anyres.pack_indices(self.config, image_hw, int(scale), grid, n_crops=int(crops.shape[0]))
+    return np.asarray(anyres.pack(per_crop, self.params["image_newline"], idx))
+
   # -------------------------------------------------------------------------------------------- batching
   def _pack(self, prompts: Sequence[np.ndarray], visual: Sequence[np.ndarray | None], side: str,
             extra: Sequence[np.ndarray] | None = None):

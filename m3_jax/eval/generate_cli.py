@@ -12,6 +12,8 @@ def add_arguments(p: argparse.ArgumentParser):
   p.add_argument("--prompt", required=True)
   p.add_argument("--scale", type=int, default=None,
                  help="visual tokens for the image: one of the checkpoint's model.m3.scales (default: the full grid)")
+  p.add_argument("--grid", default=None, metavar="RxC",
+                 help="LLaVA-NeXT: override the anyres crop grid, e.g. 3x3 (paper Table 5)")
   p.add_argument("--max-new-tokens", type=int, default=64)
   p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
   p.add_argument("--top-p", type=float, default=1.0)
@@ -27,6 +29,17 @@ def run(args) -> int:
   from m3_jax.eval.pipeline import load
   model = load(args.ckpt, step=args.step, template=args.template)
   out = model.generate([args.image], [args.prompt], scale=args.scale, max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, top_p=args.top_p, seed=args.seed)[0]
+                       temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                       grid=parse_grid(args.grid))[0]
   print(json.dumps(out) if args.json else out["text"])
   return 0
+
+
+def parse_grid(text: str | None) -> tuple[int, int] | None:
+  if text is None:
+    return None
+  try:
+    rows, cols = (int(x) for x in text.lower().split("x"))
+  except ValueError:
+    raise ValueError(f"--grid {text!r}: expected ROWSxCOLS, e.g. 3x3") from None
+  return rows, cols

@@ -61,9 +61,6 @@ class M3Model:
     self.tokenizer = AutoTokenizer.from_pretrained(ckpt.tokenizer_dir)
     self.image_cfg = (image_lib.ImageProcessorConfig.from_dict(ckpt.preprocessor) if ckpt.preprocessor
                       else image_lib.ImageProcessorConfig.for_size(self.config.vision.image_size))
-    if self.config.type != "llava15":
-      raise NotImplementedError("generation for LLaVA-NeXT checkpoints goes through m3_jax.models.anyres; the "
-                                "batched engine takes LLaVA-1.5 style single-crop images")
     stop = {self.config.eos_token_id}
     if self.tokenizer.eos_token_id is not None:
       stop.add(int(self.tokenizer.eos_token_id))
@@ -79,14 +76,32 @@ class M3Model:
     return np.stack([image_lib.load_and_preprocess(im, self.image_cfg, aspect=self.ckpt.aspect)
                      if im is not None else np.zeros((size, size, 3), np.float32) for im in images])
 
+  def visual(self, images: Sequence[Any], scales: Sequence[int], grid: tuple[int, int] | None = None,
+             batch_size: int = 16) -> list[np.ndarray]:
+    """Each image's visual tokens float[n_b, D] at its scale (LLaVA-NeXT: `scale` tokens per crop, `grid`
+    overrides the crop grid as in paper Table 5)."""
+    if self.config.type == "llava15":
+      if grid is not None:
+        raise ValueError(f"a grid override ({grid[0]}x{grid[1]}) needs a LLaVA-NeXT checkpoint; this one is "
+                         "LLaVA-1.5 (one crop per image)")
+      return self.engine.visual_tokens(self.pixels(images), scales, batch_size=batch_size)
+    from m3_jax.data.anyres import anyres_crops
+    out = []
+    for im, scale in zip(images, scales):
+      crops, hw = anyres_crops(image_lib.load_image(im), self.image_cfg, self.config.anyres.grid_pinpoints,
+                               self.config.anyres.pinpoint_order, grid)
+      out.append(self.engine.anyres_tokens(crops, hw, scale, grid))
+    return out
+
   def prompt_ids(self, prompt: str, has_image: bool) -> np.ndarray:
     return conversation.tokenize_prompt(self.template, prompt, self.tokenizer, self.config.image_token_id,
                                         image=has_image)
 
   def generate(self, images: Sequence[Any], prompts: Sequence[str], scale: int | Sequence[int] | None = None,
                max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-               batch_size: int = 16) -> list[dict]:
-    """One answer per (image, prompt). `scale`: one for all, one per sample, or None (the full grid)."""
+               batch_size: int = 16, grid: tuple[int, int] | None = None) -> list[dict]:
+    """One answer per (image, prompt). `scale`: one for all, one per sample, or None (the full grid); for
+    LLaVA-NeXT it is the tokens per crop. `visual_tokens` in the result: the sequence positions the image took."""
     if len(images) != len(prompts):
       raise ValueError(f"{len(images)} images for {len(prompts)} prompts: give one image (or None) per prompt")
     n = len(prompts)
@@ -104,15 +119,14 @@ class M3Model:
       visual = [None] * len(rows)
       with_image = [i for i in rows if has[i]]
       if with_image:
-        vis = self.engine.visual_tokens(self.pixels([images[i] for i in with_image]),
-                                        [scales[i] for i in with_image], batch_size=batch_size)
+        vis = self.visual([images[i] for i in with_image], [scales[i] for i in with_image], grid, batch_size)
         for i, v in zip(with_image, vis):
           visual[i - start] = v
       out = self.engine.generate(ids[sl], visual, sampling)
       for i, tokens in zip(rows, out):
         results.append({"text": self.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
                         "token_ids": [int(t) for t in tokens], "scale": scales[i],
-                        "visual_tokens": scales[i] if has[i] else 0})
+                        "visual_tokens": 0 if visual[i - start] is None else len(visual[i - start])})
     return results
 
 

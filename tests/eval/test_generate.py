@@ -208,3 +208,31 @@ def test_m3_generate_rejects_a_scale_outside_the_chain(hf_checkpoint):
   _, _, ckpt, image, _ = hf_checkpoint
   with pytest.raises(ValueError, match="scale 10 is not one of 1, 9, 36, 144"):
     run_generate("--ckpt", str(ckpt), "--image", str(image), "--prompt", "hi", "--scale", "10")
+
+
+def test_llava_next_generation_packs_tokens_per_grid_like_the_anyres_forward(fixtures_dir, tmp_path):
+  """NeXT through m3_jax.load: every crop pooled to `scale`, unpadded, newlines; greedy tokens equal a greedy loop
+  over `models.anyres.forward` (itself parity-tested against transformers' LlavaNext)."""
+  from m3_jax.data.anyres import anyres_crops
+  from m3_jax.eval.pipeline import load
+  from m3_jax.models import anyres
+  ckpt = tmp_path / "next"
+  convert(fixtures_dir / "transformers-5.23.0" / "llava-next", ckpt, progress=False)
+  model = load(ckpt)
+  image = tmp_path / "wide.png"
+  Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 90, 3), dtype=np.uint8)).save(image)
+  prompt = "USER: <image>\nhi ASSISTANT:"
+  got = model.generate([str(image)], [prompt], scale=36, max_new_tokens=3, batch_size=1)[0]
+  crops, hw = anyres_crops(Image.open(image).convert("RGB"), model.image_cfg, model.config.anyres.grid_pinpoints,
+                           model.config.anyres.pinpoint_order)
+  assert got["visual_tokens"] == anyres.visual_tokens(model.config, hw, 36)
+  ids = list(model.prompt_ids(prompt, True))
+  want = []
+  for _ in range(3):
+    logits = anyres.forward(model.engine.model, model.engine.params, np.array([ids]), jnp.asarray(crops), hw, 36)
+    tok = int(jnp.argmax(logits[0, -1]))
+    if tok in model.engine.stop_ids:
+      break
+    want.append(tok)
+    ids.append(tok)
+  assert got["token_ids"] == want
