@@ -45,10 +45,18 @@ class Task:
     """Per-sample score in [0, 1] (the oracle of `m3 analyze` thresholds it)."""
     raise NotImplementedError
 
+  metric: str = "accuracy"  # the name of the mean per-sample score in `summarize`
+
   def summarize(self, samples: Iterable[Sample], predictions: dict[str, str]) -> dict[str, float]:
-    """Official aggregate metrics by name. Default: `accuracy` = mean per-sample score, in percent-free [0, 1]."""
-    scores = [self.score(s, predictions[s.question_id]) for s in samples]
-    return {"accuracy": sum(scores) / len(scores) if scores else 0.0, "count": float(len(scores))}
+    """Official aggregate metrics by name. Default: `metric` = the mean per-sample score in [0, 1], and
+    `metric/<category>` for each category."""
+    from m3_jax.eval import metrics
+    samples = list(samples)
+    scores = {s.question_id: self.score(s, predictions[s.question_id]) for s in samples}
+    out = {self.metric: metrics.mean(scores.values()), "count": float(len(samples))}
+    cats = metrics.by_category(scores, {s.question_id: s.category for s in samples})
+    out.update({f"{self.metric}/{c}": v for c, v in cats.items()})
+    return out
 
 
 TASKS: dict[str, type[Task]] = {}

@@ -27,13 +27,6 @@ class _ChoiceTask(Task):
   def score(self, sample: Sample, prediction: str) -> float:
     return float(metrics.infer_option(prediction, sample.options) == sample.answers)
 
-  def summarize(self, samples, predictions):
-    samples = list(samples)
-    scores = {s.question_id: self.score(s, predictions[s.question_id]) for s in samples}
-    out = {"accuracy": metrics.mean(scores.values()), "count": float(len(samples))}
-    cats = metrics.by_category(scores, {s.question_id: s.category for s in samples})
-    out.update({f"accuracy/{c}": v for c, v in cats.items()})
-    return out
 
 
 def _image_field(value: Any, base: str, where: str) -> tuple[str | None, bytes | None]:

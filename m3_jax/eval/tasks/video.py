@@ -24,13 +24,6 @@ class _VideoChoice(Task):
   def score(self, sample: Sample, prediction: str) -> float:
     return float(metrics.infer_option(prediction, sample.options) == sample.answers)
 
-  def summarize(self, samples, predictions):
-    samples = list(samples)
-    scores = {s.question_id: self.score(s, predictions[s.question_id]) for s in samples}
-    out = {"accuracy": metrics.mean(scores.values()), "count": float(len(samples))}
-    cats = metrics.by_category(scores, {s.question_id: s.category for s in samples})
-    out.update({f"accuracy/{c}": v for c, v in cats.items()})
-    return out
 
   def _csv_samples(self, csv_path: str, video_key: str, video_path) -> Iterator[Sample]:
     """NExT-QA-style CSV: <video_key>, question, answer (index), qid, type, a0..a4. Ids: "<video>_<qid>"."""

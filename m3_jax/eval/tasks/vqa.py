@@ -38,13 +38,6 @@ class _VQAAccuracy(_ImageTask):
   def score(self, sample: Sample, prediction: str) -> float:
     return metrics.vqa_soft_accuracy(prediction, sample.answers)
 
-  def summarize(self, samples, predictions):
-    samples = list(samples)
-    scores = {s.question_id: self.score(s, predictions[s.question_id]) for s in samples}
-    out = {"accuracy": metrics.mean(scores.values()), "count": float(len(samples))}
-    cats = metrics.by_category(scores, {s.question_id: s.category for s in samples})
-    out.update({f"accuracy/{c}": v for c, v in cats.items()})
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -196,13 +189,6 @@ class GQA(_ImageTask):
   def score(self, sample: Sample, prediction: str) -> float:
     return float(metrics.gqa_match(prediction, sample.answers))
 
-  def summarize(self, samples, predictions):
-    samples = list(samples)
-    scores = {s.question_id: self.score(s, predictions[s.question_id]) for s in samples}
-    out = {"accuracy": metrics.mean(scores.values()), "count": float(len(samples))}
-    cats = metrics.by_category(scores, {s.question_id: s.category for s in samples})
-    out.update({f"accuracy/{c}": v for c, v in cats.items()})
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -232,13 +218,7 @@ class DocVQA(_ImageTask):
   def score(self, sample: Sample, prediction: str) -> float:
     return metrics.anls(prediction, sample.answers)
 
-  def summarize(self, samples, predictions):
-    samples = list(samples)
-    scores = {s.question_id: self.score(s, predictions[s.question_id]) for s in samples}
-    out = {"anls": metrics.mean(scores.values()), "count": float(len(samples))}
-    cats = metrics.by_category(scores, {s.question_id: s.category for s in samples})
-    out.update({f"anls/{c}": v for c, v in cats.items()})
-    return out
+  metric = "anls"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -278,10 +258,4 @@ class ChartQA(_ImageTask):
   def score(self, sample: Sample, prediction: str) -> float:
     return float(metrics.relaxed_correctness(prediction, sample.answers))
 
-  def summarize(self, samples, predictions):
-    samples = list(samples)
-    scores = {s.question_id: self.score(s, predictions[s.question_id]) for s in samples}
-    out = {"relaxed_accuracy": metrics.mean(scores.values()), "count": float(len(samples))}
-    cats = metrics.by_category(scores, {s.question_id: s.category for s in samples})
-    out.update({f"relaxed_accuracy/{c}": v for c, v in cats.items()})
-    return out
+  metric = "relaxed_accuracy"
