@@ -6,7 +6,11 @@ markdown table of accuracy per family and scale. Chance is 1/6 = 16.7%; for the 
 model that sees the four values but not which key they sit with gets 25%.
 
   .venv/bin/python -m benchmarks.probe_learnability --workdir /tmp/probe_run [--steps 400 --batch 16]
-      [--families binding|presence] [--set KEY=VALUE ...]
+      [--families binding|presence] [--finest-first N] [--set KEY=VALUE ...]
+
+Measured (README): presence families are learned at every scale in < 50 steps (pooling after the encoder keeps
+presence); binding families stay at the 25% "four values, unbound" plateau through 800 steps of the M3 objective,
+but `--steps 900 --finest-first 600` (the lookup learned at 144 tokens first) gives the designed staircase.
 """
 from __future__ import annotations
 
@@ -54,7 +58,10 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--workdir", required=True)
   ap.add_argument("--steps", type=int, default=400)
-  ap.add_argument("--batch", type=int, default=32)
+  ap.add_argument("--batch", type=int, default=16)
+  ap.add_argument("--finest-first", type=int, default=0, metavar="N",
+                  help="curriculum: train only the finest scale for the first N steps (a run of its own, with its "
+                  "own LR schedule), then every scale up to --steps")
   ap.add_argument("--lr", type=float, default=3e-3)
   ap.add_argument("--probe-size", type=int, default=4000)
   ap.add_argument("--eval-per-family", type=int, default=100)
@@ -67,21 +74,32 @@ def main(argv=None):
   from m3_jax import config as cfg_lib
   from m3_jax.train import checkpoint as ckpt_lib
   from m3_jax.train.trainer import Trainer
-  config = cfg_lib.load(a.config, a.set)
   wd = pathlib.Path(a.workdir)
-  config.data.source, config.data.path = "probe", str(wd / "probe")
-  config.data.probe_size = a.probe_size
-  config.data.probe_families = a.families
-  config.train.update(num_steps=a.steps, batch_size=a.batch, lr=a.lr)
-  config.checkpoint.update(every=a.steps, keep=1, async_save=False)
-  trainer = Trainer(config)
+
+  def make_config(steps, overrides):
+    config = cfg_lib.load(a.config, overrides)
+    config.data.source, config.data.path = "probe", str(wd / "probe")
+    config.data.probe_size = a.probe_size
+    config.data.probe_families = a.families
+    config.train.update(num_steps=steps, batch_size=a.batch, lr=a.lr)
+    config.checkpoint.update(every=steps, keep=1, async_save=False)
+    return config
+
   t = time.time()
+  if a.finest_first:
+    # Phase 1: the finest scale alone; the trainer resumes phase 2 from its checkpoint in the same workdir.
+    first = make_config(a.finest_first, a.set)
+    first.train.scales = (max(first.model.m3.scales),)
+    Trainer(first).fit(wd, progress=False)
+  config = make_config(a.steps, a.set)
+  trainer = Trainer(config)
   summary = trainer.fit(wd, progress=False)
   train_s = time.time() - t
   step, state, _ = ckpt_lib.Checkpoints(wd, keep=1, async_save=False).restore(trainer.abstract_state())
   acc = evaluate(trainer, state["params"], config, a.eval_per_family)
   scales = sorted(trainer.scales)
-  print(f"trained {step} steps (batch {a.batch}, lr {a.lr}, {' '.join(a.set) or 'no overrides'}) in "
+  print(f"trained {step} steps (batch {a.batch}, lr {a.lr}, finest scale only for the first {a.finest_first}, "
+        f"{' '.join(a.set) or 'no overrides'}) in "
         f"{train_s:.0f} s; final loss {summary.get('loss')}")
   print("| family (needs) | " + " | ".join(f"{s} tok" for s in scales) + " |")
   print("|---|" + "---:|" * len(scales))
