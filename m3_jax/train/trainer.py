@@ -229,6 +229,7 @@ class Trainer:
     ckpts = ckpt_lib.Checkpoints(workdir, keep=int(config.checkpoint.keep),
                                  async_save=bool(config.checkpoint.get("async_save", True)))
     restored = ckpts.restore(self.abstract_state())
+    data_state = None
     if restored is None:
       state, start = self.init_state(), 0
     else:
@@ -244,7 +245,7 @@ class Trainer:
     pending: list = []
     last_loss, stopped, step = math.nan, "", start
     clock = _Clock()
-    data_state = None
+    last_saved = start
     try:
       for step in range(start, num_steps):
         if stopper.agreed():
@@ -268,12 +269,13 @@ class Trainer:
         pending = []
         if (step + 1) % every == 0 or step + 1 == num_steps:
           ckpts.save(step + 1, state, data_state, force=True)
+          last_saved = step + 1
       else:
         step = num_steps
       for done in pending:
         last_loss = self._report(done, writer, bar, clock, force_log=True)
       pending = []
-      if stopped and step > start:
+      if stopped and step > last_saved:
         log.warning("SIGTERM: saving a checkpoint at step %d and exiting", step)
         ckpts.save(step, state, data_state, force=True)
     finally:
