@@ -59,7 +59,7 @@ def base() -> ml_collections.ConfigDict:
       dtype="float32",           # compute dtype ("bfloat16" keeps float32 master weights)
       remat="none",
       on_nonfinite="raise",      # "raise" | "skip"
-      max_label_tokens=0,        # static bound on labelled tokens per row for the logits gather (0 = text length)
+      max_label_tokens=0,        # labelled positions per row that reach the logits (0 = per batch, a power of 2)
   ))
 
   c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, init_from="", async_save=True))
