@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from m3_jax.models.config import ModelConfig
+from m3_jax.train.checkpoint import load_params, save_params
 
 FORMAT_VERSION = 1
 TEMPLATES = ("vicuna_v1", "llava_hf", "plain", "none")
@@ -49,7 +50,6 @@ def save_checkpoint(out_dir, cfg: ModelConfig, params, tokenizer_src=None, prepr
   preprocessor_cfg: an HF preprocessor_config dict (or an object with `to_dict()`), None = CLIP defaults for cfg.
   template: the chat template name `--template auto` resolves to. extra: more JSON fields (e.g. source=...).
   """
-  import orbax.checkpoint as ocp
   if template not in TEMPLATES:
     raise ValueError(f"template {template!r} is not one of {', '.join(TEMPLATES)}")
   out = pathlib.Path(out_dir).absolute()
@@ -58,9 +58,7 @@ def save_checkpoint(out_dir, cfg: ModelConfig, params, tokenizer_src=None, prepr
   dtypes = sorted({str(np.dtype(x.dtype)) for x in leaves})
   meta = {"format": "m3", "format_version": FORMAT_VERSION, "model": cfg.to_dict(), "template": template,
           "param_dtype": dtypes[0] if len(dtypes) == 1 else dtypes, **extra}
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(out / "params", params, force=True)
-    ckptr.wait_until_finished()
+  save_params(out, params)
   _save_tokenizer(tokenizer_src, out)
   if preprocessor_cfg is None:
     preprocessor_cfg = default_preprocessor(cfg)
@@ -113,22 +111,12 @@ def load_checkpoint(ckpt_dir, shardings=None) -> tuple[ModelConfig, Any, dict[st
   """-> (cfg, params, extras). params are jax arrays, on the default device or laid out per `shardings` (a tree of
   jax.sharding.Sharding like the params). extras: template, param_dtype, preprocessor_config (dict or None),
   tokenizer_dir (the directory, for AutoTokenizer.from_pretrained), and any other m3_config.json fields."""
-  import orbax.checkpoint as ocp
   d = pathlib.Path(ckpt_dir).absolute()
   meta = read_meta(d)
   cfg = ModelConfig.from_dict(meta["model"])
-  path = d / "params"
-  if not path.exists():
-    raise FileNotFoundError(f"{path} does not exist: an m3 checkpoint holds its parameters in params/ (orbax)")
-  with ocp.StandardCheckpointer() as ckptr:
-    stored = ckptr.metadata(path)
-    stored = getattr(stored, "item_metadata", stored)
-    stored = getattr(stored, "tree", stored)
-    if shardings is None:
-      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-      shardings = jax.tree.map(lambda _: device, stored)
-    target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=s), stored, shardings)
-    params = ckptr.restore(path, target)
+  if not (d / "params").exists():
+    raise FileNotFoundError(f"{d / 'params'} does not exist: an m3 checkpoint holds its parameters in params/ (orbax)")
+  params = load_params(d, target_shardings=shardings)
   pre = d / "preprocessor_config.json"
   extras = {k: v for k, v in meta.items() if k != "model"}
   extras.setdefault("template", "llava_hf")
