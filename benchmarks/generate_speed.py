@@ -22,7 +22,9 @@ change of machine load hits both. transformers runs with SDPA attention (`--attn
 On an oversubscribed machine (load average above the core count) torch with one thread per core is 3-6x SLOWER than
 with one thread (its OpenMP workers wait on each other at every op; XLA's pool degrades far less), so `auto` picks
 1 thread there and all cores on a quiet machine: the baseline is transformers at its best, not at its worst. The
-load average is printed before and after: absolute numbers move with it, the ratio less so.
+load average is printed before and after: absolute numbers move with it, the ratio less so. Runs on a
+shared 2-core machine differed by up to 2x per cell (benchmarks/generate_speed.md holds one run; tiny is dominated
+by per-call overhead, small by the ViT over 577 tokens and the prefill, where both sides run the same float32 GEMMs).
 """
 from __future__ import annotations
 
