@@ -175,8 +175,9 @@ def make_dataset(source, preprocess: Preprocess, *, batch_size: int, seed: int =
 
 
 def tokenizer_for(config) -> Any:
-  """`data.tokenizer` (a directory transformers loads) or, when empty, the tiny word-level probe tokenizer."""
-  path = config.data.get("tokenizer", "")
+  """`data.tokenizer` (a directory transformers loads); when empty, the tokenizer of `checkpoint.init_from` (an m3
+  checkpoint carries one); with neither, the tiny word-level probe tokenizer."""
+  path = config.data.get("tokenizer", "") or config.get("checkpoint", {}).get("init_from", "")
   if path:
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(path)
