@@ -47,6 +47,10 @@ class NonFiniteError(FloatingPointError):
 def model_config_of(config: ml_collections.ConfigDict) -> ModelConfig:
   """The model config with the run's compute choices (`train.dtype`, `train.remat`) applied."""
   mc = ModelConfig.from_config(config.model)
+  if mc.type != "llava15":
+    raise ValueError(f"model.type={mc.type!r}: the trainer takes LLaVA-1.5-style single-crop images; training with "
+                     "LLaVA-NeXT anyres crops (a variable number of visual tokens per sample) is not implemented. "
+                     "LLaVA-NeXT checkpoints convert, generate and evaluate at every scale (m3 convert / eval).")
   return mc.replace(dtype=str(config.train.get("dtype", mc.dtype)), remat=str(config.train.get("remat", mc.remat)))
 
 
