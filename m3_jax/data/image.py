@@ -233,6 +233,13 @@ def preprocess(img: Image.Image, cfg: ImageProcessorConfig, *, aspect: str = "cr
   aspect: "crop" (HF / plain CLIP: resize shortest edge, center crop) or "pad" (LLaVA-1.5: first pad to a
   square of the mean colour, so nothing is cropped away).
   """
+  return normalize(resize_crop(img, cfg, aspect=aspect), cfg)
+
+
+def resize_crop(img: Image.Image, cfg: ImageProcessorConfig, *, aspect: str = "crop") -> np.ndarray:
+  """The geometric half of `preprocess`: RGB PIL image -> uint8[H, W, 3] (pad or not, resize, center crop).
+
+  The pipeline's workers stop here: uint8 crosses the process boundary at a quarter of float32's size."""
   if aspect == "pad":
     img = expand_to_square(img, cfg.pad_color)
   elif aspect != "crop":
@@ -246,6 +253,11 @@ def preprocess(img: Image.Image, cfg: ImageProcessorConfig, *, aspect: str = "cr
   a = np.asarray(img)
   if cfg.do_center_crop:
     a = _center_crop(a, int(cfg.crop_size["height"]), int(cfg.crop_size["width"]))
+  return np.ascontiguousarray(a)
+
+
+def normalize(a: np.ndarray, cfg: ImageProcessorConfig) -> np.ndarray:
+  """uint8[..., 3] -> float32[..., 3]: x * rescale_factor (in float64, as HF), then (x - mean) / std in float32."""
   x = a.astype(np.float64) * cfg.rescale_factor if cfg.do_rescale else a
   x = x.astype(np.float32)
   if cfg.do_normalize:

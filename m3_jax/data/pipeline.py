@@ -8,7 +8,8 @@ Batch (host-local rows = global batch / process_count):
   input_ids int32[B, T]   one placeholder (model.image_token_id) per image-bearing sample, padded with pad id
   labels    int32[B, T]   -100 = not trained
   attention_mask int32[B, T]
-  pixels    float32[B, H, W, 3]   CLIP-normalised (zeros for text-only samples)
+  pixels    float32[B, H, W, 3]   CLIP-normalised (zeros for text-only samples; workers ship uint8, the batcher
+                                  normalises)
   has_image bool[B]
 Record ids stay out of the batch (strings are not device arrays); `Example.id` carries them to the batcher's log.
 
@@ -70,9 +71,9 @@ class Preprocess:
             image_lib.load_image(img, max_pixels=self.max_pixels, name=str(img) if isinstance(img, str) else rid)
       except image_lib.ImageError as e:
         raise BadRecord(rid, str(e)) from None
-      pixels = image_lib.preprocess(pil, self.image_cfg, aspect=self.aspect)
+      pixels = image_lib.resize_crop(pil, self.image_cfg, aspect=self.aspect)   # uint8: normalised by Collate
     else:
-      pixels = np.zeros((h, w, 3), np.float32)
+      pixels = np.zeros((h, w, 3), np.uint8)
     return {"id": rid, "input_ids": tok.input_ids, "labels": tok.labels, "pixels": pixels,
             "has_image": np.bool_(has_image)}
 
@@ -86,9 +87,11 @@ def _as_pil(a: np.ndarray):
 
 @dataclasses.dataclass
 class Collate:
-  """Pads a list of examples to the smallest bucket length that holds the longest one."""
+  """Pads a list of examples to the smallest bucket length that holds the longest one; normalises the pixels
+  (workers ship uint8; text-only rows get zeros)."""
   buckets: tuple[int, ...]
   pad_id: int
+  image_cfg: image_lib.ImageProcessorConfig
   keep_ids: bool = False   # adds "id": str[B] (for tests and reports; not a device array)
 
   def __call__(self, examples: Sequence[dict]) -> dict:
@@ -104,9 +107,10 @@ class Collate:
     for i, e in enumerate(examples):
       n = len(e["input_ids"])
       ids[i, :n], labels[i, :n], mask[i, :n] = e["input_ids"], e["labels"], 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask,
-            "pixels": np.stack([e["pixels"] for e in examples]),
-            "has_image": np.array([bool(e["has_image"]) for e in examples]),
+    has_image = np.array([bool(e["has_image"]) for e in examples])
+    pixels = image_lib.normalize(np.stack([e["pixels"] for e in examples]), self.image_cfg)
+    pixels[~has_image] = 0.0
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixels": pixels, "has_image": has_image,
             **({"id": np.array([e["id"] for e in examples])} if self.keep_ids else {})}
 
 
@@ -165,7 +169,8 @@ def make_dataset(source, preprocess: Preprocess, *, batch_size: int, seed: int =
   if buckets is None:
     text = (preprocess.max_length or 2048) - (preprocess.max_scale - 1)
     buckets = default_buckets(text)
-  it = it.batch(batch_size, drop_remainder=drop_remainder, batch_fn=Collate(tuple(sorted(buckets)), pad_id, keep_ids))
+  collate = Collate(tuple(sorted(buckets)), pad_id, preprocess.image_cfg, keep_ids)
+  it = it.batch(batch_size, drop_remainder=drop_remainder, batch_fn=collate)
   if prefetch:
     it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch)
   return it
