@@ -45,6 +45,8 @@ def base() -> ml_collections.ConfigDict:
       image_aspect="pad",        # LLaVA-1.5 "pad" | "crop"
       num_workers=0,
       seed=0,
+      probe_families="binding",  # probe family set: "binding" | "presence" (m3_jax/data/probe.py)
+      probe_size=0,              # probe train examples (validation/test: a tenth); 0 = 4000
   ))
 
   c.train = ml_collections.ConfigDict(dict(
