@@ -56,6 +56,7 @@ def base() -> ml_collections.ConfigDict:
       freeze=(),                 # any of "vision", "projector", "llm"
       scale_loss="loop",         # "loop" | "vmap"
       scale_sampling="all",      # "all" | "random"
+      finest_first_steps=0,      # train only the finest scale for this many steps first, then every scale
       scales=(),                 # () = model.m3.scales
       grad_accum=1,
       dtype="float32",           # compute dtype ("bfloat16" keeps float32 master weights)

@@ -133,23 +133,36 @@ class Trainer:
     return jax.jit(self._state_from_params, out_shardings=self.state_shardings)(params, state_rng)
 
   # ---- the step -------------------------------------------------------------------------------------------------
-  def loss_and_grads(self, params: dict, batch: dict, rng=None, label_budget: int | None = None
+  def loss_and_grads(self, params: dict, batch: dict, rng=None, label_budget: int | None = None, step=None
                      ) -> tuple[jax.Array, dict, dict]:
     """(loss, aux, grads of the trainable parts) for one global batch; aux holds per-scale CE and counts.
-    `label_budget` (static, see objective.label_budget): labelled positions per row that reach the logits."""
+    `label_budget` (static, see objective.label_budget): labelled positions per row that reach the logits.
+    `step` (traced) switches from the finest scale alone to the M3 objective at `train.finest_first_steps`."""
     trainable, frozen = optim.split(params, self.freeze)
     num_targets = obj.count_targets(batch, self.model_config.image_token_id)
     m = len(self.scales)
+    finest_first = int(self.config.train.get("finest_first_steps", 0))
+    finest_only = None
     if self.config.train.scale_sampling == "random":
       index = jax.random.randint(jax.random.PRNGKey(0) if rng is None else rng, (), 0, m)
       trained = jax.nn.one_hot(index, m, dtype=jnp.float32)
     else:
       index, trained = None, jnp.ones((m,), jnp.float32)
+      if finest_first and step is not None:
+        # A curriculum: the finest scale alone first (a lookup that coarse scales cannot support is learned
+        # there), then every scale; lax.cond runs only the branch taken, so early steps cost one decoder pass.
+        finest_only = step < finest_first
+        finest = self.scales.index(max(self.scales))
+        trained = jnp.where(finest_only, jax.nn.one_hot(finest, m, dtype=jnp.float32), trained)
 
     def loss_fn(trainable, micro):
       p = optim.merge(trainable, frozen)
       if index is not None:
         ce = self.objective.one_scale_ce(p, micro, index, label_budget)
+      elif finest_only is not None:
+        ce = jax.lax.cond(finest_only,
+                          lambda: self.objective.one_scale_ce(p, micro, jnp.int32(finest), label_budget),
+                          lambda: self.objective.all_scales_ce(p, micro, label_budget))
       else:
         ce = self.objective.all_scales_ce(p, micro, label_budget)
       loss, _ = obj.m3_loss(ce, num_targets, trained)
@@ -181,7 +194,7 @@ class Trainer:
 
   def train_step(self, state: dict, batch: dict, label_budget: int | None = None) -> tuple[dict, dict]:
     rng = jax.random.fold_in(state["rng"], state["step"])
-    loss, aux, grads = self.loss_and_grads(state["params"], batch, rng, label_budget)
+    loss, aux, grads = self.loss_and_grads(state["params"], batch, rng, label_budget, state["step"])
     trainable, frozen = optim.split(state["params"], self.freeze)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = self.optimizer.update(grads, state["opt_state"], trainable)

@@ -130,6 +130,21 @@ def test_random_scale_sampling_trains_one_drawn_scale(reference):
   assert seen == {0, 1}   # both scales (9, 1) get drawn
 
 
+def test_finest_first_trains_the_finest_scale_then_every_scale(reference):
+  """train.finest_first_steps: before that step the loss is the finest scale's CE alone, from it the M3 mean."""
+  config = small_config(**{"train.finest_first_steps": 3})
+  trainer = Trainer(config, mesh=shd.make_mesh((1, 1, 1), jax.devices()[:1]))
+  batch = {k: jnp.asarray(v) for k, v in reference["batch"].items()}
+  fn = jax.jit(trainer.loss_and_grads).lower(reference["params"], batch, None, None, jnp.int32(0)).compile(
+      compiler_options=FAST_COMPILE)
+  finest = trainer.scales.index(max(trainer.scales))
+  early, aux, _ = fn(reference["params"], batch, None, None, jnp.int32(2))
+  np.testing.assert_array_equal(np.asarray(aux["trained"]), np.eye(len(trainer.scales))[finest])
+  np.testing.assert_allclose(float(early), reference["per_scale"][finest], rtol=1e-5)
+  late, aux, _ = fn(reference["params"], batch, None, None, jnp.int32(3))
+  np.testing.assert_allclose(float(late), np.mean(reference["per_scale"]), rtol=1e-5)
+
+
 def test_optimizer_parts_decay_and_frozen_parts():
   params = {"vision": {"ln": {"scale": jnp.ones(4), "bias": jnp.zeros(4)}, "fc": {"kernel": jnp.ones((4, 4))}},
             "projector": {"linear_1": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)}},
