@@ -5,6 +5,7 @@ Readers and metrics need no model and never import JAX.
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 from dataclasses import field
 from typing import Any, Callable, Iterable, Iterator, Literal
@@ -24,7 +25,7 @@ class Sample:
   meta: dict = field(default_factory=dict)
 
 
-class Task:
+class Task(abc.ABC):
   """A benchmark: `samples(path)` reads it, `score` grades one answer in [0, 1], `summarize` aggregates.
 
   Subclasses set `name` (the registry name) and `kind`: "generate" (free-form answer) or "choice" (an option
@@ -38,12 +39,13 @@ class Task:
     if options:
       raise TypeError(f"task {self.name!r} takes no options, got {sorted(options)}")
 
+  @abc.abstractmethod
   def samples(self, path: str) -> Iterator[Sample]:
-    raise NotImplementedError
+    """The benchmark's questions, read from `path` (a file or folder as the publisher ships it)."""
 
+  @abc.abstractmethod
   def score(self, sample: Sample, prediction: str) -> float:
     """Per-sample score in [0, 1] (the oracle of `m3 analyze` thresholds it)."""
-    raise NotImplementedError
 
   metric: str = "accuracy"  # the name of the mean per-sample score in `summarize`
 
