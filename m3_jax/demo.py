@@ -35,6 +35,10 @@ def run(args) -> int:
   code = cli.main(["train", "--config", str(_config()), "--workdir", str(train), *steps, *quiet])
   if code:
     return code
+  done, wanted = _trained_steps(train)
+  if done < wanted:  # SIGTERM saved a checkpoint and returned: stop here, the next run resumes
+    print(f"training stopped at step {done} of {wanted}; run the same command again to resume", flush=True)
+    return 1
   trained = time.perf_counter()
   print(f"[3/4] evaluating every scale -> {evaldir}", flush=True)
   code = cli.main(["eval", "--ckpt", str(train), "--task", "probe", "--data", str(train / "probe"),
@@ -45,6 +49,14 @@ def run(args) -> int:
   code = cli.main(["analyze", str(evaldir)])
   print(f"demo done in {time.perf_counter() - clock:.0f} s (training {trained - clock:.0f} s)")
   return code
+
+
+def _trained_steps(workdir: pathlib.Path) -> tuple[int, int]:
+  """(latest checkpointed step, train.num_steps) of a training workdir."""
+  import json
+  wanted = int(json.loads((workdir / "config.json").read_text())["train"]["num_steps"])
+  steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+  return max(steps, default=0), wanted
 
 
 def _config() -> pathlib.Path:

@@ -58,9 +58,22 @@ def part_lr(train: ml_collections.ConfigDict, part: str) -> float:
 
 
 def schedule(peak: float, train: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warmup from 0 over `warmup_ratio * num_steps`, then cosine to 0 at `num_steps` (LLaVA's schedule)."""
+  """Linear warmup from 0 over `warmup_ratio * num_steps`, then cosine to 0 at `num_steps` (LLaVA's schedule).
+
+  With `train.finest_first_steps` N, the finest-scale phase is a schedule of its own (warmup, cosine to 0 at N),
+  then the full schedule resumes at step N (a warm restart): that is the curriculum as measured on the probe.
+  """
   steps = max(int(train.num_steps), 1)
-  warmup = int(round(float(train.warmup_ratio) * steps))
+  full = _warmup_cosine(peak, steps, float(train.warmup_ratio))
+  first = int(train.get("finest_first_steps", 0))
+  if not 0 < first < steps or train.get("scale_sampling", "all") != "all":
+    return full
+  return optax.join_schedules([_warmup_cosine(peak, first, float(train.warmup_ratio)), lambda s: full(s + first)],
+                              boundaries=[first])
+
+
+def _warmup_cosine(peak: float, steps: int, warmup_ratio: float) -> optax.Schedule:
+  warmup = int(round(warmup_ratio * steps))
   if warmup >= steps:
     return optax.linear_schedule(0.0, peak, steps)
   return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps=warmup, decay_steps=steps, end_value=0.0)

@@ -16,6 +16,7 @@ def small_overrides(**kw) -> list[str]:
   depth), synthetic batches of 4 x 24 tokens, scales 9 and 1."""
   base = {"model.vision.depth": "2", "model.llm.depth": "1", "data.source": "'synthetic'", "data.max_length": "24", "train.batch_size": "4",
           "train.scales": "(9, 1)", "train.num_steps": "6", "train.log_every": "1", "train.warmup_ratio": "0.0",
+          "train.finest_first_steps": "0",
           "checkpoint.every": "2", "checkpoint.keep": "3", "mesh.shape": "(1, -1, 1)"}
   base.update({k: str(v) for k, v in kw.items()})
   return [f"{k}={v}" for k, v in base.items()]
