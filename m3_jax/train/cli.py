@@ -81,6 +81,9 @@ def run(args) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
   initialize_distributed(args)
+  if args.no_progress:  # TFDS draws its own bars while it builds the probe
+    import tensorflow_datasets as tfds
+    tfds.disable_progress_bar()
   from m3_jax import config as m3_config
   from m3_jax.train.trainer import NonFiniteError, Trainer
   config = m3_config.load(args.config, overrides)
