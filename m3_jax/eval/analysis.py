@@ -205,6 +205,7 @@ def plot_score_vs_tokens(result: dict, path: str | pathlib.Path) -> None:
     ax.minorticks_off()
     lo, hi = min(ticks), max(ticks)
     ax.set_xlim(lo / 1.6, hi * 1.6)
+    ax.set_ylim(bottom=min(0.0, ax.get_ylim()[0]), top=max(ax.get_ylim()[1], 100.0) + 8)  # room for labels
     ax.set_xlabel("# visual tokens")
     ax.set_ylabel("score (%)")
     ax.set_title(task)
