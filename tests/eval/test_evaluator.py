@@ -101,3 +101,21 @@ def test_bad_question_file_names_the_line(tmp_path):
   bad.write_text('{"question_id": 1, "image": "a.png", "text": "hi", "answer": "x"}\n{"question_id": 2}\n')
   with pytest.raises(ValueError, match=r"q.jsonl, line 2: expected a JSON object with question_id, image, text"):
     list(get_task("llava_jsonl").samples(str(bad)))
+
+
+def test_pool_flag_overrides_the_checkpoint_pooling(setup, tmp_path, monkeypatch):
+  """`--pool spatial` (paper Table 6) reaches the model that pools; the checkpoint's own method is avg."""
+  ckpt, questions = setup
+  seen = {}
+
+  def fake_evaluate(model, task, samples, scales, out, **kw):
+    seen.update(pool=model.config.m3.pool, engine_pool=model.engine.model.config.m3.pool, scales=scales,
+                extra=kw["extra_summary"])
+    return {}
+
+  monkeypatch.setattr(evaluator, "evaluate", fake_evaluate)
+  run_eval("--ckpt", str(ckpt), "--task", "llava_jsonl", "--data", str(questions), "--out", str(tmp_path),
+           "--pool", "spatial")
+  assert seen == {"pool": "spatial", "engine_pool": "spatial", "scales": [144, 36, 9, 1],
+                  "extra": {"ckpt": str(ckpt), "pool": "spatial"}}
+  assert load(ckpt).config.m3.pool == "avg"
