@@ -19,6 +19,8 @@ import math
 import pathlib
 from typing import Iterable
 
+from m3_jax.eval.tasks.common import iter_jsonl
+
 DEFAULT_THRESHOLD = 0.5
 UNANSWERED_TOKENS = 1  # DESIGN.md: a sample wrong at every scale counts as 1 token
 
@@ -51,24 +53,17 @@ def read_run(path: str | pathlib.Path, name: str | None = None) -> Run:
     task = json.loads(summary.read_text()).get("task", task)
   scores: dict[str, dict[int, float]] = collections.defaultdict(dict)
   categories: dict[str, str | None] = {}
-  with open(file) as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{file}:{lineno}: not a JSON object ({e})") from None
-      missing = [k for k in ("question_id", "scale", "score") if k not in rec]
-      if missing:
-        raise ValueError(f"{file}:{lineno}: record lacks {missing}; `m3 analyze` needs question_id, scale and "
-                         f"score per line (got keys {sorted(rec)})")
-      if rec["score"] is None:
-        raise ValueError(f"{file}:{lineno}: score is null for question_id={rec['question_id']!r}; the task "
-                         "has no per-sample score, so the oracle cannot be computed")
-      qid = str(rec["question_id"])
-      scores[qid][int(rec["scale"])] = float(rec["score"])
-      categories[qid] = rec.get("category") or categories.get(qid)
+  for lineno, rec in iter_jsonl(file, ValueError):
+    missing = [k for k in ("question_id", "scale", "score") if k not in rec]
+    if missing:
+      raise ValueError(f"{file}:{lineno}: record lacks {missing}; `m3 analyze` needs question_id, scale and "
+                       f"score per line (got keys {sorted(rec)})")
+    if rec["score"] is None:
+      raise ValueError(f"{file}:{lineno}: score is null for question_id={rec['question_id']!r}; the task "
+                       "has no per-sample score, so the oracle cannot be computed")
+    qid = str(rec["question_id"])
+    scores[qid][int(rec["scale"])] = float(rec["score"])
+    categories[qid] = rec.get("category") or categories.get(qid)
   return Run(name=name or task, task=task, path=str(folder), scores=dict(scores), categories=categories)
 
 

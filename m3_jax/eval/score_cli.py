@@ -15,6 +15,8 @@ import argparse
 import json
 import sys
 
+from m3_jax.eval.tasks.common import iter_jsonl
+
 _SHOW = 20  # ids listed per problem before "... and N more"
 
 
@@ -41,23 +43,16 @@ def _listing(kind: str, ids: list[str]) -> str:
 def read_predictions(path: str, scale: int | None = None) -> dict[object, list[tuple[str, str, int]]]:
   """{scale or None: [(question_id, prediction, line)]}; a bad line is an error naming it."""
   groups: dict[object, list[tuple[str, str, int]]] = {}
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise PredictionError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
-      if not isinstance(row, dict) or "question_id" not in row:
-        raise PredictionError(f"{path}, line {n}: expected an object with 'question_id' and 'prediction'")
-      pred = row.get("prediction", row.get("text"))
-      if not isinstance(pred, str):
-        raise PredictionError(f"{path}, line {n}: 'prediction' must be a string, got {pred!r}")
-      s = row.get("scale")
-      if scale is not None and s != scale:
-        continue
-      groups.setdefault(s, []).append((str(row["question_id"]), pred, n))
+  for n, row in iter_jsonl(path, PredictionError):
+    if "question_id" not in row:
+      raise PredictionError(f"{path}, line {n}: expected an object with 'question_id' and 'prediction'")
+    pred = row.get("prediction", row.get("text"))
+    if not isinstance(pred, str):
+      raise PredictionError(f"{path}, line {n}: 'prediction' must be a string, got {pred!r}")
+    s = row.get("scale")
+    if scale is not None and s != scale:
+      continue
+    groups.setdefault(s, []).append((str(row["question_id"]), pred, n))
   if not groups:
     raise PredictionError(f"{path}: no predictions" + (f" with scale {scale}" if scale is not None else ""))
   return groups

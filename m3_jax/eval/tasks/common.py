@@ -45,9 +45,10 @@ def load_json(path: str) -> Any:
     raise TaskDataError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
 
 
-def load_jsonl(path: str) -> list[dict]:
-  """JSON lines (blank lines skipped); a bad line is an error naming its 1-based line number."""
-  rows = []
+def iter_jsonl(path, error: type[Exception] = None) -> Iterator[tuple[int, dict]]:
+  """(1-based line number, object) for each non-blank line of a JSON-lines file; a line that is not a JSON
+  object raises `error` (default TaskDataError) naming the file and line."""
+  error = error or TaskDataError
   with open(path, encoding="utf-8") as f:
     for n, line in enumerate(f, 1):
       if not line.strip():
@@ -55,11 +56,15 @@ def load_jsonl(path: str) -> list[dict]:
       try:
         row = json.loads(line)
       except json.JSONDecodeError as e:
-        raise TaskDataError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+        raise error(f"{path}, line {n}: not valid JSON ({e.msg})") from None
       if not isinstance(row, dict):
-        raise TaskDataError(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
-      rows.append(row)
-  return rows
+        raise error(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
+      yield n, row
+
+
+def load_jsonl(path: str) -> list[dict]:
+  """JSON lines (blank lines skipped); a bad line is an error naming its 1-based line number."""
+  return [row for _, row in iter_jsonl(path)]
 
 
 def load_json_or_jsonl(path: str) -> list[dict]:

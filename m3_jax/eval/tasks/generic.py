@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import io
-import json
 import pathlib
 from typing import Iterator
 
 from m3_jax.eval import metrics
 from m3_jax.eval.tasks.base import Sample, Task, register
+from m3_jax.eval.tasks.common import TaskDataError, iter_jsonl
 
 
 @register("probe")
@@ -58,23 +58,18 @@ class LlavaJsonl(Task):
     file = pathlib.Path(path)
     folder = pathlib.Path(self.image_folder) if self.image_folder else file.parent
     gold = _read_answers(file.with_name("answers.jsonl")) if file.with_name("answers.jsonl").exists() else {}
-    with open(file) as f:
-      for lineno, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          rec = json.loads(line)
-          qid = str(rec["question_id"])
-          text = rec["text"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-          raise ValueError(f"{file}, line {lineno}: expected a JSON object with question_id, image, text ({e})")
-        answers = rec.get("answers", rec.get("answer", gold.get(qid)))
-        if answers is None:
-          raise ValueError(f"{file}, line {lineno}: question {qid!r} has no answer (give `answer` in the line or "
-                           f"an answers.jsonl beside {file.name})")
-        image = str(folder / rec["image"]) if rec.get("image") else None
-        yield Sample(question_id=qid, prompt=text.replace("<image>", "").strip(), answers=answers, image=image,
-                     category=rec.get("category"))
+    for lineno, rec in iter_jsonl(file):
+      if "question_id" not in rec or "text" not in rec:
+        raise TaskDataError(f"{file}, line {lineno}: expected a JSON object with question_id, image, text (got "
+                            f"keys {sorted(rec)})")
+      qid = str(rec["question_id"])
+      answers = rec.get("answers", rec.get("answer", gold.get(qid)))
+      if answers is None:
+        raise TaskDataError(f"{file}, line {lineno}: question {qid!r} has no answer (give `answer` in the line or "
+                            f"an answers.jsonl beside {file.name})")
+      image = str(folder / rec["image"]) if rec.get("image") else None
+      yield Sample(question_id=qid, prompt=rec["text"].replace("<image>", "").strip(), answers=answers, image=image,
+                   category=rec.get("category"))
 
   def score(self, sample: Sample, prediction: str) -> float:
     answers = sample.answers if isinstance(sample.answers, list) else [sample.answers]
@@ -85,10 +80,8 @@ class LlavaJsonl(Task):
 
 def _read_answers(path: pathlib.Path) -> dict:
   out = {}
-  for lineno, line in enumerate(path.read_text().splitlines(), 1):
-    if line.strip():
-      rec = json.loads(line)
-      if "question_id" not in rec:
-        raise ValueError(f"{path}, line {lineno}: no question_id")
-      out[str(rec["question_id"])] = rec.get("answers", rec.get("answer", rec.get("text")))
+  for lineno, rec in iter_jsonl(path):
+    if "question_id" not in rec:
+      raise TaskDataError(f"{path}, line {lineno}: no question_id")
+    out[str(rec["question_id"])] = rec.get("answers", rec.get("answer", rec.get("text")))
   return out
