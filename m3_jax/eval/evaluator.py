@@ -46,29 +46,27 @@ def read_predictions(path: pathlib.Path) -> dict[tuple[str, int], dict]:
 
 
 def choose_option(model: M3Model, samples: Sequence[Sample], scale: int, grid=None) -> list[str]:
-  """Likelihood scoring: the option letter with the highest log p(letter | prompt, image) at `scale`."""
-  letters = [string.ascii_uppercase[:len(s.options)] for s in samples]
-  prompts, conts, images, owners = [], [], [], []
+  """Likelihood scoring: the option letter with the highest log p(letter | prompt, image) at `scale`.
+  Each image is encoded once; its visual tokens serve every option of its sample."""
+  images = [sample_image(s) for s in samples]
+  with_image = [i for i, im in enumerate(images) if im is not None]
+  visual = [None] * len(samples)
+  if with_image:
+    for i, v in zip(with_image, model.visual([images[i] for i in with_image], [scale] * len(with_image), grid)):
+      visual[i] = v
+  prompts, conts, vis, owners = [], [], [], []
   for i, s in enumerate(samples):
-    has = sample_image(s) is not None
-    ids = model.prompt_ids(s.prompt, has)
-    for letter in letters[i]:
+    ids = model.prompt_ids(s.prompt, images[i] is not None)
+    for letter in string.ascii_uppercase[:len(s.options)]:
       prompts.append(ids)
       conts.append(np.asarray(model.tokenizer(letter, add_special_tokens=False)["input_ids"], np.int32))
-      images.append(sample_image(s))
-      owners.append(i)
-  with_image = [j for j, im in enumerate(images) if im is not None]
-  visual = [None] * len(images)
-  if with_image:
-    vis = model.visual([images[j] for j in with_image], [scale] * len(with_image), grid)
-    for j, v in zip(with_image, vis):
-      visual[j] = v
-  total, _ = model.engine.loglikelihood(prompts, conts, visual)
+      vis.append(visual[i])
+      owners.append((i, letter))
+  total, _ = model.engine.loglikelihood(prompts, conts, vis)
   best: dict[int, tuple[float, str]] = {}
-  for j, i in enumerate(owners):
-    letter = letters[i][len([o for o in owners[:j] if o == i])]
-    if i not in best or total[j] > best[i][0]:
-      best[i] = (float(total[j]), letter)
+  for (i, letter), logp in zip(owners, total):
+    if i not in best or logp > best[i][0]:
+      best[i] = (float(logp), letter)
   return [best[i][1] for i in range(len(samples))]
 
 
