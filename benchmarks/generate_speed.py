@@ -40,7 +40,7 @@ import time
 import jax
 import numpy as np
 
-from m3_jax import config as m3_config
+from m3_jax.configs import base as m3_config
 from m3_jax.convert import hf as hf_map
 from m3_jax.convert.ckpt import load_checkpoint
 from m3_jax.convert.convert import convert

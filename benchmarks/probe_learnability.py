@@ -71,9 +71,10 @@ def main(argv=None):
                   help="config overrides, e.g. train.freeze=('vision',) model.m3.pool_position=before_projector")
   a = ap.parse_args(argv)
 
-  from m3_jax import config as cfg_lib
+  from m3_jax.configs import base as cfg_lib
   from m3_jax.train import checkpoint as ckpt_lib
-  from m3_jax.train.trainer import Trainer
+  from m3_jax.train import loop
+  from m3_jax.train.state import TrainStep
   wd = pathlib.Path(a.workdir)
 
   def make_config(steps, overrides):
@@ -90,10 +91,10 @@ def main(argv=None):
     # Phase 1: the finest scale alone; the trainer resumes phase 2 from its checkpoint in the same workdir.
     first = make_config(a.finest_first, a.set)
     first.train.scales = (max(first.model.m3.scales),)
-    Trainer(first).fit(wd, progress=False)
+    loop.fit(TrainStep(first), wd, progress=False)
   config = make_config(a.steps, a.set)
-  trainer = Trainer(config)
-  summary = trainer.fit(wd, progress=False)
+  trainer = TrainStep(config)
+  summary = loop.fit(trainer, wd, progress=False)
   train_s = time.time() - t
   step, state, _ = ckpt_lib.Checkpoints(wd, keep=1, async_save=False).restore(trainer.abstract_state())
   acc = evaluate(trainer, state["params"], config, a.eval_per_family)

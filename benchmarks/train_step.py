@@ -16,10 +16,11 @@ import time
 
 import jax
 
-from m3_jax import config as m3_config
+from m3_jax.configs import base as m3_config
 from m3_jax.train import objective as obj
-from m3_jax.train import sharding as shd
-from m3_jax.train.trainer import Trainer, make_batches
+from m3_jax import sharding as shd
+from m3_jax.train.loop import make_batches
+from m3_jax.train.state import TrainStep
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -28,7 +29,7 @@ def measure(name: str, impl: str, batch: int, steps: int, max_length: int, label
   config = m3_config.load(str(REPO / "configs" / f"{name}.py"), [
       "data.source='synthetic'", f"data.max_length={max_length}", f"train.batch_size={batch}",
       f"train.scale_loss='{impl}'", "mesh.shape=(1, 1, 1)"])
-  trainer = Trainer(config, mesh=shd.make_mesh((1, 1, 1), jax.devices()[:1]))
+  trainer = TrainStep(config, mesh=shd.make_mesh((1, 1, 1), jax.devices()[:1]))
   batches = make_batches(config, None)
   state = trainer.init_state()
   host = next(batches)

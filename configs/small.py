@@ -1,14 +1,3 @@
-"""The mid-size benchmark config: ViT 384 x 8 on 336-pixel images (patch 14, 24x24 grid), LLM 512 x 8, vocab 32064."""
-from m3_jax import config as m3_config
-
-
-def get_config(arg=None):
-  c = m3_config.base()
-  m = c.model
-  m.vision.update(image_size=336, patch_size=14, width=384, depth=8, heads=6, mlp_dim=1536)
-  m.llm.update(vocab_size=32064, width=512, depth=8, heads=8, kv_heads=8, mlp_dim=1376, max_len=2048)
-  m.image_token_id = 32000
-  m.pad_token_id = 32001
-  c.data.max_length = 1024
-  c.train.update(num_steps=1000, batch_size=8, lr=1e-4)
-  return c
+"""`--config configs/small.py[:ARG]` from a checkout. The config itself is m3_jax/configs/small.py, shipped with the
+package (an installed m3-jax also takes `--config small`)."""
+from m3_jax.configs.small import get_config  # noqa: F401

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+import threading
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import io_callback
 
-from m3_jax.models import llama, llava
+from m3_jax import sharding
+from m3_jax.models import anyres, llama, llava
 from m3_jax.models.config import ModelConfig
 
 
@@ -47,7 +50,9 @@ class Engine:
     self.stop_ids = tuple(stop_ids) if stop_ids is not None else (config.eos_token_id,)
     self.length_step = length_step
     self._visual = jax.jit(self._visual_impl, static_argnames=("scale",))
-    self._generate = jax.jit(self._generate_impl, static_argnames=("max_new", "greedy"))
+    self._generate = jax.jit(self._generate_impl, static_argnames=("max_new", "greedy", "per_row", "stream"))
+    self._on_token: Callable[[int, np.ndarray], None] | None = None
+    self._stream_lock = threading.Lock()  # one streaming decode at a time: `_on_token` is the engine's
     self._score = jax.jit(self._score_impl)
 
   # ---------------------------------------------------------------------------------------------- vision
@@ -81,13 +86,9 @@ class Engine:
                     grid: tuple[int, int] | None = None) -> np.ndarray:
     """LLaVA-NeXT: one image's crops float32[C, H, W, 3] (base first, `m3_jax.data.anyres.anyres_crops`) ->
     float[n, D], every crop pooled to `scale` tokens ("tokens per grid"), unpadded, a newline per row."""
-    from m3_jax.models import anyres
-    if grid is not None:
-      anyres.check_grid(self.config, grid, scale)
-    self.config.check_scale(int(scale))
-    per_crop = self._visual(self.params, jnp.asarray(crops), scale=int(scale))
     idx = anyres.pack_indices(self.config, image_hw, int(scale), grid, n_crops=int(crops.shape[0]))
-    return np.asarray(anyres.pack(per_crop, self.params["image_newline"], idx))
+    per_crop = self._visual(self.params, jnp.asarray(crops), scale=int(scale))
+    return np.asarray(anyres.anyres_embeds(per_crop[None], self.params["image_newline"], idx[None])[0])
 
   # -------------------------------------------------------------------------------------------- batching
   def _pack(self, prompts: Sequence[np.ndarray], visual: Sequence[np.ndarray | None], side: str,
@@ -128,7 +129,10 @@ class Engine:
     return x, valid, positions, ex.labels
 
   # ------------------------------------------------------------------------------------------ generation
-  def _generate_impl(self, params, ids, mask, img, n_vis, rng, temperature, top_p, *, max_new: int, greedy: bool):
+  def _generate_impl(self, params, ids, mask, img, n_vis, rng, temperature, top_p, *, max_new: int, greedy: bool,
+                     per_row: bool = False, stream: bool = False):
+    """per_row: rng key[B], temperature float32[B], top_p float32[B] (one per row; temperature <= 0 is greedy)
+    instead of one key and scalars; stream: each step's tokens int32[B] go to `_on_token` as they are picked."""
     m = self.model
     x, valid, positions, _ = self._inputs(params, ids, mask, img, n_vis, "left")
     b, length = valid.shape
@@ -142,6 +146,8 @@ class Engine:
     def pick(logits, rng):
       if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+      if per_row:
+        return pick_rows(logits, rng)
       logits = logits / jnp.maximum(temperature, 1e-6)
       probs = jax.nn.softmax(logits, axis=-1)
       order = jnp.argsort(-probs, axis=-1)
@@ -150,15 +156,33 @@ class Engine:
       keep = jnp.zeros_like(keep_sorted).at[jnp.arange(b)[:, None], order].set(keep_sorted)
       return jax.random.categorical(rng, jnp.where(keep, logits, -jnp.inf), axis=-1).astype(jnp.int32)
 
+    def pick_rows(logits, keys):
+      # The same nucleus sampling row by row, each row drawing from its own key: vmap gives row i exactly the
+      # draw that a batch of one with key i makes, wherever the row sits in the batch.
+      scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+      probs = jax.nn.softmax(scaled, axis=-1)
+      order = jnp.argsort(-probs, axis=-1)
+      sorted_p = jnp.take_along_axis(probs, order, axis=-1)
+      keep_sorted = jnp.cumsum(sorted_p, axis=-1) - sorted_p < top_p[:, None]
+      keep = jnp.zeros_like(keep_sorted).at[jnp.arange(b)[:, None], order].set(keep_sorted)
+      drawn = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, scaled, -jnp.inf)).astype(jnp.int32)
+      return jnp.where(temperature <= 0, jnp.argmax(logits, axis=-1).astype(jnp.int32), drawn)
+
     def cond(state):
       step, _, _, _, _, done, _, _ = state
       return (step < max_new) & ~jnp.all(done)
 
     def body(state):
       step, logits, cache, kv_mask, pos, done, out, rng = state
-      rng, sub = jax.random.split(rng)
+      if per_row:
+        keys = jax.vmap(jax.random.split)(rng)
+        rng, sub = keys[:, 0], keys[:, 1]
+      else:
+        rng, sub = jax.random.split(rng)
       tok = jnp.where(done, pad, pick(logits, sub))
       out = out.at[:, step].set(tok)
+      if stream:
+        io_callback(self._emit, None, step, tok, ordered=True)
       done = done | jnp.isin(tok, stop)
       kv_mask = kv_mask.at[:, length + step].set(True)
       emb = m.apply({"params": params}, tok[:, None], method=m.embed_text)
@@ -174,16 +198,46 @@ class Engine:
                sampling: Sampling = Sampling()) -> list[list[int]]:
     """Prompt ids (one placeholder where a sample has visual tokens) + per-sample visual tokens float[n_b, D]
     (or None for text-only) -> generated ids per sample, up to and excluding the first stop token."""
+    return self._run(prompts, visual, jax.random.key(sampling.seed), jnp.float32(sampling.temperature),
+                     jnp.float32(sampling.top_p), max_new=int(sampling.max_new_tokens),
+                     greedy=sampling.temperature <= 0)
+
+  def generate_rows(self, prompts: Sequence[np.ndarray], visual: Sequence[np.ndarray | None], max_new_tokens: int,
+                    temperature: Sequence[float], top_p: Sequence[float], seeds: Sequence[int],
+                    on_token: Callable[[int, np.ndarray], None] | None = None) -> list[list[int]]:
+    """`generate` with a temperature, top_p and seed per row (a server's requests): each row samples from its
+    own key, so row i's tokens equal `generate([prompts[i]], [visual[i]], Sampling(max_new_tokens, temperature[i],
+    top_p[i], seeds[i]))` whatever it is batched with. `on_token(step, int32[B])`, when given, is called from
+    inside the decode loop with every step's tokens as they are picked (pad once a row has stopped)."""
+    n = len(prompts)
+    rows = 1 << max(n - 1, 0).bit_length()
+    fill = rows - n  # the padding rows _run adds: greedy
+    keys = jnp.stack([jax.random.key(int(s)) for s in list(seeds) + [0] * fill])
+    temps = jnp.asarray(list(temperature) + [0.0] * fill, jnp.float32)
+    tops = jnp.asarray(list(top_p) + [1.0] * fill, jnp.float32)
+    greedy = all(t <= 0 for t in temperature)
+    if on_token is None:
+      return self._run(prompts, visual, keys, temps, tops, max_new=int(max_new_tokens), greedy=greedy, per_row=True)
+    with self._stream_lock:
+      self._on_token = lambda step, tok: on_token(step, tok[:n])
+      try:
+        return self._run(prompts, visual, keys, temps, tops, max_new=int(max_new_tokens), greedy=greedy,
+                         per_row=True, stream=True)
+      finally:
+        self._on_token = None
+
+  def _emit(self, step, tok):
+    self._on_token(int(step), np.asarray(tok))
+
+  def _run(self, prompts, visual, rng, temperature, top_p, **static) -> list[list[int]]:
     n = len(prompts)
     # Pad the batch to a power of two with 1-token text rows, so batch sizes share a few compilations.
     rows = 1 << max(n - 1, 0).bit_length()
     prompts = list(prompts) + [np.array([self.config.bos_token_id], np.int32)] * (rows - n)
     visual = list(visual) + [None] * (rows - n)
     ids, mask, img, n_vis = self._pack(prompts, visual, "left")
-    greedy = sampling.temperature <= 0
     out = self._generate(self.params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(img), jnp.asarray(n_vis),
-                         jax.random.key(sampling.seed), jnp.float32(sampling.temperature),
-                         jnp.float32(sampling.top_p), max_new=int(sampling.max_new_tokens), greedy=greedy)
+                         rng, temperature, top_p, **static)
     results = []
     for row in np.asarray(out)[:n].tolist():
       cut = next((i for i, t in enumerate(row) if t in self.stop_ids), len(row))
@@ -216,6 +270,5 @@ class Engine:
 
 def shard_params(params, config: ModelConfig, mesh, rules):
   """Lays params out on `mesh` with the training rules (logical axis names -> mesh axes)."""
-  from m3_jax.train import sharding
   shardings = sharding.logical_shardings(llava.abstract_params(config), mesh, rules)
   return jax.device_put(params, shardings)

@@ -124,7 +124,7 @@ def test_global_batch_on_a_mesh(word_tokenizer, llava_json):
 
 
 def test_train_iterator_on_the_probe(tmp_path):
-  from m3_jax import config as cfg_lib
+  from m3_jax.configs import base as cfg_lib
   config = cfg_lib.load("configs/tiny.py")
   config.data.source, config.data.path = "probe", str(tmp_path / "probe")
   config.train.batch_size = 8

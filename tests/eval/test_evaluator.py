@@ -9,11 +9,11 @@ import pytest
 from PIL import Image
 
 from m3_jax import cli
-from m3_jax import config as m3_config
+from m3_jax.configs import base as m3_config
 from m3_jax.convert.ckpt import save_checkpoint
 from m3_jax.data.tokenizer import probe_tokenizer
-from m3_jax.eval import evaluator
-from m3_jax.eval.pipeline import load
+from m3_jax.eval import evaluator, predictions
+from m3_jax.eval.loader import M3Model, load
 from m3_jax.eval.tasks import Sample, get_task
 from m3_jax.models import llava
 from m3_jax.models.config import ModelConfig
@@ -71,12 +71,12 @@ def test_eval_resumes_after_a_crash_without_recomputing(setup, tmp_path, monkeyp
   # A crash after two samples, in the middle of writing the third line.
   (tmp_path / "predictions.jsonl").write_text("\n".join(full[:2]) + "\n" + full[2][:10])
   calls = []
-  real = evaluator.M3Model.generate
-  monkeypatch.setattr(evaluator.M3Model, "generate", lambda self, images, *a, **k: calls.append(len(images)) or
+  real = M3Model.generate
+  monkeypatch.setattr(M3Model, "generate", lambda self, images, *a, **k: calls.append(len(images)) or
                       real(self, images, *a, **k))
   run_eval(*args)
   assert sum(calls) == 3
-  redone = evaluator.read_predictions(tmp_path / "predictions.jsonl")
+  redone = predictions.latest(predictions.read(tmp_path / "predictions.jsonl"))
   assert {k: v["prediction"] for k, v in redone.items()} == \
       {(json.loads(x)["question_id"], 36): json.loads(x)["prediction"] for x in full}
 
@@ -87,7 +87,7 @@ def test_likelihood_mode_picks_the_most_likely_option_letter(setup):
   samples = [Sample(question_id=str(i), prompt=f"what colour is the picture?\nA. red\nB. blue\nC. green",
                     answers="A", image=str(questions.parent / f"{i}.png"), options=["red", "blue", "green"])
              for i in range(2)]
-  picked = evaluator.choose_option(model, samples, 9)
+  picked = model.choose([s.image for s in samples], [s.prompt for s in samples], [3, 3], 9)
   for s, letter in zip(samples, picked):
     ids = model.prompt_ids(s.prompt, True)
     vis = model.engine.visual_tokens(model.pixels([s.image]), 9)
@@ -108,14 +108,18 @@ def test_pool_flag_overrides_the_checkpoint_pooling(setup, tmp_path, monkeypatch
   ckpt, questions = setup
   seen = {}
 
-  def fake_evaluate(model, task, samples, scales, out, **kw):
-    seen.update(pool=model.config.m3.pool, engine_pool=model.engine.model.config.m3.pool, scales=scales,
-                extra=kw["extra_summary"])
+  def fake_generate(self, images, prompts, **kw):
+    seen.update(pool=self.config.m3.pool, engine_pool=self.engine.model.config.m3.pool)
+    return [{"text": "x"} for _ in prompts]
+
+  def fake_evaluate(generate, task, samples, scales, out, **kw):
+    seen.update(scales=scales, extra=kw["extra_summary"], answers=generate(samples[:2], 9))
     return {}
 
+  monkeypatch.setattr(M3Model, "generate", fake_generate)
   monkeypatch.setattr(evaluator, "evaluate", fake_evaluate)
   run_eval("--ckpt", str(ckpt), "--task", "llava_jsonl", "--data", str(questions), "--out", str(tmp_path),
            "--pool", "spatial")
   assert seen == {"pool": "spatial", "engine_pool": "spatial", "scales": [144, 36, 9, 1],
-                  "extra": {"ckpt": str(ckpt), "pool": "spatial"}}
+                  "extra": {"ckpt": str(ckpt), "pool": "spatial"}, "answers": ["x", "x"]}
   assert load(ckpt).config.m3.pool == "avg"

@@ -14,12 +14,12 @@ import transformers as tf
 from PIL import Image
 
 from m3_jax import cli
-from m3_jax import config as m3_config
+from m3_jax.configs import base as m3_config
 from m3_jax.convert.convert import convert
 from m3_jax.eval.generate import Engine, Sampling, shard_params
 from m3_jax.models import llava
 from m3_jax.models.config import ModelConfig
-from m3_jax.train import sharding
+from m3_jax import sharding
 
 IMG, EOS = 4, 2
 
@@ -214,7 +214,7 @@ def test_llava_next_generation_packs_tokens_per_grid_like_the_anyres_forward(fix
   """NeXT through m3_jax.load: every crop pooled to `scale`, unpadded, newlines; greedy tokens equal a greedy loop
   over `models.anyres.forward` (itself parity-tested against transformers' LlavaNext)."""
   from m3_jax.data.anyres import anyres_crops
-  from m3_jax.eval.pipeline import load
+  from m3_jax.eval.loader import load
   from m3_jax.models import anyres
   ckpt = tmp_path / "next"
   convert(fixtures_dir / "transformers-5.23.0" / "llava-next", ckpt, progress=False)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m3_jax import config as m3_config
+from m3_jax.configs import base as m3_config
 from m3_jax.models import llama, llava
 from m3_jax.models.config import ModelConfig
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from m3_jax.train import checkpoint as ckpt_lib
-from m3_jax.train import sharding as shd
+from m3_jax import sharding as shd
 
 from train_testlib import REPO
 
@@ -40,7 +40,7 @@ def test_params_round_trip_into_shards_and_from_a_workdir(tmp_path):
 
 
 def test_probe_pipeline_state_resumes_through_a_checkpoint(tmp_path):
-  from m3_jax import config as m3_config
+  from m3_jax.configs import base as m3_config
   from m3_jax.data import pipeline
   config = m3_config.load(str(REPO / "configs/tiny.py"), ["train.batch_size=4"])
   config.data.path, config.data.probe_size = str(tmp_path / "probe"), 40

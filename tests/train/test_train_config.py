@@ -1,8 +1,8 @@
 """Run configs the trainer refuses, with an error that says why."""
 import pytest
 
-from m3_jax import config as m3_config
-from m3_jax.train.trainer import model_config_of
+from m3_jax.configs import base as m3_config
+from m3_jax.train.state import model_config_of
 
 
 def test_llava_next_training_is_refused_clearly():

@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 
 from m3_jax.train import checkpoint as ckpt_lib
-from m3_jax.train import sharding as shd
+from m3_jax import sharding as shd
 from m3_jax.train.metrics import read_metrics
-from m3_jax.train.synthetic import SyntheticBatches
-from m3_jax.train.trainer import NonFiniteError, Trainer, model_config_of
+from m3_jax.data.synthetic import SyntheticBatches
+from m3_jax.train import loop
+from m3_jax.train.loop import NonFiniteError
+from m3_jax.train.state import TrainStep, model_config_of
 
 from train_testlib import FAST_COMPILE, small_config, small_overrides, subprocess_env, train_command
 
@@ -129,14 +131,14 @@ class PoisonedBatches(SyntheticBatches):
 def test_nonfinite_step_stops_or_skips_and_never_reaches_a_checkpoint(tmp_path):
   config = small_config(**{"train.num_steps": 4, "checkpoint.every": 1, "train.freeze": "('vision',)",
                            "train.on_nonfinite": "'raise'"})
-  trainer = Trainer(config, mesh=shd.make_mesh((1, 1, 1), jax.devices()[:1]), compiler_options=FAST_COMPILE)
+  trainer = TrainStep(config, mesh=shd.make_mesh((1, 1, 1), jax.devices()[:1]), compiler_options=FAST_COMPILE)
   with pytest.raises(NonFiniteError, match="at step 3"):
-    trainer.fit(tmp_path / "raise", PoisonedBatches(config, poison_index=2), progress=False)
+    loop.fit(trainer, tmp_path / "raise", PoisonedBatches(config, poison_index=2), progress=False)
   assert ckpt_lib.Checkpoints(tmp_path / "raise").steps() == [1, 2]
   assert max(read_metrics(tmp_path / "raise")) == 2
 
   config.train.on_nonfinite = "skip"         # read by the host loop: the compiled step is reused
-  summary = trainer.fit(tmp_path / "skip", PoisonedBatches(config, poison_index=2), progress=False)
+  summary = loop.fit(trainer, tmp_path / "skip", PoisonedBatches(config, poison_index=2), progress=False)
   assert summary["step"] == 4 and math.isfinite(summary["loss"])
   records = read_metrics(tmp_path / "skip")
   assert records[3]["skipped"] == 1 and records[3]["loss"] == "nan"
@@ -176,12 +178,12 @@ def test_init_from_loads_the_params_into_their_shards(tmp_path):
   config = small_config(**{"mesh.shape": "(1, 4, 2)"})
   mc = model_config_of(config)
   rng = np.random.default_rng(0)
-  trainer = Trainer(config)
+  trainer = TrainStep(config)
   params = jax.tree_util.tree_map(lambda a: rng.normal(size=a.shape).astype(np.float32), trainer.abstract_params)
   ckpt_lib.save_params(tmp_path / "init", params)
   (tmp_path / "init" / "m3_config.json").write_text(json.dumps(mc.to_dict()))
   config.checkpoint.init_from = str(tmp_path / "init")
-  state = Trainer(config).init_state()
+  state = TrainStep(config).init_state()
   for (path, want), got in zip(jax.tree_util.tree_flatten_with_path(params)[0],
                                jax.tree_util.tree_leaves(state["params"])):
     np.testing.assert_array_equal(np.asarray(got), want, err_msg=jax.tree_util.keystr(path))

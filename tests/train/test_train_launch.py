@@ -8,9 +8,10 @@ import sys
 
 import jax
 
-from m3_jax.train import sharding as shd
+from m3_jax import sharding as shd
 from m3_jax.train.metrics import read_metrics
-from m3_jax.train.trainer import Trainer
+from m3_jax.train import loop
+from m3_jax.train.state import TrainStep
 
 from train_testlib import FAST_COMPILE, REPO, small_config, small_overrides, subprocess_env
 
@@ -57,8 +58,8 @@ def test_two_processes_on_loopback_match_one_process(tmp_path, compile_cache):
   multi = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   # Meanwhile, the reference: one process (this one) on 4 devices, the same global mesh and batches.
   config = small_config(**dict(o.split("=", 1) for o in overrides))
-  trainer = Trainer(config, mesh=shd.make_mesh((1, -1, 1), jax.devices()[:4]), compiler_options=FAST_COMPILE)
-  trainer.fit(tmp_path / "one", progress=False)
+  trainer = TrainStep(config, mesh=shd.make_mesh((1, -1, 1), jax.devices()[:4]), compiler_options=FAST_COMPILE)
+  loop.fit(trainer, tmp_path / "one", progress=False)
   _, err = multi.communicate(timeout=400)
   logs = "".join(p.read_text() for p in two.glob("process_*.log"))
   assert multi.returncode == 0, err[-3000:] + logs[-3000:]

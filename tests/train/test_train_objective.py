@@ -8,7 +8,7 @@ import numpy as np
 
 from m3_jax.models import llava
 from m3_jax.train import objective as obj
-from m3_jax.train.trainer import model_config_of
+from m3_jax.train.state import model_config_of
 
 from train_testlib import FAST_COMPILE, batch_of, small_config
 

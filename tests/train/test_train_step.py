@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 
 from m3_jax.train import optim
-from m3_jax.train import sharding as shd
-from m3_jax.train.trainer import Trainer
+from m3_jax import sharding as shd
+from m3_jax.train.state import TrainStep
 
 from train_testlib import FAST_COMPILE, batch_of, small_config
 
 
 def grads_of(config, batch, params=None, mesh=None):
   """(loss, grads, compiled) of Trainer.loss_and_grads on `mesh` (default: one device)."""
-  trainer = Trainer(config, mesh=mesh or shd.make_mesh((1, 1, 1), jax.devices()[:1]))
+  trainer = TrainStep(config, mesh=mesh or shd.make_mesh((1, 1, 1), jax.devices()[:1]))
   if params is None:
     params = trainer.init_state(seed=0)["params"]
   params = jax.device_put(params, trainer.param_shardings)
@@ -103,7 +103,7 @@ def test_remat_lowers_compiled_memory_with_the_same_loss(reference):
   plain = small_config(**depths)
   rng = np.random.default_rng(0)   # random weights: no init program to compile
   params = jax.tree_util.tree_map(lambda a: 0.05 * rng.normal(size=a.shape).astype(np.float32),
-                                  Trainer(plain).abstract_params)
+                                  TrainStep(plain).abstract_params)
   _, _, loss, grads, compiled = grads_of(plain, reference["batch"], params)
   _, _, remat_loss, remat_grads, remat_compiled = grads_of(small_config(**depths, **{"train.remat": "'full'"}),
                                                            reference["batch"], params)
@@ -117,7 +117,7 @@ def test_remat_lowers_compiled_memory_with_the_same_loss(reference):
 def test_random_scale_sampling_trains_one_drawn_scale(reference):
   """Paper Table 8's alternative: one scale per step, drawn from the step's RNG; its loss is that scale's CE."""
   config = small_config(**{"train.scale_sampling": "'random'"})
-  trainer = Trainer(config, mesh=shd.make_mesh((1, 1, 1), jax.devices()[:1]))
+  trainer = TrainStep(config, mesh=shd.make_mesh((1, 1, 1), jax.devices()[:1]))
   batch = {k: jnp.asarray(v) for k, v in reference["batch"].items()}
   fn = jax.jit(trainer.loss_and_grads).lower(reference["params"], batch, jax.random.PRNGKey(0)).compile(
       compiler_options=FAST_COMPILE)
@@ -133,7 +133,7 @@ def test_random_scale_sampling_trains_one_drawn_scale(reference):
 def test_finest_first_trains_the_finest_scale_then_every_scale(reference):
   """train.finest_first_steps: before that step the loss is the finest scale's CE alone, from it the M3 mean."""
   config = small_config(**{"train.finest_first_steps": 3})
-  trainer = Trainer(config, mesh=shd.make_mesh((1, 1, 1), jax.devices()[:1]))
+  trainer = TrainStep(config, mesh=shd.make_mesh((1, 1, 1), jax.devices()[:1]))
   batch = {k: jnp.asarray(v) for k, v in reference["batch"].items()}
   fn = jax.jit(trainer.loss_and_grads).lower(reference["params"], batch, None, None, jnp.int32(0)).compile(
       compiler_options=FAST_COMPILE)
@@ -179,14 +179,14 @@ def test_schedule_warmup_then_cosine():
 
 def test_llava15_7b_recipe_shards_over_fsdp_without_allocating():
   """configs/llava15_7b_m3.py holds the paper's recipe; on 8 devices FSDP gives each an eighth of the state."""
-  from m3_jax import config as m3_config
+  from m3_jax.configs import base as m3_config
   from train_testlib import REPO
   config = m3_config.load(str(REPO / "configs/llava15_7b_m3.py"), ["checkpoint.init_from=''"])
   assert tuple(config.model.m3.scales) == (576, 144, 36, 9, 1)
   assert config.train.lr == 2e-5 and config.train.freeze == () and config.train.batch_size == 128
   assert config.train.warmup_ratio == 0.03 and config.data.max_length == 2048
   assert config.train.num_steps == 5198   # one epoch of llava_v1_5_mix665k (665,298 samples) at 128 per step
-  trainer = Trainer(config)   # shapes only: nothing of 7B is allocated
+  trainer = TrainStep(config)   # shapes only: nothing of 7B is allocated
   state = trainer.abstract_state()
   total = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state))
   per_device = sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize

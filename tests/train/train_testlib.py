@@ -23,12 +23,12 @@ def small_overrides(**kw) -> list[str]:
 
 
 def small_config(**kw):
-  from m3_jax import config as m3_config
+  from m3_jax.configs import base as m3_config
   return m3_config.load(str(REPO / "configs/tiny.py"), small_overrides(**kw))
 
 
 def batch_of(config, index: int = 0) -> dict:
-  from m3_jax.train.trainer import make_batches
+  from m3_jax.train.loop import make_batches
   it = make_batches(config, None)
   it.set_state({"index": index, "seed": int(config.data.seed)})
   return next(it)
@@ -47,5 +47,5 @@ def subprocess_env(tmp: pathlib.Path, devices: int) -> dict:
 
 
 def train_command(workdir, overrides: list[str], *extra: str) -> list[str]:
-  return [sys.executable, "-m", "m3_jax.train.cli", "--config", str(REPO / "configs/tiny.py"), "--workdir",
+  return [sys.executable, "-m", "m3_jax.cli.train", "--config", str(REPO / "configs/tiny.py"), "--workdir",
           str(workdir), "--no-progress", *extra, *[f"--config.{o}" for o in overrides]]

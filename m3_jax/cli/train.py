@@ -84,12 +84,13 @@ def run(args) -> int:
   if args.no_progress:  # TFDS draws its own bars while it builds the probe
     import tensorflow_datasets as tfds
     tfds.disable_progress_bar()
-  from m3_jax import config as m3_config
-  from m3_jax.train.trainer import NonFiniteError, Trainer
+  from m3_jax.configs import base as m3_config
+  from m3_jax.train import loop
+  from m3_jax.train.state import TrainStep
   config = m3_config.load(args.config, overrides)
   try:
-    summary = Trainer(config).fit(args.workdir, progress=not args.no_progress)
-  except NonFiniteError as e:
+    summary = loop.fit(TrainStep(config), args.workdir, progress=not args.no_progress)
+  except loop.NonFiniteError as e:
     logging.getLogger("m3.train").error("%s", e)
     return 3
   logging.getLogger("m3.train").info("done: %s", summary)
@@ -97,7 +98,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-  """`python -m m3_jax.train.cli ...` (the same as `m3 train ...`)."""
+  """`python -m m3_jax.cli.train ...` (the same as `m3 train ...`)."""
   parser = argparse.ArgumentParser(prog="m3 train")
   add_arguments(parser)
   return int(run(parser.parse_args(sys.argv[1:] if argv is None else argv)) or 0)

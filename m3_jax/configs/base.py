@@ -92,9 +92,7 @@ DEFAULT_RULES = (
 def load(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
   """Loads `path/to/config.py[:arg]`, applies `KEY=VALUE` overrides (values parsed as Python literals)."""
   path, _, arg = spec.partition(":")
-  file = pathlib.Path(path)
-  if not file.exists():
-    raise FileNotFoundError(f"config file {path!r} does not exist (expected e.g. configs/tiny.py)")
+  file = resolve(path)
   module_spec = importlib.util.spec_from_file_location(f"m3_config_{file.stem}", file)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
@@ -105,6 +103,19 @@ def load(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collectio
       raise ValueError(f"config override {item!r} is not KEY=VALUE")
     set_field(config, key.removeprefix("config."), value)
   return config
+
+
+def resolve(name_or_path: str) -> pathlib.Path:
+  """A config file: a path (`configs/tiny.py`, `my/run.py`) or the name of one shipped with the package (`tiny`)."""
+  file = pathlib.Path(name_or_path)
+  if file.exists():
+    return file
+  shipped = pathlib.Path(__file__).parent / f"{name_or_path}.py"
+  if "/" not in name_or_path and not name_or_path.endswith(".py") and shipped.exists():
+    return shipped
+  names = sorted(p.stem for p in pathlib.Path(__file__).parent.glob("*.py") if p.stem not in ("__init__", "base"))
+  raise FileNotFoundError(f"config {name_or_path!r} is neither a file nor a shipped config name (one of "
+                          f"{', '.join(names)}; or a path such as configs/tiny.py)")
 
 
 def set_field(config: ml_collections.ConfigDict, dotted: str, value: str):

@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser):
 
 
 def run(args) -> int:
-  from m3_jax.eval.pipeline import load
+  from m3_jax.eval.loader import load
   model = load(args.ckpt, step=args.step, template=args.template)
   out = model.generate([args.image], [args.prompt], scale=args.scale, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_p=args.top_p, seed=args.seed,

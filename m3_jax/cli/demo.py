@@ -60,8 +60,6 @@ def _trained_steps(workdir: pathlib.Path) -> tuple[int, int]:
 
 
 def _config() -> pathlib.Path:
-  """configs/tiny.py of this checkout (the demo's default is the tests' default)."""
-  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
-  if not path.exists():
-    raise FileNotFoundError(f"{path} not found: `m3 demo` runs from a checkout of m3-jax (configs/ beside m3_jax/)")
-  return path
+  """The packaged tiny config (the demo's default is the tests' default)."""
+  from m3_jax.configs import base
+  return base.resolve("tiny")

@@ -1,4 +1,5 @@
-"""`m3 eval --ckpt CKPT --task NAME --data PATH --scales LIST --out DIR`."""
+"""`m3 eval --ckpt CKPT --task NAME --data PATH --scales LIST --out DIR`: a checkpoint on a benchmark at several
+scales -> predictions.jsonl, summary.json, summary.csv in DIR (resumable; the work is `m3_jax.eval.evaluator`)."""
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,8 @@ def add_arguments(p: argparse.ArgumentParser):
 
 def run(args) -> int:
   from m3_jax.eval import evaluator
-  from m3_jax.eval.generate_cli import parse_grid
-  from m3_jax.eval.pipeline import M3Model, read_checkpoint
+  from m3_jax.cli.generate import parse_grid
+  from m3_jax.eval.loader import M3Model, read_checkpoint
   from m3_jax.eval.tasks import get_task
   from m3_jax.models.llava import with_overrides
 
@@ -51,9 +52,11 @@ def run(args) -> int:
   scales = [int(s) for s in args.scales.split(",")] if args.scales else list(model.scales)
   for s in scales:
     model.config.check_scale(s)
-  summary = evaluator.evaluate(model, task, samples, scales, args.out, batch_size=args.batch_size,
-                               max_new_tokens=args.max_new_tokens, likelihood=args.likelihood,
-                               progress=not args.no_progress, grid=parse_grid(args.grid),
+  generate, choose = evaluator.model_functions(model, max_new_tokens=args.max_new_tokens,
+                                               batch_size=args.batch_size, grid=parse_grid(args.grid),
+                                               likelihood=args.likelihood)
+  summary = evaluator.evaluate(generate, task, samples, scales, args.out, choose=choose, batch_size=args.batch_size,
+                               progress=not args.no_progress,
                                extra_summary={"ckpt": str(args.ckpt), "pool": ckpt.config.m3.pool})
   print(json.dumps(summary))
   return 0

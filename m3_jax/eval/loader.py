@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import string
 from typing import Any, Sequence
 
 import numpy as np
@@ -128,6 +129,33 @@ class M3Model:
                         "token_ids": [int(t) for t in tokens], "scale": scales[i],
                         "visual_tokens": 0 if visual[i - start] is None else len(visual[i - start])})
     return results
+
+  def choose(self, images: Sequence[Any], prompts: Sequence[str], num_options: Sequence[int], scale: int,
+             grid: tuple[int, int] | None = None) -> list[str]:
+    """Multiple choice by likelihood: per sample, the letter among its first `num_options` (A, B, ...) with the
+    highest log p(letter | prompt, image) at `scale`. Each image is encoded once for all its options."""
+    self.config.check_scale(scale)
+    with_image = [i for i, im in enumerate(images) if im is not None]
+    visual = [None] * len(prompts)
+    if with_image:
+      for i, v in zip(with_image, self.visual([images[i] for i in with_image], [scale] * len(with_image), grid)):
+        visual[i] = v
+    letters = string.ascii_uppercase[:max(num_options, default=0)]
+    letter_ids = {x: np.asarray(self.tokenizer(x, add_special_tokens=False)["input_ids"], np.int32) for x in letters}
+    ids, conts, vis, owners = [], [], [], []
+    for i, (prompt, n) in enumerate(zip(prompts, num_options)):
+      prompt_ids = self.prompt_ids(prompt, visual[i] is not None)
+      for letter in letters[:n]:
+        ids.append(prompt_ids)
+        conts.append(letter_ids[letter])
+        vis.append(visual[i])
+        owners.append((i, letter))
+    total, _ = self.engine.loglikelihood(ids, conts, vis)
+    best: dict[int, tuple[float, str]] = {}
+    for (i, letter), logp in zip(owners, total):
+      if i not in best or logp > best[i][0]:
+        best[i] = (float(logp), letter)
+    return [best[i][1] for i in range(len(prompts))]
 
 
 def load(ckpt: str | pathlib.Path, step: int | None = None, template: str = "auto") -> M3Model:

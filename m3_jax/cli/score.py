@@ -1,0 +1,44 @@
+"""`m3 score TASK --data PATH --predictions JSONL`: score predictions from any model with a task's official metric.
+
+Predictions are JSON lines with `question_id` and `prediction` (LLaVA answer files' `text` is accepted too); ids
+are the task file's own (see each task's doc), compared as strings. Files written by `m3 eval` hold one line per
+sample and scale: they are scored per scale (`--scale N` picks one). The scoring itself (id matching, missing and
+duplicate ids) is `m3_jax.eval.scoring`.
+
+Every id problem is an error (exit status 2), reported by id on stderr: predictions for ids the task does not
+have, ids predicted twice (for the same scale), and task samples without a prediction. `--allow-missing` scores
+only the samples that have predictions and reports how many were missing (`missing` in the summary); unknown and
+duplicate ids stay errors. The summary is one JSON object, printed last on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("task", help="task name (e.g. textvqa, mmbench, pope; an unknown name lists them all)")
+  parser.add_argument("--data", required=True, help="the task's files as published (file or folder; see README)")
+  parser.add_argument("--predictions", required=True, help="JSON lines {question_id, prediction}")
+  parser.add_argument("--scale", type=int, default=None, help="score only lines with this `scale`")
+  parser.add_argument("--allow-missing", action="store_true",
+                      help="score the samples that have predictions; report the missing count instead of failing")
+  parser.add_argument("--per-sample", default=None, metavar="JSONL",
+                      help="also write {question_id, scale, prediction, score} per scored sample to this file")
+
+
+def run(args: argparse.Namespace) -> int:
+  from m3_jax.eval import predictions, scoring
+  from m3_jax.eval.tasks import get_task
+  try:
+    task = get_task(args.task)
+    result, per_sample = scoring.score_file(task, list(task.samples(args.data)), args.predictions, scale=args.scale,
+                                            allow_missing=args.allow_missing)
+  except (ValueError, OSError) as e:  # unknown task, bad task data, bad or unmatched predictions, unreadable file
+    print(f"m3 score: {e}", file=sys.stderr)
+    return 2
+  if args.per_sample:
+    predictions.write(args.per_sample, per_sample)
+  print(json.dumps(result))
+  return 0

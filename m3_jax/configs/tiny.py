@@ -1,0 +1,26 @@
+"""The tiny config: drives the tests and the CPU demo (minutes on 2 cores, no downloads).
+
+48-pixel images, patch 4 -> a 12x12 grid, scales 144 -> 36 -> 9 -> 1 (the paper's chain below 576).
+`--config configs/tiny.py:grid24` uses patch 2 (a 24x24 grid, the full 576 -> 1 chain) at ~7x the cost.
+"""
+from m3_jax.configs import base as m3_config
+
+
+def get_config(arg=None):
+  c = m3_config.base()
+  m = c.model
+  m.vision.update(image_size=48, patch_size=4, width=64, depth=3, heads=4, mlp_dim=256)
+  m.llm.update(vocab_size=256, width=128, depth=2, heads=4, kv_heads=2, mlp_dim=384, max_len=1024)
+  m.m3.scales = (144, 36, 9, 1)
+  m.image_token_id = 4
+  m.pad_token_id = 3
+  if arg == "grid24":
+    m.vision.patch_size = 2
+    m.m3.scales = (576, 144, 36, 9, 1)
+
+  c.data.max_length = 256
+  # The probe's binding lookup is learned at the finest scale first (600 steps), then the M3 objective over every
+  # scale keeps it exactly where the pooled tokens still hold it (benchmarks/probe_learnability.py; README).
+  c.train.update(num_steps=900, finest_first_steps=600, batch_size=16, log_every=10, lr=3e-3, warmup_ratio=0.05)
+  c.checkpoint.update(every=100, keep=2)
+  return c
