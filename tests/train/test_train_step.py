@@ -18,7 +18,7 @@ from train_testlib import FAST_COMPILE, batch_of, small_config
 
 
 def grads_of(config, batch, params=None, mesh=None):
-  """(loss, grads, compiled) of Trainer.loss_and_grads on `mesh` (default: one device)."""
+  """(loss, grads, compiled) of TrainStep.loss_and_grads on `mesh` (default: one device)."""
   trainer = TrainStep(config, mesh=mesh or shd.make_mesh((1, 1, 1), jax.devices()[:1]))
   if params is None:
     params = trainer.init_state(seed=0)["params"]

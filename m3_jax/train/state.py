@@ -1,4 +1,4 @@
-"""The training loop: a pure, sharded, ahead-of-time compiled train step; checkpoints, preemption and metrics.
+"""The train state and the train step: a pure, sharded, ahead-of-time compiled function of (state, batch).
 
     state = {"step": int32[], "params": float32 tree, "opt_state": optax state of the trainable parts,
              "rng": uint32[2]}
@@ -6,19 +6,14 @@
 
 The step differentiates only the trainable parts (optim.split), accumulates `train.grad_accum` micro-batches with
 `lax.scan`, clips, applies AdamW, and keeps the previous params and optimiser state when the loss or the gradient
-norm is not finite (so no poisoned state can reach a checkpoint). `train.on_nonfinite="raise"` then stops with the
-step named; `"skip"` carries on.
+norm is not finite (so no poisoned state can reach a checkpoint); the loop (train/loop.py) reports such a step.
+Which scales a step trains is the curriculum's (train/curriculum.py).
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import math
-import pathlib
-import signal
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -27,21 +22,16 @@ import ml_collections
 import numpy as np
 import optax
 
+from m3_jax import sharding as shd
 from m3_jax.models import llava
 from m3_jax.models.config import ModelConfig
 from m3_jax.train import checkpoint as ckpt_lib
 from m3_jax.train import objective as obj
 from m3_jax.train import optim
-from m3_jax.train import sharding as shd
-from m3_jax.train.metrics import MetricsWriter
 
 log = logging.getLogger(__name__)
 BATCH_NDIM = {"input_ids": 2, "labels": 2, "attention_mask": 2, "pixels": 4, "has_image": 1}
 BATCH_KEYS = tuple(BATCH_NDIM)
-
-
-class NonFiniteError(FloatingPointError):
-  """The loss or gradient norm of a step was NaN or infinite (the state was left as it was before that step)."""
 
 
 def model_config_of(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -54,8 +44,8 @@ def model_config_of(config: ml_collections.ConfigDict) -> ModelConfig:
   return mc.replace(dtype=str(config.train.get("dtype", mc.dtype)), remat=str(config.train.get("remat", mc.remat)))
 
 
-class Trainer:
-  """Builds the model, mesh, optimiser and the jitted step for `config`; `fit` runs the loop in `workdir`."""
+class TrainStep:
+  """The model, mesh, optimiser, train state and the compiled step for `config` (train/loop.py `fit` drives it)."""
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None,
                compiler_options: dict | None = None):
@@ -231,108 +221,6 @@ class Trainer:
       self._compiled[key] = compiled
     return self._compiled[key]
 
-  # ---- the loop -------------------------------------------------------------------------------------------------
-  def fit(self, workdir: str | pathlib.Path, batches: Iterator[dict] | None = None, progress: bool = True) -> dict:
-    """Trains in `workdir` up to `train.num_steps`, resuming from its latest good checkpoint. Returns a summary
-    ({"step", "loss", "stopped"}). `batches` (host-local numpy batches with get_state/set_state) defaults to the
-    configured data source."""
-    workdir = pathlib.Path(workdir)
-    config, train = self.config, self.config.train
-    primary = jax.process_index() == 0
-    if primary:
-      workdir.mkdir(parents=True, exist_ok=True)
-      (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-    batches = batches if batches is not None else make_batches(config, workdir)
-    ckpts = ckpt_lib.Checkpoints(workdir, keep=int(config.checkpoint.keep),
-                                 async_save=bool(config.checkpoint.get("async_save", True)))
-    restored = ckpts.restore(self.abstract_state())
-    data_state = None
-    if restored is None:
-      state, start = self.init_state(), 0
-    else:
-      start, state, data_state = restored
-      if data_state is not None and hasattr(batches, "set_state"):
-        ckpt_lib.set_iterator_state(batches, data_state)
-      log.info("resumed from %s at step %d", ckpts.directory, start)
-
-    writer = MetricsWriter(workdir, enabled=primary)
-    stopper = _Preemption()
-    every, num_steps, log_every = int(config.checkpoint.every), int(train.num_steps), int(train.log_every)
-    bar = _progress(start, num_steps, enabled=progress and primary)
-    pending: list = []
-    last_loss, stopped, step = math.nan, "", start
-    clock = _Clock()
-    last_saved = start
-    try:
-      for step in range(start, num_steps):
-        if stopper.agreed():
-          stopped = "SIGTERM"
-          break
-        host_batch = {k: v for k, v in next(batches).items() if k in BATCH_KEYS}
-        budget = obj.label_budget(host_batch["labels"], self.objective.max_label_tokens,
-                                  worst=_max_over_hosts(np.sum(host_batch["labels"] != obj.IGNORE, axis=1).max()))
-        data_state = ckpt_lib.iterator_state(batches) if hasattr(batches, "get_state") else None
-        batch = shd.shard_batch(host_batch, self.mesh)
-        state, metrics = self.compiled_step(batch, budget)(state, batch)
-        clock.add(self._tokens(host_batch))
-        # Metrics are read one step late, so the host queues step n+1 before waiting for step n.
-        for done in pending:
-          last_loss = self._report(done, writer, bar, clock)
-        pending = [(step + 1, metrics)]
-        if (step + 1) % log_every != 0 and (step + 1) % every != 0 and step + 1 != num_steps:
-          continue
-        for done in pending:
-          last_loss = self._report(done, writer, bar, clock, force_log=step + 1 == num_steps)
-        pending = []
-        if (step + 1) % every == 0 or step + 1 == num_steps:
-          ckpts.save(step + 1, state, data_state, force=True)
-          last_saved = step + 1
-      else:
-        step = num_steps
-      for done in pending:
-        last_loss = self._report(done, writer, bar, clock, force_log=True)
-      pending = []
-      if stopped and step > last_saved:
-        log.warning("SIGTERM: saving a checkpoint at step %d and exiting", step)
-        ckpts.save(step, state, data_state, force=True)
-    finally:
-      ckpts.close()
-      writer.close()
-      bar.close()
-      stopper.restore()
-    return {"step": int(step), "loss": last_loss, "stopped": stopped}
-
-  def _tokens(self, host_batch: dict) -> int:
-    """Decoder tokens this step processes: text tokens at every trained scale plus each scale's visual tokens."""
-    text = int(np.asarray(host_batch["attention_mask"]).sum()) * jax.process_count()
-    images = int(np.asarray(host_batch["has_image"]).sum()) * jax.process_count()
-    scales = self.scales if self.config.train.scale_sampling == "all" else (sum(self.scales) / len(self.scales),)
-    return int(sum(text + images * s for s in scales))
-
-  def _report(self, done, writer: MetricsWriter, bar, clock: "_Clock", force_log: bool = False) -> float:
-    step, metrics = done
-    m = jax.device_get(metrics)
-    loss = float(m["loss"])
-    if not bool(m["finite"]):
-      message = (f"non-finite loss or gradient at step {step} (loss={loss}, grad_norm={float(m['grad_norm'])}); "
-                 "the update was not applied")
-      if self.config.train.on_nonfinite == "raise":
-        raise NonFiniteError(message + "; no checkpoint was written after it (set train.on_nonfinite='skip' to "
-                             "skip such steps)")
-      log.warning(message + " (train.on_nonfinite='skip')")
-    rates = clock.rates()
-    bar.update(step - bar.n)
-    bar.set_postfix(loss=f"{loss:.4f}", steps_s=f"{rates[0]:.2f}", tokens_s=f"{rates[1]:.0f}", refresh=False)
-    if force_log or step % int(self.config.train.log_every) == 0:
-      scalars = {"loss": loss, "grad_norm": float(m["grad_norm"]), "skipped": int(not bool(m["finite"])),
-                 "num_targets": int(m["num_targets"]), "steps_per_s": rates[0], "tokens_per_s": rates[1]}
-      for s, value, trained in zip(self.scales, m["per_scale"], m["trained"]):
-        if trained:
-          scalars[f"loss/scale_{s}"] = float(value)
-      scalars.update({k: float(v) for k, v in m.items() if k.startswith("lr/")})
-      writer.write(step, scalars)
-    return loss
-
 
 def memory_summary(compiled) -> str:
   """XLA's memory analysis of a compiled executable, per device, in MiB."""
@@ -346,76 +234,3 @@ def memory_summary(compiled) -> str:
   return (f"per-device memory: arguments {ma.argument_size_in_bytes / mib:.1f} MiB, outputs "
           f"{ma.output_size_in_bytes / mib:.1f} MiB, temporaries {ma.temp_size_in_bytes / mib:.1f} MiB, "
           f"aliased {ma.alias_size_in_bytes / mib:.1f} MiB")
-
-
-def make_batches(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Iterator[dict]:
-  """The configured data source as an iterator of host-local numpy batches with get_state / set_state."""
-  data, mc = config.data, config.model
-  if data.source == "synthetic":
-    from m3_jax.train.synthetic import SyntheticBatches
-    return SyntheticBatches(batch_size=int(config.train.batch_size), seq_len=int(data.max_length),
-                            image_size=int(mc.vision.image_size), vocab_size=int(mc.llm.vocab_size),
-                            image_token_id=int(mc.image_token_id), bos_token_id=int(mc.bos_token_id),
-                            eos_token_id=int(mc.eos_token_id), pad_token_id=int(mc.pad_token_id),
-                            seed=int(data.get("seed", 0)))
-  from m3_jax.data import pipeline
-  return pipeline.train_iterator(config, workdir)
-
-
-def _max_over_hosts(value) -> int:
-  if jax.process_count() == 1:
-    return int(value)
-  from jax.experimental import multihost_utils
-  return int(np.max(multihost_utils.process_allgather(np.int32(value))))
-
-
-class _Preemption:
-  """SIGTERM (a preempted TPU VM, SLURM's time limit) asks the loop to save a checkpoint and return."""
-
-  def __init__(self):
-    self.requested = False
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread
-      self._previous = None
-
-  def _handle(self, signum, frame):
-    self.requested = True
-
-  def agreed(self) -> bool:
-    """True on every host as soon as any host got SIGTERM (the checkpoint save that follows is collective)."""
-    if jax.process_count() == 1:
-      return self.requested
-    from jax.experimental import multihost_utils
-    return bool(np.asarray(multihost_utils.process_allgather(np.int32(self.requested))).any())
-
-  def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
-class _Clock:
-  """Steps and tokens per second, timed from the first step's dispatch (which waits for compilation)."""
-
-  def __init__(self):
-    self.start = None
-    self.steps = 0
-    self.tokens = 0
-
-  def add(self, tokens: int):
-    if self.start is None:
-      self.start = time.perf_counter()
-      return
-    self.steps += 1
-    self.tokens += tokens
-
-  def rates(self) -> tuple[float, float]:
-    dt = time.perf_counter() - self.start if self.start is not None else 0.0
-    if self.steps <= 0 or dt <= 0:
-      return 0.0, 0.0
-    return self.steps / dt, self.tokens / dt
-
-
-def _progress(start: int, total: int, enabled: bool):
-  from tqdm import tqdm
-  return tqdm(total=total, initial=start, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
