@@ -56,7 +56,7 @@ def base() -> ml_collections.ConfigDict:
       freeze=(),                 # any of "vision", "projector", "llm"
       scale_loss="loop",         # "loop" | "vmap"
       scale_sampling="all",      # "all" | "random"
-      finest_first_steps=0,      # train only the finest scale for this many steps first, then every scale
+      finest_first_steps=0.0,    # the finest scale alone first: N steps, or a fraction < 1 of num_steps (curriculum.py)
       scales=(),                 # () = model.m3.scales
       grad_accum=1,
       dtype="float32",           # compute dtype ("bfloat16" keeps float32 master weights)

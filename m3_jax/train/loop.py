@@ -55,6 +55,7 @@ def fit(trainer: TrainStep, workdir: str | pathlib.Path, batches: Iterator[dict]
       ckpt_lib.set_iterator_state(batches, data_state)
     log.info("resumed from %s at step %d", ckpts.directory, start)
 
+  log.info("scale curriculum: %s", trainer.curriculum.describe(int(train.num_steps)))
   writer = MetricsWriter(workdir, enabled=primary)
   stopper = _Preemption()
   every, num_steps, log_every = int(config.checkpoint.every), int(train.num_steps), int(train.log_every)
@@ -108,7 +109,7 @@ def _tokens(trainer: TrainStep, host_batch: dict) -> int:
   text = int(np.asarray(host_batch["attention_mask"]).sum()) * jax.process_count()
   images = int(np.asarray(host_batch["has_image"]).sum()) * jax.process_count()
   scales = trainer.scales
-  if trainer.config.train.scale_sampling != "all":
+  if trainer.curriculum.sampling == "random":
     scales = (sum(scales) / len(scales),)
   return int(sum(text + images * s for s in scales))
 

@@ -1,4 +1,5 @@
-"""The optimiser: AdamW with warmup + cosine, global-norm clipping, per-part learning rates and frozen parts.
+"""The optimiser: AdamW on the curriculum's schedule (train/curriculum.py), global-norm clipping, per-part learning
+rates and frozen parts.
 
 A model's parameters split into parts by their top-level key: `vision` (the CLIP tower), `projector` (with
 `image_newline`, which LLaVA-NeXT trains alongside it) and `llm`. A frozen part (`train.freeze`) is left out of
@@ -15,6 +16,8 @@ from typing import Any
 import jax
 import ml_collections
 import optax
+
+from m3_jax.train.curriculum import schedule
 
 PARTS = ("vision", "projector", "llm")
 _PART_OF_KEY = {"vision": "vision", "projector": "projector", "image_newline": "projector", "llm": "llm"}
@@ -55,28 +58,6 @@ def merge(trainable: dict, frozen: dict) -> dict:
 def part_lr(train: ml_collections.ConfigDict, part: str) -> float:
   lr = float(train.get(f"lr_{part}", -1.0))
   return float(train.lr) if lr < 0 else lr
-
-
-def schedule(peak: float, train: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warmup from 0 over `warmup_ratio * num_steps`, then cosine to 0 at `num_steps` (LLaVA's schedule).
-
-  With `train.finest_first_steps` N, the finest-scale phase is a schedule of its own (warmup, cosine to 0 at N),
-  then the full schedule resumes at step N (a warm restart): that is the curriculum as measured on the probe.
-  """
-  steps = max(int(train.num_steps), 1)
-  full = _warmup_cosine(peak, steps, float(train.warmup_ratio))
-  first = int(train.get("finest_first_steps", 0))
-  if not 0 < first < steps or train.get("scale_sampling", "all") != "all":
-    return full
-  return optax.join_schedules([_warmup_cosine(peak, first, float(train.warmup_ratio)), lambda s: full(s + first)],
-                              boundaries=[first])
-
-
-def _warmup_cosine(peak: float, steps: int, warmup_ratio: float) -> optax.Schedule:
-  warmup = int(round(warmup_ratio * steps))
-  if warmup >= steps:
-    return optax.linear_schedule(0.0, peak, steps)
-  return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps=warmup, decay_steps=steps, end_value=0.0)
 
 
 def decay_mask(tree: Any) -> Any:

@@ -28,6 +28,7 @@ from m3_jax.models.config import ModelConfig
 from m3_jax.train import checkpoint as ckpt_lib
 from m3_jax.train import objective as obj
 from m3_jax.train import optim
+from m3_jax.train.curriculum import Curriculum
 
 log = logging.getLogger(__name__)
 BATCH_NDIM = {"input_ids": 2, "labels": 2, "attention_mask": 2, "pixels": 4, "has_image": 1}
@@ -58,8 +59,7 @@ class TrainStep:
     self.scales = obj.scales_of(self.model_config.m3.scales, train.get("scales", ()))
     self.objective = obj.Objective(self.model, self.scales, impl=str(train.scale_loss),
                                    max_label_tokens=int(train.get("max_label_tokens", 0)))
-    if train.scale_sampling not in ("all", "random"):
-      raise ValueError(f"train.scale_sampling={train.scale_sampling!r}: expected 'all' or 'random'")
+    self.curriculum = Curriculum.of(train, self.scales)
     if train.on_nonfinite not in ("raise", "skip"):
       raise ValueError(f"train.on_nonfinite={train.on_nonfinite!r}: expected 'raise' or 'skip'")
     self.freeze = optim.check_freeze(train.freeze)
@@ -131,25 +131,14 @@ class TrainStep:
     trainable, frozen = optim.split(params, self.freeze)
     num_targets = obj.count_targets(batch, self.model_config.image_token_id)
     m = len(self.scales)
-    finest_first = int(self.config.train.get("finest_first_steps", 0))
-    finest_only = None
-    if self.config.train.scale_sampling == "random":
-      index = jax.random.randint(jax.random.PRNGKey(0) if rng is None else rng, (), 0, m)
-      trained = jax.nn.one_hot(index, m, dtype=jnp.float32)
-    else:
-      index, trained = None, jnp.ones((m,), jnp.float32)
-      if finest_first and step is not None:
-        # A curriculum: the finest scale alone first (a lookup that coarse scales cannot support is learned
-        # there), then every scale; lax.cond runs only the branch taken, so early steps cost one decoder pass.
-        finest_only = step < finest_first
-        finest = self.scales.index(max(self.scales))
-        trained = jnp.where(finest_only, jax.nn.one_hot(finest, m, dtype=jnp.float32), trained)
+    index, finest_only, trained = self.curriculum.trained(step, rng)
+    finest = self.curriculum.finest
 
     def loss_fn(trainable, micro):
       p = optim.merge(trainable, frozen)
       if index is not None:
         ce = self.objective.one_scale_ce(p, micro, index, label_budget)
-      elif finest_only is not None:
+      elif finest_only is not None:  # lax.cond runs only the branch taken: the finest phase costs one decoder pass
         ce = jax.lax.cond(finest_only,
                           lambda: self.objective.one_scale_ce(p, micro, jnp.int32(finest), label_budget),
                           lambda: self.objective.all_scales_ce(p, micro, label_budget))

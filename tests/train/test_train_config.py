@@ -19,10 +19,10 @@ def test_the_7b_recipe_is_the_papers():
 
 def test_finest_first_phase_has_its_own_schedule_then_the_full_one_resumes():
   import math
-  from m3_jax.train import optim
+  from m3_jax.train import curriculum
   c = m3_config.load("configs/tiny.py", ["train.num_steps=100", "train.finest_first_steps=40",
                                          "train.warmup_ratio=0.1", "train.lr=1.0"])
-  f = optim.schedule(1.0, c.train)
+  f = curriculum.schedule(1.0, c.train)
   full = lambda s: 0.5 * (1 + math.cos(math.pi * (s - 10) / 90))   # warmup 10 of 100, then cosine to 0 at 100
   phase1 = lambda s: 0.5 * (1 + math.cos(math.pi * (s - 4) / 36))  # warmup 4 of 40, then cosine to 0 at 40
   assert float(f(2)) == 0.5                                           # 2 of 4 warmup steps
@@ -30,3 +30,34 @@ def test_finest_first_phase_has_its_own_schedule_then_the_full_one_resumes():
     assert abs(float(f(s)) - phase1(s)) < 1e-6
   for s in (40, 70, 99):
     assert abs(float(f(s)) - full(s)) < 1e-6
+
+
+def test_finest_first_steps_takes_a_fraction_of_num_steps_and_says_which_steps_train_which_scales():
+  from m3_jax.train.curriculum import Curriculum
+  c = m3_config.load("configs/tiny.py")
+  assert c.train.num_steps == 900 and abs(c.train.finest_first_steps - 2 / 3) < 1e-12
+  cur = Curriculum.of(c.train, (144, 36, 9, 1))
+  assert cur.finest_first == 600
+  assert cur.phases(900) == [(0, 600, (144,)), (600, 900, (144, 36, 9, 1))]
+  assert cur.describe(900) == ("steps 0-599 train scale 144 only (train.finest_first_steps); steps 600-899 train "
+                               "scales 144, 36, 9, 1 (the loss averaged over them)")
+  short = m3_config.load("configs/tiny.py", ["train.num_steps=30"])   # the fraction follows num_steps
+  assert Curriculum.of(short.train, (144, 36, 9, 1)).phases(30) == [(0, 20, (144,)), (20, 30, (144, 36, 9, 1))]
+  steps = m3_config.load("configs/tiny.py", ["train.num_steps=30", "train.finest_first_steps=50"])
+  assert Curriculum.of(steps.train, (144, 36, 9, 1)).describe(30) == (
+      "steps 0-29 train scale 144 only (train.finest_first_steps); every scale is never trained "
+      "(train.finest_first_steps=50 >= train.num_steps=30)")
+  rand = m3_config.load("configs/tiny.py", ["train.num_steps=10", "train.scale_sampling='random'"])
+  assert Curriculum.of(rand.train, (9, 1)).describe(10) == "steps 0-9 train one scale drawn per step from 9, 1"
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("train.finest_first_steps", "-1", r"train.finest_first_steps=-1.0: expected 0 \(off\), a step count >= 1"),
+    ("train.finest_first_steps", "1.5", r"train.finest_first_steps=1.5: expected"),
+    ("train.scale_sampling", "'each'", r"train.scale_sampling='each': expected one of all, random"),
+])
+def test_bad_curriculum_values_are_named(key, value, match):
+  from m3_jax.train.curriculum import Curriculum
+  c = m3_config.load("configs/tiny.py", [f"{key}={value}"])
+  with pytest.raises(ValueError, match=match):
+    Curriculum.of(c.train, (9, 1))
