@@ -3,6 +3,10 @@
 Each function names its reference. Quirks of a reference are kept on purpose (and said so), because a number is
 only comparable with the paper's when it is computed the same way. Pure Python: no JAX, no NumPy needed.
 
+Every function that reads a model's answer strips it first (`str.strip()`): LLaVA's model_vqa*.py and lmms-eval's
+model wrappers strip the generated text before any scorer sees it, so a padded answer must score as the bare one
+(without this, " ab " got a higher ANLS than "ab", "No\n" read as yes for POPE and "B\t" as no letter for MMMU).
+
   evalai_normalize / vqa_soft_accuracy   LLaVA llava/eval/m4c_evaluator.py (EvalAIAnswerProcessor,
                                          TextVQAAccuracyEvaluator), used by lmms-eval's TextVQA/VizWiz too
   anls                                   DocVQA ANLS as lmms-eval / Qwen-VL infographicsvqa_eval compute it
@@ -11,6 +15,7 @@ only comparable with the paper's when it is computed the same way. Pure Python: 
   scienceqa_answer                       LLaVA llava/eval/eval_science_qa.py
   gqa_match                              LLaVA scripts/convert_gqa_for_eval.py + GQA eval.py (exact match)
   infer_option                           VLMEvalKit vlmeval/utils/matching_util.py can_infer (no LLM fallback)
+  igvlm_option                           IG-VLM evaluation/direct_answer_eval.py map_prediction_to_answer_v2
   circular_accuracy                      MMBench CircularEval (VLMEvalKit): a question counts only if every
                                          rotation of its options is answered right; rows grouped by index % 1e6
   mmmu_parse_multi_choice / mmmu_parse_open / mmmu_eval_open
@@ -129,12 +134,14 @@ def anls(prediction: str, answers: Sequence[str], threshold: float = 0.5) -> flo
   """Average Normalized Levenshtein Similarity of one prediction: max over gold answers of 1 - NL, 0 below 0.5.
 
   Both strings are stripped, lower-cased and whitespace-collapsed before the distance. As in the reference
-  (lmms-eval `anls`, from Qwen-VL's infographicsvqa_eval.py), the normalising length is max of the two RAW string
-  lengths, and a similarity exactly at the threshold is kept (only `< threshold` becomes 0).
+  (lmms-eval `anls`, from Qwen-VL's infographicsvqa_eval.py), the normalising length is max of the gold's RAW
+  length and the (stripped, as generated text is) prediction's, and a similarity exactly at the threshold is kept
+  (only `< threshold` becomes 0).
   """
   if not answers:
     raise ValueError("ANLS needs at least one gold answer")
-  det = " ".join(prediction.strip().lower().split())
+  prediction = prediction.strip()
+  det = " ".join(prediction.lower().split())
   nls = []
   for answer in answers:
     gt = " ".join(answer.strip().lower().split())
@@ -182,6 +189,7 @@ def pope_answer(text: str) -> str:
   Only the first sentence (up to the first "."), commas removed, split on single spaces; the answer is "no" when
   one of the words is exactly "no", "not" or "No" ("Not" or "NO" do not count), else "yes".
   """
+  text = text.strip()
   if "." in text:
     text = text.split(".")[0]
   words = text.replace(",", "").split(" ")
@@ -223,6 +231,7 @@ def scienceqa_answer(prediction: str, num_choices: int) -> str | None:
   "The answer is X." in the text. "B." or "b" are not accepted (as in the reference).
   """
   options = "ABCDE"
+  prediction = prediction.strip()
   if prediction in options:
     answer = prediction
   elif len(prediction) >= 3 and prediction[0] in options and prediction[1:3] == ". ":
@@ -234,26 +243,63 @@ def scienceqa_answer(prediction: str, num_choices: int) -> str | None:
 
 
 _OPTION_MARKS = ".()[],:;!*#{}"
+# can_infer_option's phrases: an API failure decides nothing (the text may still name an option); a refusal means
+# "no option" ('Z'), and so does the word "Z" when no option letter is named.
+_API_FAILURE = "Failed to obtain answer via API"
+_REFUSALS = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
+             "I'm sorry, but without the image provided", "Cannot determine the answer")
 
 
 def infer_option(prediction: str, options: Sequence[str]) -> str | None:
-  """The option letter a free-form answer names (VLMEvalKit `can_infer`, without its ChatGPT fallback).
+  """The option letter a free-form answer names, or None: VLMEvalKit's `can_infer` (vlmeval/utils/matching_util.py
+  as of 2024, commit c6bdffd3, the MMBench scorer of the paper's time) without its ChatGPT fallback.
 
-  First by letter: after turning the marks .()[],:;!*#{} into spaces, exactly one of the valid letters must occur
-  as a whole word ("(B)", "B.", "Answer: B"); two different letters ("A or B") decide nothing. Failing that, by
-  text: exactly one option's text (lower-cased) must be a substring of the answer. None when neither decides.
+  By letter (`can_infer_option`): a refusal phrase ("Cannot determine the answer", ...) -> None. Else the marks
+  .()[],:;!*#{} become spaces and the words are split: exactly one option letter among them -> that letter ("(B)",
+  "Answer: B"); no option letter but the word "Z" -> None ('Z', "none of the options"). Failing that (no letter, two
+  letters, or "Failed to obtain answer via API"), by text (`can_infer_text`): exactly one option's text, lower-cased,
+  inside the lower-cased answer. A lone letter that is not an option ("E" of four) names nothing. Not applied: the
+  rules VLMEvalKit added after the paper (2025 #1175: the letter among the last five words, a length cap on text
+  matching; 2026 #1552: "the answer is **B**").
   """
   letters = LETTERS[: len(options)]
-  text = str(prediction)
-  for mark in _OPTION_MARKS:
-    text = text.replace(mark, " ")
-  words = text.split()
-  named = [l for l in letters if l in words]
-  if len(named) == 1:
-    return named[0]
-  lowered = str(prediction).lower()
+  text = str(prediction).strip()
+  if _API_FAILURE not in text:
+    if any(r in text for r in _REFUSALS):
+      return None
+    words = text
+    for mark in _OPTION_MARKS:
+      words = words.replace(mark, " ")
+    words = words.split()
+    named = [l for l in letters if l in words]
+    if len(named) == 1:
+      return named[0]
+    if not named and "Z" in words:
+      return None
+  lowered = text.lower()
   by_text = [l for l, o in zip(letters, options) if str(o).lower() in lowered]
   return by_text[0] if len(by_text) == 1 else None
+
+
+def igvlm_option(prediction: str, options: Sequence[str]) -> str | None:
+  """The option letter IG-VLM reads from an answer to its video prompt (evaluation/direct_answer_eval.py
+  `map_prediction_to_answer_v2`, which the M3 paper's video numbers come from), or None.
+
+  The first character when it is one of A-E; then, in the text from "answer is" on when it says so (else the
+  whole text), the first of A-E in letter order written "X:" or "X)" overrides it. A letter beyond the options
+  names nothing (the reference would fail on it).
+  """
+  text = prediction.strip()  # IG-VLM strips the decoded output
+  if not text:
+    return None
+  found = text[0] if text[0] in "ABCDE" else None
+  if "answer is " in text:
+    text = text[text.index("answer is"):]
+  for letter in "ABCDE":
+    if f"{letter}:" in text or f"{letter})" in text:
+      found = letter
+      break
+  return found if found is not None and LETTERS.index(found) < len(options) else None
 
 
 def circular_accuracy(correct_by_index: Iterable[tuple[int, bool]]) -> float:
@@ -287,6 +333,7 @@ def mmmu_parse_multi_choice(response: str, options: Sequence[str], rng: random.R
   """
   all_choices = list(LETTERS[: len(options)])
   index2ans = dict(zip(all_choices, options))
+  response = response.strip()
   for char in [",", ".", "!", "?", ";", ":", "'"]:
     response = response.strip(char)
   response = " " + response + " "

@@ -69,9 +69,12 @@ def test_anls_takes_best_answer_and_raw_lengths():
   # best of two answers: "dec 12" vs "dec 12, 2001" (distance 6 / 12 -> 0.5) and "Dec 12" (exact -> 1)
   assert m.anls("dec 12", ["Dec 12, 2001", "Dec 12"]) == 1.0
   assert m.anls("dec 12", ["Dec 12, 2001"]) == pytest.approx(0.5)
-  # The reference divides by the RAW lengths: " ab " (len 4) vs "abc": normalised distance("ab","abc") = 1,
-  # length max(4, 3) = 4 -> 1 - 1/4 = 0.75 (not 1 - 1/3).
-  assert m.anls(" ab ", ["abc"]) == pytest.approx(0.75)
+  # The reference divides by the RAW gold length: "abc " (len 4) vs "ab": distance 1, length max(4, 2) = 4 -> 0.75.
+  assert m.anls("ab", ["abc "]) == pytest.approx(0.75)
+  # A prediction is stripped first, as the pipelines strip generated text: " ab " scores as "ab", 1 - 1/3 (it got
+  # 1 - 1/4 = 0.75 from its padded length 4 before).
+  assert m.anls(" ab ", ["abc"]) == m.anls("ab", ["abc"]) == pytest.approx(1 - 1 / 3)
+  assert m.anls("ab\n\n", ["abc"]) == pytest.approx(1 - 1 / 3)
   assert m.levenshtein("kitten", "sitting") == 3 and m.levenshtein("", "abc") == 3
 
 
@@ -106,6 +109,8 @@ def test_relaxed_correctness(pred, target, expected):
     ("Yes. There is no cat.", "yes"),       # only the first sentence counts
     ("no, absolutely", "no"),               # comma removed before splitting
     ("None", "yes"),
+    ("No\n", "no"), (" no ", "no"),          # stripped first: "No\n" was one word "No\n" -> yes before
+    ("\nYes, no doubt", "no"),              # stripped, then the words of the first sentence: "no" is one
 ])
 def test_pope_answer(text, expected):
   assert m.pope_answer(text) == expected
@@ -148,9 +153,32 @@ OPTIONS = ["red apple", "green pear", "yellow banana", "blue berry"]
     ("E", None),                            # not a valid letter for 4 options
     ("I cannot tell", None),                # "I" is not an option letter of A-D
     ("A or B, the green pear", "B"),        # letters ambiguous -> the text decides
+    (" C\n", "C"),
+    # VLMEvalKit's refusal phrases name no option, even beside a letter or an option's text
+    ("Cannot determine the answer", None), ("Cannot determine the answer. B", None),
+    ("I'm sorry, but without the image provided I'd say green pear", None),
+    # an API failure decides nothing by letter, but the text may still name an option
+    ("Failed to obtain answer via API. B", None), ("Failed to obtain answer via API: green pear", "B"),
+    ("Z", None), ("Z, none of them; not the green pear", None),   # "Z" without a letter: none of the options
+    ("E. green pear", "B"),                 # E is no option here: no letter named, the text decides
+    ("A. red apple or B. green pear", None),  # two letters, two texts
 ])
 def test_infer_option(pred, expected):
   assert m.infer_option(pred, OPTIONS) == expected
+
+
+@pytest.mark.parametrize("pred, expected", [
+    ("B", "B"), (" B\n", "B"), ("B. green pear", "B"),
+    ("C: yellow banana", "C"),              # first character C; "C:" agrees
+    ("B is wrong, A: red apple", "A"),      # "A:" overrides the first character
+    ("Answer: B", "A"),                     # the reference's quirk: first character A, and no "X:" / "X)" after
+    ("The answer is D) blue berry", "D"),
+    ("A) apple. The answer is C: banana", "C"),  # from "answer is" on: only "C:" is left
+    ("green pear", None), ("", None),
+    ("E", None),                            # E is beyond the 4 options
+])
+def test_igvlm_option(pred, expected):
+  assert m.igvlm_option(pred, OPTIONS) == expected
 
 
 def test_circular_accuracy_groups_rotations():
@@ -173,6 +201,7 @@ MMMU_OPTS = ["$10", "$20", "$30", "$40"]
 @pytest.mark.parametrize("resp, expected", [
     ("(B)", "B"),
     ("B", "B"),                      # stripped + padded: " B " contains "B "
+    ("B\t", "B"), ("\nB\n", "B"),       # whitespace stripped first (" B\t " held no "B " and fell to a random letter)
     ("The answer is (C).", "C"),
     ("A. $10", "A"),                 # no "(A)", no "A " (a "." follows the A): the third pass finds "A."
     ("(A) is wrong, the answer is (D)", "D"),   # two bracketed: the last mention wins

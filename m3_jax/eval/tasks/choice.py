@@ -200,7 +200,7 @@ class ScienceQAImg(_ChoiceTask):
     return out
 
   def score(self, sample: Sample, prediction: str) -> float:
-    return float(metrics.scienceqa_answer(prediction.strip(), len(sample.options)) == sample.answers)
+    return float(metrics.scienceqa_answer(prediction, len(sample.options)) == sample.answers)
 
 
 # ---------------------------------------------------------------------------------------------------------------
