@@ -146,26 +146,19 @@ class Engine:
     def pick(logits, rng):
       if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-      if per_row:
-        return pick_rows(logits, rng)
-      logits = logits / jnp.maximum(temperature, 1e-6)
-      probs = jax.nn.softmax(logits, axis=-1)
-      order = jnp.argsort(-probs, axis=-1)
-      sorted_p = jnp.take_along_axis(probs, order, axis=-1)
-      keep_sorted = jnp.cumsum(sorted_p, axis=-1) - sorted_p < top_p   # always keeps the top token
-      keep = jnp.zeros_like(keep_sorted).at[jnp.arange(b)[:, None], order].set(keep_sorted)
-      return jax.random.categorical(rng, jnp.where(keep, logits, -jnp.inf), axis=-1).astype(jnp.int32)
-
-    def pick_rows(logits, keys):
-      # The same nucleus sampling row by row, each row drawing from its own key: vmap gives row i exactly the
-      # draw that a batch of one with key i makes, wherever the row sits in the batch.
-      scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+      # temperature, top_p: scalars, or float32[B] with per_row (then [B, 1] against the vocabulary).
+      scaled = logits / jnp.maximum(jnp.reshape(temperature, (-1, 1)), 1e-6)
       probs = jax.nn.softmax(scaled, axis=-1)
       order = jnp.argsort(-probs, axis=-1)
       sorted_p = jnp.take_along_axis(probs, order, axis=-1)
-      keep_sorted = jnp.cumsum(sorted_p, axis=-1) - sorted_p < top_p[:, None]
+      keep_sorted = jnp.cumsum(sorted_p, axis=-1) - sorted_p < jnp.reshape(top_p, (-1, 1))  # keeps the top token
       keep = jnp.zeros_like(keep_sorted).at[jnp.arange(b)[:, None], order].set(keep_sorted)
-      drawn = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, scaled, -jnp.inf)).astype(jnp.int32)
+      masked = jnp.where(keep, scaled, -jnp.inf)
+      if not per_row:
+        return jax.random.categorical(rng, masked, axis=-1).astype(jnp.int32)
+      # Each row draws from its own key: vmap gives row i the draw a batch of one with key i makes, wherever the
+      # row sits in the batch (one key over [B, V] would make the draw depend on B and on the row's position).
+      drawn = jax.vmap(jax.random.categorical)(rng, masked).astype(jnp.int32)
       return jnp.where(temperature <= 0, jnp.argmax(logits, axis=-1).astype(jnp.int32), drawn)
 
     def cond(state):
