@@ -19,10 +19,11 @@ import math
 import pathlib
 from typing import Iterable
 
-from m3_jax.eval.tasks.common import iter_jsonl
+from m3_jax.eval import predictions
+from m3_jax.eval.metrics import mean
 
 DEFAULT_THRESHOLD = 0.5
-UNANSWERED_TOKENS = 1  # DESIGN.md: a sample wrong at every scale counts as 1 token
+UNANSWERED_TOKENS = 1  # the oracle spends the fewest tokens on a sample that no scale answers
 
 
 @dataclasses.dataclass
@@ -42,34 +43,25 @@ class Run:
 def read_run(path: str | pathlib.Path, name: str | None = None) -> Run:
   """Reads an eval directory (or a predictions.jsonl file). A later line for the same (question_id, scale) wins,
   as after a resumed eval."""
-  path = pathlib.Path(path)
-  file = path if path.is_file() else path / "predictions.jsonl"
+  file = predictions.predictions_file(path)
   if not file.exists():
     raise FileNotFoundError(f"{path}: no predictions.jsonl (expected the --out directory of `m3 eval`)")
-  folder = file.parent
-  task = folder.name
-  summary = folder / "summary.json"
-  if summary.exists():
-    task = json.loads(summary.read_text()).get("task", task)
+  records = predictions.read(file, ("question_id", "scale", "score"), who="`m3 analyze`")
   scores: dict[str, dict[int, float]] = collections.defaultdict(dict)
   categories: dict[str, str | None] = {}
-  for lineno, rec in iter_jsonl(file, ValueError):
-    missing = [k for k in ("question_id", "scale", "score") if k not in rec]
-    if missing:
-      raise ValueError(f"{file}:{lineno}: record lacks {missing}; `m3 analyze` needs question_id, scale and "
-                       f"score per line (got keys {sorted(rec)})")
+  for (qid, scale), rec in predictions.latest(records).items():
     if rec["score"] is None:
-      raise ValueError(f"{file}:{lineno}: score is null for question_id={rec['question_id']!r}; the task "
-                       "has no per-sample score, so the oracle cannot be computed")
-    qid = str(rec["question_id"])
-    scores[qid][int(rec["scale"])] = float(rec["score"])
+      raise ValueError(f"{file}: score is null for question_id={qid!r} at scale {scale}; the task has no per-sample score, so the "
+                       "oracle cannot be computed")
+    scores[qid][scale] = float(rec["score"])
     categories[qid] = rec.get("category") or categories.get(qid)
-  return Run(name=name or task, task=task, path=str(folder), scores=dict(scores), categories=categories)
+  return Run(name=name or _task(file.parent), task=_task(file.parent), path=str(file.parent), scores=dict(scores),
+             categories=categories)
 
 
-def mean(xs: Iterable[float]) -> float:
-  xs = list(xs)
-  return sum(xs) / len(xs) if xs else float("nan")
+def _task(folder: pathlib.Path) -> str:
+  """The run's task: summary.json's `task`, else the folder's name."""
+  return predictions.read_summary(folder).get("task", folder.name)
 
 
 def per_scale(run: Run, qids: Iterable[str] | None = None) -> dict[int, dict[str, float]]:
@@ -107,7 +99,7 @@ def oracle(run: Run, threshold: float = DEFAULT_THRESHOLD, qids: Iterable[str] |
   n = len(chosen)
   hist = collections.Counter(chosen.values())
   return {"score": answered / n if n else float("nan"),
-          "mean_tokens": mean(chosen.values()),
+          "mean_tokens": mean(chosen.values()) if n else float("nan"),
           "count": n, "incomplete": incomplete, "chosen": chosen,
           "histogram": {int(k): hist[k] for k in sorted(hist, reverse=True)}}
 
@@ -211,21 +203,12 @@ def plot_score_vs_tokens(result: dict, path: str | pathlib.Path) -> None:
   plt.close(fig)
 
 
-def run_names(paths: list[str]) -> list[str | None]:
+def run_names(paths: list[str]) -> list[str]:
   """Label runs by task, adding the directory name where two runs share a task."""
-  tasks = []
-  for p in paths:
-    p = pathlib.Path(p)
-    folder = p.parent if p.is_file() else p
-    summary = folder / "summary.json"
-    tasks.append(json.loads(summary.read_text()).get("task", folder.name) if summary.exists() else folder.name)
+  folders = [predictions.predictions_file(p).parent for p in paths]
+  tasks = [_task(f) for f in folders]
   counts = collections.Counter(tasks)
-  out = []
-  for p, t in zip(paths, tasks):
-    folder = pathlib.Path(p)
-    folder = folder.parent if folder.is_file() else folder
-    out.append(t if counts[t] == 1 else f"{folder.name}")
-  return out
+  return [t if counts[t] == 1 else f.name for f, t in zip(folders, tasks)]
 
 
 def write_report(paths: list[str], out: str | pathlib.Path, threshold: float = DEFAULT_THRESHOLD) -> dict:

@@ -80,7 +80,7 @@ def test_bad_records_are_named(tmp_path):
   d = tmp_path / "bad"
   d.mkdir()
   (d / "predictions.jsonl").write_text(json.dumps({"question_id": "q1", "prediction": "a"}) + "\n")
-  with pytest.raises(ValueError, match=r"predictions.jsonl:1: record lacks \['scale', 'score'\]"):
+  with pytest.raises(ValueError, match=r"predictions.jsonl, line 1: record lacks \['scale', 'score'\]"):
     analysis.read_run(d)
   with pytest.raises(FileNotFoundError, match="no predictions.jsonl"):
     analysis.read_run(tmp_path / "nowhere")

@@ -45,9 +45,10 @@ def load_json(path: str) -> Any:
     raise TaskDataError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
 
 
-def iter_jsonl(path, error: type[Exception] = None) -> Iterator[tuple[int, dict]]:
+def iter_jsonl(path, error: type[Exception] | None = None, *, cut_tail: bool = False) -> Iterator[tuple[int, dict]]:
   """(1-based line number, object) for each non-blank line of a JSON-lines file; a line that is not a JSON
-  object raises `error` (default TaskDataError) naming the file and line."""
+  object raises `error` (default TaskDataError) naming the file and line. With `cut_tail`, an unterminated last
+  line that is not valid JSON is skipped: it is a write cut by a crash (every writer ends its lines with a newline)."""
   error = error or TaskDataError
   with open(path, encoding="utf-8") as f:
     for n, line in enumerate(f, 1):
@@ -56,6 +57,8 @@ def iter_jsonl(path, error: type[Exception] = None) -> Iterator[tuple[int, dict]
       try:
         row = json.loads(line)
       except json.JSONDecodeError as e:
+        if cut_tail and not line.endswith("\n"):
+          return
         raise error(f"{path}, line {n}: not valid JSON ({e.msg})") from None
       if not isinstance(row, dict):
         raise error(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
@@ -129,10 +132,6 @@ def is_missing(value: Any) -> bool:
   if isinstance(value, float) and value != value:
     return True
   return isinstance(value, str) and value.strip().lower() in ("", "nan", "none")
-
-
-def resolve(base: str, *parts: str) -> str:
-  return os.path.join(base, *parts)
 
 
 def iter_numbered(records: Sequence[dict], path: str) -> Iterator[tuple[int, dict, str]]:

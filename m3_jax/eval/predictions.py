@@ -1,0 +1,131 @@
+"""The files of an eval output directory: `predictions.jsonl` (read and appended), `summary.json` and `summary.csv`.
+
+The only code that reads or writes them; `m3 eval` writes them, `m3 score` and `m3 analyze` read them.
+
+predictions.jsonl: one JSON object per line, per sample and scale. `m3 eval` writes `question_id`, `scale`,
+`prediction`, `score` and `category`; `m3 score` needs only `question_id` and `prediction` (LLaVA answer files'
+`text` is read as `prediction`), so any model's answers can be scored. Ids compare as strings. A later line for the
+same (question_id, scale) replaces an earlier one (a resumed eval). Every line ends with a newline, so an
+unterminated last line that is not valid JSON is a write cut by a crash: readers skip it and the appender drops it.
+
+summary.json: `{"task", "num_samples", "scales": {scale: {metric: value}}, ...}` (`m3 eval` adds `ckpt`, `pool`);
+summary.csv: one row per scale, one column per metric.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+from typing import IO, Iterable, Sequence
+
+from m3_jax.eval.tasks.common import iter_jsonl
+
+PREDICTIONS = "predictions.jsonl"
+SUMMARY = "summary.json"
+SUMMARY_CSV = "summary.csv"
+
+SCORE_FIELDS = ("question_id", "prediction")           # what `m3 score` needs of a line
+EVAL_FIELDS = ("question_id", "scale", "prediction")   # what an eval resume needs
+
+
+class PredictionError(ValueError):
+  """Predictions that cannot be read or matched to a task; the message names the file, line or ids."""
+
+
+def predictions_file(path: str | pathlib.Path) -> pathlib.Path:
+  """An eval directory or a predictions file -> the predictions file (which may not exist yet)."""
+  path = pathlib.Path(path)
+  return path / PREDICTIONS if path.is_dir() else path
+
+
+def read(path: str | pathlib.Path, require: Sequence[str] = SCORE_FIELDS, *, who: str = "") -> list[dict]:
+  """The records of a predictions file in file order, normalised: `question_id` a str, `prediction` a str (from
+  `text` where `prediction` is absent), `scale` an int or None when the line has none. A record lacking a field
+  of `require` (`who` names the reader in the message) or with a wrongly typed field raises PredictionError
+  naming the file and line."""
+  records = []
+  for n, row in iter_jsonl(path, PredictionError, cut_tail=True):
+    rec = dict(row)
+    if "prediction" not in rec and "text" in rec:
+      rec["prediction"] = rec.pop("text")
+    missing = [k for k in require if k not in rec]
+    if missing:
+      raise PredictionError(f"{path}, line {n}: record lacks {missing}; {who or 'a reader'} needs "
+                            f"{', '.join(require)} per line (got keys {sorted(row)})")
+    if "prediction" in rec and not isinstance(rec["prediction"], str):
+      raise PredictionError(f"{path}, line {n}: 'prediction' must be a string, got {rec['prediction']!r}")
+    if "question_id" in rec:
+      rec["question_id"] = str(rec["question_id"])
+    scale = rec.get("scale")
+    try:
+      rec["scale"] = None if scale is None else int(scale)
+    except (TypeError, ValueError):
+      raise PredictionError(f"{path}, line {n}: 'scale' must be an integer, got {scale!r}") from None
+    records.append(rec)
+  return records
+
+
+def latest(records: Iterable[dict]) -> dict[tuple[str, int | None], dict]:
+  """{(question_id, scale): record}; a later record for the same key wins (a resumed eval)."""
+  return {(r["question_id"], r["scale"]): r for r in records}
+
+
+def by_scale(records: Iterable[dict]) -> dict[int | None, list[dict]]:
+  """{scale (None for lines without one): records in file order}."""
+  groups: dict[int | None, list[dict]] = {}
+  for r in records:
+    groups.setdefault(r["scale"], []).append(r)
+  return groups
+
+
+def record(question_id: str, scale: int | None, prediction: str, score: float | None, **extra) -> dict:
+  """One predictions line: the contract's fields first, then `extra` (e.g. `category`)."""
+  return {"question_id": question_id, "scale": scale, "prediction": prediction, "score": score, **extra}
+
+
+class Appender:
+  """Appends records to a predictions file, one flushed line each; a last line cut by a crash is dropped first
+  so that the next record starts on a line of its own."""
+
+  def __init__(self, path: str | pathlib.Path):
+    self.path = pathlib.Path(path)
+    if self.path.exists():
+      text = self.path.read_text(encoding="utf-8")
+      if text and not text.endswith("\n"):
+        self.path.write_text(text[:text.rfind("\n") + 1], encoding="utf-8")
+    self._file: IO[str] | None = None
+
+  def __enter__(self) -> "Appender":
+    self._file = open(self.path, "a", encoding="utf-8")
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._file.close()
+
+  def write(self, records: Iterable[dict]) -> None:
+    self._file.write("".join(json.dumps(r) + "\n" for r in records))
+    self._file.flush()
+
+
+def write(path: str | pathlib.Path, records: Iterable[dict]) -> None:
+  """A new predictions-format file holding `records` (e.g. `m3 score --per-sample`)."""
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("".join(json.dumps(r) + "\n" for r in records))
+
+
+def write_summary(out: str | pathlib.Path, summary: dict) -> None:
+  """summary.json and summary.csv (a row per scale of `summary["scales"]`, a column per metric) into `out`."""
+  out = pathlib.Path(out)
+  (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+  names = sorted({k for m in summary["scales"].values() for k in m})
+  with open(out / SUMMARY_CSV, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["scale", *names])
+    for scale, m in summary["scales"].items():
+      w.writerow([scale, *(m.get(k, "") for k in names)])
+
+
+def read_summary(folder: str | pathlib.Path) -> dict:
+  """The folder's summary.json, or {} when there is none."""
+  file = pathlib.Path(folder) / SUMMARY
+  return json.loads(file.read_text()) if file.exists() else {}
