@@ -269,9 +269,3 @@ def load_and_preprocess(src: Any, cfg: ImageProcessorConfig, *, aspect: str = "p
                         max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
   """File/bytes -> float32[H, W, 3]; the one call the pipeline and `m3 generate` make per image."""
   return preprocess(load_image(src, max_pixels=max_pixels), cfg, aspect=aspect)
-
-
-def denormalize(x: np.ndarray, cfg: ImageProcessorConfig) -> np.ndarray:
-  """float32[..., 3] normalised pixels -> uint8 (for looking at what the model saw)."""
-  y = (np.asarray(x) * np.asarray(cfg.image_std) + np.asarray(cfg.image_mean)) / cfg.rescale_factor
-  return np.clip(np.round(y), 0, 255).astype(np.uint8)
