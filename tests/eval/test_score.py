@@ -116,3 +116,16 @@ def test_console_entry_prints_summary_last(tmp_path):
   assert proc.returncode == 0, proc.stderr
   # "Yes." -> "yes" right; "truck" != "car"
   assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"task": "gqa", "accuracy": 0.5, "count": 2.0}
+
+
+def test_match_lists_twenty_ids_then_counts_the_rest():
+  from m3_jax.eval import scoring
+  from m3_jax.eval.tasks import Sample
+  samples = [Sample("a", "?", "x"), Sample("b", "?", "y")]
+  rows = [{"question_id": f"u{i}", "scale": None, "prediction": "x"} for i in range(25)]
+  rows.append({"question_id": "a", "scale": None, "prediction": "x"})
+  with pytest.raises(scoring.PredictionError) as e:
+    scoring.match(samples, rows, allow_missing=True)
+  assert str(e.value) == "25 ids not in the task file: " + ", ".join(f"u{i}" for i in range(20)) + " ... and 5 more"
+  scored, preds, missing = scoring.match(samples, rows[-1:], allow_missing=True)
+  assert [s.question_id for s in scored] == ["a"] and preds == {"a": "x"} and missing == ["b"]
