@@ -1,0 +1,90 @@
+"""Params IO: a params pytree to and from one orbax directory, with key/shape checks and checksum verification.
+
+`save` writes the tree (orbax StandardCheckpointer: OCDBT + zarr3, every host writes its shards) and returns its
+per-array checksums (identity.checksums); `restore` reads it back, in the stored dtype, straight into the target
+shardings, verifies the checksums when given, then casts to the requested dtype. Where the checksums are kept is
+the business of the layout around the directory (m3dir, workdir).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from m3_jax.checkpoint import identity
+
+
+def absolute(path: str | epath.PathLike) -> epath.Path:
+  """An epath.Path orbax accepts (local paths made absolute; gs://... as it is)."""
+  path = epath.Path(path)
+  return path if path.is_absolute() else path.absolute()
+
+
+def save(path: str | epath.PathLike, params: Any) -> dict[str, str]:
+  """Writes `params` (a pytree of arrays: jax or numpy) to the orbax directory `path`, replacing what is there;
+  -> the per-array checksums of what was written."""
+  sums = identity.checksums(params)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(absolute(path), params, force=True)
+    ckptr.wait_until_finished()
+  return sums
+
+
+def restore(path: str | epath.PathLike, *, subtree: str | None = None, target_shardings: Any = None,
+            abstract: Any = None, checksums: dict[str, str] | None = None) -> Any:
+  """Reads the params tree stored at `path` (or its item `subtree`, e.g. "params" of a train state).
+
+  With `target_shardings` (a tree of jax.sharding.Sharding matching the params) each array is read straight into
+  its shards; with `abstract` (a tree of ShapeDtypeStruct, e.g. from jax.eval_shape(init)) the keys and shapes are
+  checked first (a ValueError naming each key) and the arrays cast to its dtypes; otherwise arrays land on the
+  default device in their stored dtypes. `checksums` (keyed like the stored tree) are verified: an
+  identity.ChecksumError names every array whose bytes changed."""
+  path = absolute(path)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    stored = ckptr.metadata(path)
+    stored = getattr(stored, "item_metadata", stored)
+    stored = getattr(stored, "tree", stored)
+    if subtree is not None:
+      stored = stored[subtree]
+    stored_shapes = {jax.tree_util.keystr(p): (tuple(m.shape), np.dtype(m.dtype))
+                     for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]}
+    stored_abstract = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), stored)
+    if abstract is None:
+      abstract = stored_abstract
+    else:
+      check_tree_matches(abstract, stored_shapes, str(path))
+    if target_shardings is None:
+      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      target_shardings = jax.tree_util.tree_map(lambda _: device, abstract)
+    # Read in the stored dtype (the checksums are of the stored bytes), cast afterwards.
+    target = jax.tree_util.tree_map(lambda a, m, s: jax.ShapeDtypeStruct(a.shape, m.dtype, sharding=s), abstract,
+                                    stored_abstract, target_shardings)
+    if subtree is not None:
+      target = {subtree: target}
+    restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+  if subtree is not None:
+    restored = restored[subtree]
+  if checksums is not None:
+    identity.verify(restored, checksums, str(path), prefix="" if subtree is None else f"['{subtree}']")
+  return jax.tree_util.tree_map(lambda x, a: x if x.dtype == a.dtype else x.astype(a.dtype), restored, abstract)
+
+
+def check_tree_matches(abstract: Any, stored_shapes: dict[str, tuple[tuple[int, ...], np.dtype]], where: str):
+  """Raises a ValueError naming every key missing on either side or with another shape."""
+  expected = {jax.tree_util.keystr(p): (tuple(a.shape), np.dtype(a.dtype))
+              for p, a in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+  problems = []
+  for key in sorted(set(expected) | set(stored_shapes)):
+    if key not in stored_shapes:
+      problems.append(f"  {key}: missing in {where} (expected shape {expected[key][0]})")
+    elif key not in expected:
+      problems.append(f"  {key}: in {where} but not in the model (shape {stored_shapes[key][0]})")
+    elif expected[key][0] != stored_shapes[key][0]:
+      problems.append(f"  {key}: shape {stored_shapes[key][0]} in {where}, the model expects {expected[key][0]}")
+  if problems:
+    raise ValueError(f"parameters in {where} do not match the model ({len(problems)} keys):\n"
+                     + "\n".join(problems[:40]) + ("\n  ..." if len(problems) > 40 else ""))

@@ -1,0 +1,84 @@
+"""The training workdir: params of a step read into shards, the grain probe pipeline's iterator state through a
+training checkpoint (a resumed run sees the batches it would have), and checksums: a flipped bit in the latest
+step makes the restore fall back (naming the array), and reading that step's params fails naming it."""
+from __future__ import annotations
+
+import logging
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from m3_jax import sharding as shd
+from m3_jax.checkpoint import identity, workdir
+
+from checkpoint_testlib import flip_bit_of, random_bits
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_params_of_a_step(tmp_path):
+  params = {"llm": {"w": jnp.arange(32.0).reshape(8, 4)}, "projector": {"b": jnp.ones(3)}}
+  ckpts = workdir.Checkpoints(tmp_path / "run")
+  for step in (3, 5):
+    ckpts.save(step, {"params": jax.tree_util.tree_map(lambda x: x * step, params), "opt_state": {"mu": jnp.zeros(3)},
+                      "step": jnp.int32(step)})
+  ckpts.close()
+  assert workdir.steps(tmp_path / "run") == [3, 5] and workdir.latest_step(tmp_path / "run") == 5
+  np.testing.assert_array_equal(np.asarray(workdir.load_params(tmp_path / "run")["projector"]["b"]), [5, 5, 5])
+  np.testing.assert_array_equal(np.asarray(workdir.load_params(tmp_path / "run", step=3)["projector"]["b"]), [3, 3, 3])
+  with pytest.raises(FileNotFoundError, match="no checkpoint for step 4"):
+    workdir.load_params(tmp_path / "run", step=4)
+  mesh = shd.make_mesh((1, -1, 1))
+  shardings = {"llm": {"w": jax.sharding.NamedSharding(mesh, shd.P("fsdp"))}, "projector": {"b": shd.replicated(mesh)}}
+  loaded = workdir.load_params(tmp_path / "run", step=3, target_shardings=shardings)
+  np.testing.assert_array_equal(np.asarray(loaded["llm"]["w"]), np.arange(32.0).reshape(8, 4) * 3)
+  assert loaded["llm"]["w"].addressable_shards[0].data.shape == (1, 4)
+  meta = workdir.read_meta(tmp_path / "run", 5)
+  assert meta["step"] == 5 and meta["checksum_algorithm"] == identity.ALGORITHM
+  assert sorted(meta["checksums"]) == ["['opt_state']['mu']", "['params']['llm']['w']", "['params']['projector']['b']",
+                                       "['step']"]
+
+
+def test_a_flipped_bit_in_the_latest_step_falls_back_naming_the_array(tmp_path, caplog):
+  def state(step):
+    return {"params": {"w": jnp.asarray(random_bits(step, 512)), "b": jnp.zeros(2)}, "step": jnp.int32(step)}
+
+  ckpts = workdir.Checkpoints(tmp_path, keep=5)
+  for step in (1, 2):
+    ckpts.save(step, state(step), {"index": step})
+  ckpts.close()
+  flip_bit_of(tmp_path / "checkpoints" / "2" / "state", random_bits(2, 512))
+  with pytest.raises(identity.ChecksumError, match=r"\['params'\]\['w'\]: checksum [0-9a-f]{16}, saved"):
+    workdir.load_params(tmp_path, step=2)
+  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state(1))
+  with caplog.at_level(logging.WARNING):
+    step, restored, data = workdir.Checkpoints(tmp_path, keep=5).restore(abstract)
+  assert step == 1 and data == {"index": 1}
+  np.testing.assert_array_equal(np.asarray(restored["params"]["w"]).view(np.uint32),
+                                random_bits(1, 512).view(np.uint32))
+  assert "step 2" in caplog.text and "ChecksumError" in caplog.text and "['params']['w']" in caplog.text
+  assert [p.name for p in (tmp_path / "corrupt_checkpoints").iterdir()] == ["2"]
+
+
+def test_probe_pipeline_state_resumes_through_a_checkpoint(tmp_path):
+  from m3_jax.configs import base as m3_config
+  from m3_jax.data import pipeline
+  config = m3_config.load(str(REPO / "configs/tiny.py"), ["train.batch_size=4"])
+  config.data.path, config.data.probe_size = str(tmp_path / "probe"), 40
+  it = pipeline.train_iterator(config, tmp_path / "work")
+  next(it), next(it)
+  ckpts = workdir.Checkpoints(tmp_path / "work")
+  ckpts.save(2, {"step": jnp.int32(2)}, workdir.iterator_state(it))
+  ckpts.wait()
+  expected = [next(it) for _ in range(2)]
+  fresh = pipeline.train_iterator(config, tmp_path / "work")
+  step, _, data_state = workdir.Checkpoints(tmp_path / "work").restore({"step": jax.ShapeDtypeStruct((), jnp.int32)})
+  assert step == 2
+  workdir.set_iterator_state(fresh, data_state)
+  for want in expected:
+    got = next(fresh)
+    for key in ("input_ids", "labels", "pixels"):
+      np.testing.assert_array_equal(got[key], want[key])
