@@ -1,4 +1,5 @@
-"""`m3 generate --ckpt CKPT --image PATH --prompt TEXT [--scale N] [--max-new-tokens K] [--template T] [--json]`."""
+"""`m3 generate --ckpt CKPT --image PATH --prompt TEXT [--scale N] [--max-new-tokens K] [--template T] [--json]`:
+one answer from a checkpoint about an image at one scale (the model is `m3_jax.eval.loader.M3Model`)."""
 from __future__ import annotations
 
 import argparse

@@ -51,8 +51,8 @@ def read_run(path: str | pathlib.Path, name: str | None = None) -> Run:
   categories: dict[str, str | None] = {}
   for (qid, scale), rec in predictions.latest(records).items():
     if rec["score"] is None:
-      raise ValueError(f"{file}: score is null for question_id={qid!r} at scale {scale}; the task has no per-sample score, so the "
-                       "oracle cannot be computed")
+      raise ValueError(f"{file}: score is null for question_id={qid!r} at scale {scale}; the task has no "
+                       "per-sample score, so the oracle cannot be computed")
     scores[qid][scale] = float(rec["score"])
     categories[qid] = rec.get("category") or categories.get(qid)
   return Run(name=name or _task(file.parent), task=_task(file.parent), path=str(file.parent), scores=dict(scores),

@@ -1,5 +1,6 @@
-"""Shared reading helpers for the benchmark readers: JSON / JSON lines / CSV / TSV / parquet with errors that name
-the file and the line or record, the LLaVA instructions, and the multiple-choice prompt layout."""
+"""Shared reading helpers for the benchmark readers (and the predictions reader): JSON / JSON lines / CSV / TSV /
+parquet with errors that name the file and the line or record, the LLaVA instructions, and the multiple-choice
+prompt layout."""
 from __future__ import annotations
 
 import csv
