@@ -11,7 +11,6 @@ Shapes: B batch, T prompt length (bucketed), N visual tokens (bucketed), L = T +
 from __future__ import annotations
 
 import dataclasses
-import functools
 import threading
 from typing import Callable, Sequence
 
