@@ -89,3 +89,37 @@ def test_frame_folder_and_errors(tmp_path):
   _write_video(short, [0, 50, 100])
   with pytest.raises(ValueError, match="short.mp4: the video has 3 frames"):
     video.load_video(short)
+
+
+# LLaVA-NeXT's pinpoints (llava-v1.6-vicuna-7b config.json image_grid_pinpoints; symmetric, so either reading).
+NEXT_PINS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+@pytest.mark.parametrize("frame_wh", [(640, 480), (1280, 720)])   # 4:3 and 16:9 frames
+def test_igvlm_collage_gets_llava_next_base_plus_2x2_crops(frame_wh):
+  from m3_jax import geometry
+  w, h = frame_wh
+  frames = [Image.new("RGB", (w, h))] * 6
+  img = video.collage(frames)                          # 3 rows x 2 columns: 4:3 -> 8:9, 16:9 -> 32:27
+  assert img.size == (2 * w, 3 * h)
+  assert geometry.grid_shape((img.height, img.width), NEXT_PINS, "hw", 336) == (2, 2)
+  # base + 2x2 crops: Table 3's 2880 / 720 / 180 / 45 / 5 tokens are 5 crops x 576 / 144 / 36 / 9 / 1.
+  # m3-jax's earlier 2 rows x 3 columns (4:3 -> 2:1, 16:9 -> 8:3) gets 1x2 and 1x3 grids instead.
+  old = video.collage(frames, cols=3)
+  assert geometry.grid_shape((old.height, old.width), NEXT_PINS, "hw", 336) == {(640, 480): (1, 2),
+                                                                                (1280, 720): (1, 3)}[frame_wh]
+
+
+def test_igvlm_collage_visual_tokens_on_a_tiny_llava_next(fixtures_dir, tmp_path):
+  """The fixture NeXT model (crop 48, pinpoints (h, w) 48x96, 96x48, 96x96): collages of 4:3 and 16:9 frames get
+  base + 2x2 crops; at 36 tokens per crop the 12 x 12 token map is unpadded, a newline closes each kept row."""
+  from m3_jax.convert.convert import convert
+  from m3_jax.eval.loader import load
+  convert(fixtures_dir / "transformers-5.23.0" / "llava-next", tmp_path / "next", progress=False)
+  model = load(tmp_path / "next")
+  c43 = video.collage([Image.new("RGB", (32, 24), (9, 99, 199))] * 6)   # (h, w) = (72, 64)
+  c169 = video.collage([Image.new("RGB", (32, 18), (9, 99, 199))] * 6)  # (h, w) = (54, 64)
+  got = model.visual([c43, c169], [36, 36])   # the visual tokens the prompt gets, without the decoder
+  # 4:3: width 64 * 12 / 72 = 10.67 -> 10 columns kept (1 padding each side) -> 36 + 12 * (10 + 1) = 168.
+  # 16:9: height 54 * 12 / 64 = 10.125 -> 10 rows kept -> 36 + 10 * (12 + 1) = 166.
+  assert [v.shape[0] for v in got] == [168, 166]

@@ -395,10 +395,30 @@ def test_nextqa(tmp_path):
       [4010069381, 369, 640, 480, "why is the man smiling", 0, 7, "CW", "happy", "sad", "tired", "angry", "bored"],
   ], ",")
   write_json(d / "map_vid_vidorID.json", {"4010069381": "1106/4010069381"})
+  # IG-VLM's reading: "C" -> C (right); "(B) sad" -> "B)" -> B, "sad" != "happy" (wrong)
   samples, summary = run(get_task("nextqa"), str(d), {"4010069381_6": "C", "4010069381_7": "(B) sad"})
   assert samples[0].video == os.path.join(str(d), "NExTVideo", "1106/4010069381.mp4")
-  assert samples[0].prompt.startswith("how do the two man play the instrument\nA. roll the handle\n")
+  # IG-VLM's 7B prompt (eval_llava_multiplechoice.py), its user turn: the chat template adds USER:/ASSISTANT:
+  assert samples[0].prompt == ("The provided image arranges keyframes from a video in a grid view. Question: how do "
+                               "the two man play the instrument A:roll the handle. B:tap their feet. C:strum the "
+                               "string. D:hit with sticks. E:pat with hand. \nSelect the correct answer from the "
+                               "options.")
+  assert samples[0].meta["collage"] == "igvlm"
   assert samples[0].answers == "C" and summary["accuracy"] == 0.5 and summary["accuracy/CH"] == 1.0
+  verbatim = next(get_task("nextqa", prompt="igvlm_verbatim").samples(str(d)))
+  assert verbatim.prompt == ("Select correct option to answer the question. USER: <image>\nThe provided image "
+                             "arranges keyframes from a video in a grid view. Question: how do the two man play the "
+                             "instrument A:roll the handle. B:tap their feet. C:strum the string. D:hit with sticks. "
+                             "E:pat with hand. \nSelect the correct answer from the options. \nASSISTANT:\nAnswer:")
+  llava = list(get_task("nextqa", prompt="llava", collage="linspace_2x3").samples(str(d)))
+  assert llava[0].prompt == ("how do the two man play the instrument\nA. roll the handle\nB. tap their feet\nC. strum "
+                             "the string\nD. hit with sticks\nE. pat with hand\nAnswer with the option's letter from "
+                             "the given choices directly.")
+  assert llava[0].meta["collage"] == "linspace_2x3"
+  with pytest.raises(ValueError, match="nextqa: collage='3x2', expected one of igvlm, linspace_2x3"):
+    get_task("nextqa", collage="3x2")
+  with pytest.raises(ValueError, match="nextqa: prompt='gpt4v', expected one of igvlm, igvlm_verbatim, llava"):
+    get_task("nextqa", prompt="gpt4v")
   write_table(tmp_path / "bad" / "val.csv", NEXT_HEADER, [[1, 1, 1, 1, "q", 7, 0, "CW", "a", "b", "c", "d", "e"]],
               ",")
   with pytest.raises(TaskDataError, match=r"val.csv, line 2: answer '7' is not an index 0-4"):
@@ -413,7 +433,11 @@ def test_intentqa(tmp_path):
        "to catch the ball"]], ",")
   samples, summary = run(get_task("intentqa"), str(tmp_path / "IntentQA"), {"5432_0": "to catch the ball"})
   assert samples[0].video == os.path.join(str(tmp_path / "IntentQA"), "videos", "5432.mp4")
-  assert samples[0].answers == "E" and summary["accuracy"] == 1.0
+  assert samples[0].answers == "E" and summary["accuracy"] == 0.0   # IG-VLM reads letters only: no "E" here
+  _, summary = run(get_task("intentqa", prompt="llava"), str(tmp_path / "IntentQA"), {"5432_0": "to catch the ball"})
+  assert summary["accuracy"] == 1.0                                  # VLMEvalKit's can_infer matches the text
+  _, summary = run(get_task("intentqa"), str(tmp_path / "IntentQA"), {"5432_0": "The answer is E: to catch it"})
+  assert summary["accuracy"] == 1.0
 
 
 def test_egoschema(tmp_path):
@@ -426,6 +450,9 @@ def test_egoschema(tmp_path):
   assert [s.question_id for s in samples] == ["0074f737-11cb"]   # only questions with public answers
   assert samples[0].video == os.path.join(str(d), "videos", "0074f737-11cb.mp4")
   assert summary["accuracy"] == 1.0
+  # IG-VLM compares option texts: a letter whose text equals the gold's counts too
+  write_json(d / "questions.json", [{**q, "option 1": "option text 3"}])
+  assert run(get_task("egoschema"), str(d), {"0074f737-11cb": "B"})[1]["accuracy"] == 1.0
 
 
 def test_missing_files_are_clear_errors(tmp_path):
