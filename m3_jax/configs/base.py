@@ -1,7 +1,7 @@
 """Run configuration: one ml_collections schema shared by every config file, and config-file loading.
 
 A config file is `get_config(arg=None) -> ConfigDict` (big_vision style). Files start from `base()` so every
-field named in DESIGN.md exists everywhere, and override what differs. `load("configs/tiny.py:arg",
+field (docs/design.md lists them) exists everywhere, and override what differs. `load("configs/tiny.py:arg",
 overrides=["train.lr=1e-3"])` is what `m3 train --config FILE[:ARGS] --config.KEY=VALUE` does.
 """
 from __future__ import annotations
@@ -12,27 +12,15 @@ import pathlib
 
 import ml_collections
 
-SCALES_LLAVA = (576, 144, 36, 9, 1)
+from m3_jax import sharding
+from m3_jax.models.config import ModelConfig
 
 
 def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
-  c.model = m = ml_collections.ConfigDict()
-  m.type = "llava15"  # "llava15" | "llava_next"
-  m.vision = dict(image_size=336, patch_size=14, width=1024, depth=24, heads=16, mlp_dim=4096,
-                  feature_layer=-2, select="patch", eps=1e-5)
-  m.projector = dict(type="mlp2x_gelu")
-  m.llm = dict(vocab_size=32064, width=4096, depth=32, heads=32, kv_heads=32, mlp_dim=11008,
-               rope_theta=10000.0, rms_eps=1e-5, max_len=4096)
-  m.m3 = dict(scales=SCALES_LLAVA, pool="avg", pool_position="after_projector")
-  m.anyres = dict(grid_pinpoints=(), pinpoint_order="hw")
-  m.image_token_id = 32000
-  m.pad_token_id = 32001
-  m.bos_token_id = 1
-  m.eos_token_id = 2
-  m.dtype = "float32"        # compute dtype; parameters stay float32 (master weights)
-  m.remat = "none"           # "none" | "full" | "dots"
+  # Every ModelConfig field, with ModelConfig's defaults (the one place they are written).
+  c.model = ml_collections.ConfigDict(ModelConfig().to_dict())
 
   c.data = ml_collections.ConfigDict(dict(
       source="probe",            # "probe" | "llava_json" | "tfds"
@@ -68,25 +56,10 @@ def base() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, init_from="", async_save=True))
   c.mesh = ml_collections.ConfigDict(dict(
       shape=(-1, 1, 1),          # ("data", "fsdp", "tensor"); -1 takes the remaining devices
-      rules=DEFAULT_RULES,
+      rules=sharding.DEFAULT_RULES,  # logical axis -> mesh axis (m3_jax/sharding.py)
   ))
   return c
 
-
-# Logical parameter/activation axis -> mesh axis (MaxText style). FSDP: shard the embedding dimension of
-# every weight over "fsdp", the wide dimensions over "tensor".
-DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("vit_embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv", "tensor"),
-    ("mlp", "tensor"),
-    ("vocab", "tensor"),
-    ("layers", None),
-    ("norm", None),
-    ("conv", None),
-)
 
 
 def load(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
@@ -119,21 +92,35 @@ def resolve(name_or_path: str) -> pathlib.Path:
 
 
 def set_field(config: ml_collections.ConfigDict, dotted: str, value: str):
+  """Sets `dotted` (e.g. "train.lr") from the text `value`, parsed as a Python literal (bare words stay strings).
+  An unknown key is a KeyError naming the known ones; a value of the wrong type a TypeError naming the expected."""
   *parents, leaf = dotted.split(".")
   node = config
   for p in parents:
-    if p not in node:
-      raise KeyError(f"config has no field {dotted!r} ({p!r} is not in {sorted(node.keys())})")
+    if not isinstance(node, ml_collections.ConfigDict) or p not in node:
+      known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      raise KeyError(f"config has no field {dotted!r} ({p!r} is not in {known})")
     node = node[p]
   if leaf not in node:
     raise KeyError(f"config has no field {dotted!r} (known in {'.'.join(parents) or 'root'}: {sorted(node.keys())})")
+  node[leaf] = _typed(dotted, node[leaf], value)
+
+
+def _typed(dotted: str, old, value: str):
+  """`value` parsed and converted to the type of the field's current value `old`."""
   try:
     parsed = ast.literal_eval(value)
   except (ValueError, SyntaxError):
     parsed = value
-  old = node[leaf]
+  if old is None or isinstance(old, ml_collections.ConfigDict):
+    return parsed
+  if isinstance(old, str):
+    return parsed if isinstance(parsed, str) else value   # --config.data.path=2024 is the string "2024"
   if isinstance(old, tuple) and isinstance(parsed, list):
     parsed = tuple(parsed)
-  if isinstance(old, float) and isinstance(parsed, int):
+  if isinstance(old, float) and isinstance(parsed, int) and not isinstance(parsed, bool):
     parsed = float(parsed)
-  node[leaf] = parsed
+  if type(parsed) is not type(old):
+    raise TypeError(f"config field {dotted}={value!r}: expected {type(old).__name__} (like the current value "
+                    f"{old!r}), got {type(parsed).__name__}")
+  return parsed

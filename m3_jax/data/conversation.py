@@ -27,9 +27,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from m3_jax.data.errors import BadRecord
+from m3_jax.labels import IGNORE
 
 IMAGE = "<image>"
-IGNORE = -100
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
                  "helpful, detailed, and polite answers to the user's questions.")
 HUMAN_ROLES = ("human", "user")

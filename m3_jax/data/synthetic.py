@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-IGNORE = -100
+from m3_jax.labels import IGNORE
 NUM_COLOURS = 8
 
 

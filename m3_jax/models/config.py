@@ -9,6 +9,8 @@ import dataclasses
 import math
 from typing import Any
 
+from m3_jax.models.matryoshka import POOL_METHODS, POOL_POSITIONS
+
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
@@ -94,11 +96,11 @@ class ModelConfig:
 
   def __post_init__(self):
     check_scales(self.m3.scales, self.vision.grid)
-    if self.m3.pool not in ("avg", "spatial", "sequential"):
-      raise ValueError(f"model.m3.pool={self.m3.pool!r}: expected one of 'avg', 'spatial', 'sequential'")
-    if self.m3.pool_position not in ("after_projector", "before_projector"):
-      raise ValueError(f"model.m3.pool_position={self.m3.pool_position!r}: expected 'after_projector' or "
-                       "'before_projector'")
+    if self.m3.pool not in POOL_METHODS:
+      raise ValueError(f"model.m3.pool={self.m3.pool!r}: expected one of {', '.join(POOL_METHODS)}")
+    if self.m3.pool_position not in POOL_POSITIONS:
+      raise ValueError(f"model.m3.pool_position={self.m3.pool_position!r}: expected one of "
+                       f"{', '.join(POOL_POSITIONS)}")
     if self.type not in ("llava15", "llava_next"):
       raise ValueError(f"model.type={self.type!r}: expected 'llava15' or 'llava_next'")
     if self.vision.select not in ("patch", "cls_patch"):

@@ -1,8 +1,9 @@
 """LLaVA with Matryoshka visual tokens: encode -> project -> nested pool -> merge with text -> decode.
 
-One placeholder token per image in `input_ids` is expanded to the scale's visual tokens (as LLaVA's
-`tokenizer_image_token` + `prepare_inputs_labels_for_multimodal`). Expansion is a static gather, so the
-sequence length is T + scale - 1 for every row and `scale` is a static Python int.
+One placeholder token per image in `input_ids` is expanded to the image's visual tokens (as LLaVA's
+`tokenizer_image_token` + `prepare_inputs_labels_for_multimodal`): `scale` of them for LLaVA-1.5, the base crop
+plus the unpadded crop grid and newlines for LLaVA-NeXT (`anyres.py`). Expansion is a static gather, so the
+sequence length is T + n - 1 for every row and `scale` is a static Python int.
 """
 from __future__ import annotations
 
@@ -14,14 +15,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m3_jax.labels import IGNORE
+from m3_jax.models.anyres import anyres_embeds
 from m3_jax.models.clip_vit import ClipVision
 from m3_jax.models.config import ModelConfig
 from m3_jax.models.layers import partitioned
 from m3_jax.models.llama import Llama
 from m3_jax.models.matryoshka import nested_pool
 from m3_jax.models.projector import Projector
-
-IGNORE = -100
+from m3_jax.sharding import EMBED
 
 
 class LlavaM3(nn.Module):
@@ -34,7 +36,7 @@ class LlavaM3(nn.Module):
     self.projector = Projector(c.projector.type, c.llm.width, dtype)
     self.llm = Llama(c.llm, dtype, c.remat)
     if c.type == "llava_next":
-      self.image_newline = self.param("image_newline", partitioned(nn.initializers.normal(1.0), "embed"),
+      self.image_newline = self.param("image_newline", partitioned(nn.initializers.normal(1.0), EMBED),
                                       (c.llm.width,))
 
   def encode(self, pixels):
@@ -66,14 +68,31 @@ class LlavaM3(nn.Module):
   def logits(self, hidden):
     return self.llm.logits(hidden)
 
-  def __call__(self, input_ids, pixels, scale: int | None = None, attention_mask=None):
-    """Full forward: int32[B, T], float32[B, H, W, 3] -> float32[B, T + scale - 1, V] (one image per row)."""
+  def visual(self, pixels, scale: int, anyres_index=None):
+    """One image per row -> its visual tokens float[B, n, D].
+
+    LLaVA-1.5: pixels float32[B, H, W, 3] -> n = scale. LLaVA-NeXT: crops float32[B, C, H, W, 3] (base first,
+    then the grid crops, then padding crops) and anyres_index int32[B, n] (`anyres.pack_indices`): every crop is
+    pooled to `scale` tokens and packed by `anyres.anyres_embeds`.
+    """
+    if anyres_index is None:
+      return self.image_embeds(self.encode(pixels), scale)
+    if self.config.type != "llava_next":
+      raise ValueError(f"anyres_index needs a llava_next model (with image_newline); this one is "
+                       f"{self.config.type!r}")
+    b, n_crops = pixels.shape[:2]
+    per_crop = self.image_embeds(self.encode(pixels.reshape(b * n_crops, *pixels.shape[2:])), scale)
+    return anyres_embeds(per_crop.reshape(b, n_crops, scale, -1), self.image_newline, anyres_index)
+
+  def __call__(self, input_ids, pixels, scale: int | None = None, attention_mask=None, anyres_index=None):
+    """Full forward, one image per row: int32[B, T] and the `visual` inputs -> float32[B, T + n - 1, V] (n visual
+    tokens: `scale` for LLaVA-1.5, the packed count for LLaVA-NeXT; every row's n tokens are real)."""
     c = self.config
     scale = c.full_scale if scale is None else scale
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids, dtype=bool)
-    img = self.image_embeds(self.encode(pixels), scale)
-    ex = expand_image_placeholders(input_ids, attention_mask, scale, c.image_token_id)
+    img = self.visual(pixels, scale, anyres_index)
+    ex = expand_image_placeholders(input_ids, attention_mask, img.shape[1], c.image_token_id)
     x = merge_embeddings(self.embed_text(input_ids), img, ex.source)
     hidden, _ = self.decode(x, ex.positions, ex.mask)
     return self.logits(hidden)

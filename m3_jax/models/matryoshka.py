@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 
 POOL_METHODS = ("avg", "spatial", "sequential")
+# Where the scales are pooled: the projector's output (the released M3 checkpoints) or the vision features.
+POOL_POSITIONS = ("after_projector", "before_projector")
 
 
 def nested_pool(tokens, scale: int, method: str = "avg"):

@@ -28,9 +28,10 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from m3_jax.labels import IGNORE
 from m3_jax.models import llava
 
-IGNORE = llava.IGNORE
+SCALE_LOSSES = ("loop", "vmap")   # train.scale_loss: the two implementations of the sum over scales
 
 
 def targets_of(labels: jax.Array) -> jax.Array:
@@ -69,8 +70,8 @@ class Objective:
   """Computes the per-scale summed cross-entropy of a batch for a LlavaM3 `model` at static `scales`."""
 
   def __init__(self, model: llava.LlavaM3, scales: Sequence[int], impl: str = "loop", max_label_tokens: int = 0):
-    if impl not in ("loop", "vmap"):
-      raise ValueError(f"train.scale_loss={impl!r}: expected 'loop' or 'vmap'")
+    if impl not in SCALE_LOSSES:
+      raise ValueError(f"train.scale_loss={impl!r}: expected one of {', '.join(SCALE_LOSSES)}")
     self.model = model
     self.config = model.config
     self.scales = tuple(self.config.check_scale(s) for s in scales)

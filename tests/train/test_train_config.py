@@ -61,3 +61,30 @@ def test_bad_curriculum_values_are_named(key, value, match):
   c = m3_config.load("configs/tiny.py", [f"{key}={value}"])
   with pytest.raises(ValueError, match=match):
     Curriculum.of(c.train, (9, 1))
+
+
+def test_every_model_config_field_is_overridable():
+  import dataclasses
+  from m3_jax.models.config import ModelConfig
+  c = m3_config.load("configs/tiny.py", ["model.llm.head_dim=64", "model.m3.pool=spatial"])
+  assert (c.model.llm.head_dim, c.model.m3.pool) == (64, "spatial")
+  assert m3_config.base().model.to_dict() == ModelConfig().to_dict()
+  for f in dataclasses.fields(ModelConfig):
+    assert f.name in c.model
+
+
+@pytest.mark.parametrize("override,error,match", [
+    ("model.llm.head_dimm=64", KeyError, r"config has no field 'model.llm.head_dimm' \(known in model.llm: .*'head_dim'"),
+    ("train.lr=fast", TypeError, r"config field train.lr='fast': expected float .* got str"),
+    ("train.num_steps=1.5", TypeError, r"config field train.num_steps='1.5': expected int"),
+    ("train", ValueError, r"config override 'train' is not KEY=VALUE"),
+])
+def test_bad_overrides_name_the_key_and_the_expected_type(override, error, match):
+  with pytest.raises(error, match=match):
+    m3_config.load("tiny", [override])
+
+
+def test_a_bad_pool_names_the_value_and_the_choices():
+  from m3_jax.train.state import model_config_of
+  with pytest.raises(ValueError, match="model.m3.pool='max': expected one of avg, spatial, sequential"):
+    model_config_of(m3_config.load("tiny", ["model.m3.pool=max"]))
