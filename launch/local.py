@@ -16,9 +16,9 @@ import subprocess
 import sys
 
 try:
-  from launch.common import quote, train_args
+  from launch.common import HelpFormatter, parse, quote, train_args
 except ImportError:
-  from common import quote, train_args
+  from common import HelpFormatter, parse, quote, train_args
 
 
 def free_port() -> int:
@@ -37,23 +37,22 @@ def commands(args, port: int) -> list[tuple[list[str], dict]]:
       extra += ["--cpu-collectives", "gloo"]
       env = {"JAX_PLATFORMS": "cpu",
              "XLA_FLAGS": f"--xla_force_host_platform_device_count={args.devices_per_process} {args.xla_flags}".strip()}
-    out.append(([args.python, "-m", "m3_jax.cli", *train_args(args.config, args.workdir, args.set, extra)], env))
+    out.append(([args.python, "-m", "m3_jax.cli", *train_args(args.config, args.workdir, args.overrides, extra)], env))
   return out
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--num-processes", type=int, default=2)
-  p.add_argument("--devices-per-process", type=int, default=1)
-  p.add_argument("--platform", default="cpu", choices=["cpu", "gpu", "tpu"])
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+  p.add_argument("--num-processes", type=int, default=2, help="m3 train processes on this machine")
+  p.add_argument("--devices-per-process", type=int, default=1, help="CPU devices per process (XLA host devices)")
+  p.add_argument("--platform", default="cpu", choices=["cpu", "gpu", "tpu"], help="JAX platform of the processes")
   p.add_argument("--xla-flags", default="", help="more XLA_FLAGS for every process (CPU)")
-  p.add_argument("--config", required=True)
-  p.add_argument("--workdir", required=True)
-  p.add_argument("--python", default=sys.executable)
+  p.add_argument("--config", required=True, help="m3 train --config: a config name or file[:ARGS]")
+  p.add_argument("--workdir", required=True, help="m3 train --workdir; process I > 0 logs to WORKDIR/process_I.log")
+  p.add_argument("--python", default=sys.executable, help="Python that runs m3_jax.cli")
   p.add_argument("--port", type=int, default=0, help="coordinator port (0: a free one)")
-  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-  p.add_argument("--dry-run", action="store_true")
-  args = p.parse_args(argv)
+  p.add_argument("--dry-run", action="store_true", help="print the commands without running them")
+  args = parse(p, argv)
   port = args.port or free_port()
   cmds = commands(args, port)
   if args.dry_run:

@@ -7,7 +7,9 @@ import argparse
 import importlib
 import sys
 
-# name -> (module, one-line help). Keep in sync with the DESIGN.md command table.
+from m3_jax.configs.overrides import split_overrides
+
+# name -> (module, one-line help). docs/design.md lists the commands.
 COMMANDS = {
     "convert": ("m3_jax.cli.convert", "llava-hf (LLaVA-1.5 / NeXT) or original LLaVA / M3 directory -> m3 checkpoint"),
     "export": ("m3_jax.cli.export", "m3 checkpoint -> llava-hf safetensors + config (transformers runs it at full scale only)"),
@@ -18,25 +20,57 @@ COMMANDS = {
     "analyze": ("m3_jax.cli.analyze", "granularity table, oracle, report.md and score_vs_tokens.png"),
     "data": ("m3_jax.cli.data", "data tools: `check` a LLaVA JSON file, build the granularity `probe`"),
     "demo": ("m3_jax.cli.demo", "the main job on the embedded tiny default, no downloads"),
+    "serve": ("m3_jax.cli.serve", "OpenAI-compatible chat server; each request chooses its visual tokens"),
+    "cost": ("m3_jax.cli.cost", "analytic FLOPs, parameter, KV-cache and activation bytes per scale (Table 9)"),
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+  """Every flag's help shows its default (unset ones, None / False / required, say what they mean in their help);
+  descriptions and example epilogs keep their line breaks."""
+
+  def _get_help_string(self, action):
+    if action.required or action.default in (None, False) or "(default" in (action.help or ""):
+      return action.help
+    return super()._get_help_string(action)
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="m3", description="Matryoshka Multimodal Models in JAX.")
+  from m3_jax import __version__
+  parser = argparse.ArgumentParser(prog="m3", description="Matryoshka Multimodal Models in JAX.",
+                                   formatter_class=HelpFormatter)
+  parser.add_argument("--version", action="version", version=f"m3-jax {__version__}")
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
   sub.required = True
   wanted = next((a for a in argv if not a.startswith("-")), None)
   for name, (module, help_) in COMMANDS.items():
-    p = sub.add_parser(name, help=help_, description=help_)
+    p = sub.add_parser(name, help=help_, description=help_, formatter_class=HelpFormatter)
     if name == wanted:  # only the chosen subcommand's module is imported
       p.set_defaults(_module=module)
       importlib.import_module(module).add_arguments(p)
   return parser
 
 
+def scale_list(text: str) -> tuple[int, ...]:
+  """`--scale` values: one scale or a comma list ("144" or "576,144,36,9,1")."""
+  try:
+    scales = tuple(int(s) for s in text.split(",") if s.strip())
+  except ValueError:
+    scales = ()
+  if not scales:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a scale or a comma list of scales, e.g. 144 or 576,144,36")
+  return scales
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
-  args = build_parser(argv).parse_args(argv)
+  overrides, rest = split_overrides(argv)   # argparse has no wildcard options: see configs/overrides.py
+  parser = build_parser(rest)
+  args = parser.parse_args(rest)
+  if overrides:
+    if not hasattr(args, "overrides"):   # a subcommand that takes overrides sets the `overrides` default
+      parser.error(f"m3 {args.command} takes no --config.KEY=VALUE overrides (got --config.{overrides[0]})")
+    args.overrides = overrides
   code = importlib.import_module(args._module).run(args)
   return int(code or 0)
 

@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser):
   p.add_argument("src", metavar="SRC", help="source checkpoint directory (config.json + weights)")
   p.add_argument("out", metavar="OUT", help="new m3 checkpoint directory (must not exist or be empty)")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                 help="stored parameter dtype (default float32)")
+                 help="stored parameter dtype")
   p.add_argument("--vision-from", metavar="DIR", default=None,
                  help="CLIP vision directory (CLIPVisionModel/CLIPModel config.json + safetensors) for original "
                       "LLaVA checkpoints that carry no vision weights, or whose mm_vision_tower is not "
@@ -22,6 +22,7 @@ def add_arguments(p: argparse.ArgumentParser):
   p.add_argument("--allow-pickle", action="store_true",
                  help="accept PyTorch .bin weights (loaded with torch.load(weights_only=True); needs torch)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.epilog = "example:\n  m3 convert llava-hf/llava-1.5-7b-hf ckpt/llava15   # a local llava-hf directory"
 
 
 def run(args) -> int:

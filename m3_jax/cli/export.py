@@ -1,4 +1,4 @@
-"""`m3 export CKPT OUT`: m3 checkpoint -> llava-hf directory that transformers loads."""
+"""`m3 export --ckpt CKPT OUT` (or `m3 export CKPT OUT`): m3 checkpoint -> llava-hf directory that transformers loads."""
 from __future__ import annotations
 
 import argparse
@@ -10,12 +10,21 @@ def add_arguments(p: argparse.ArgumentParser):
       "Write an m3 checkpoint as a llava-hf directory (config.json, safetensors, tokenizer, preprocessor_config.json) "
       "that LlavaForConditionalGeneration / LlavaNextForConditionalGeneration.from_pretrained loads. transformers "
       "has no Matryoshka pooling: the exported model runs at FULL SCALE ONLY (576 tokens per image or per crop).")
-  p.add_argument("ckpt", metavar="CKPT", help="m3 checkpoint directory (m3_config.json + params/)")
+  p.add_argument("--ckpt", default=None, help="m3 checkpoint directory (m3_config.json + params/)")
+  p.add_argument("ckpt_positional", nargs="?", metavar="CKPT", help="the same as --ckpt (kept for old command lines)")
   p.add_argument("out", metavar="OUT", help="new output directory (must not exist or be empty)")
-  p.add_argument("--shard-size-gb", type=float, default=4.0, help="largest safetensors shard (default 4 GiB)")
+  p.add_argument("--shard-size-gb", type=float, default=4.0, help="largest safetensors shard in GiB")
+  p.epilog = "example:\n  m3 export --ckpt ckpt/m3-tiny exported/m3-tiny-hf"
 
 
 def run(args) -> int:
+  if args.ckpt and args.ckpt_positional and args.ckpt != args.ckpt_positional:
+    print(f"m3 export: error: two checkpoints given (--ckpt {args.ckpt} and {args.ckpt_positional})", file=sys.stderr)
+    return 2
+  args.ckpt = args.ckpt or args.ckpt_positional
+  if not args.ckpt:
+    print("m3 export: error: name the checkpoint: m3 export --ckpt CKPT OUT", file=sys.stderr)
+    return 2
   from m3_jax.convert.export import export
   try:
     out = export(args.ckpt, args.out, shard_bytes=int(args.shard_size_gb * (1 << 30)))

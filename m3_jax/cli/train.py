@@ -13,45 +13,23 @@ import sys
 
 def add_arguments(parser: argparse.ArgumentParser):
   parser.add_argument("--config", required=True, metavar="FILE[:ARGS]",
-                      help="config file, e.g. configs/tiny.py or configs/llava15_7b_m3.py:init=ckpt/llava15")
+                      help="config file or shipped config name, e.g. tiny, configs/tiny.py or "
+                           "configs/llava15_7b_m3.py:init=ckpt/llava15")
   parser.add_argument("--workdir", required=True, help="run directory: config.json, checkpoints/, metrics.jsonl, tb/")
   parser.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                       help="jax.distributed coordinator (multi-process runs outside TPU pods / SLURM)")
-  parser.add_argument("--num-processes", type=int, default=None)
-  parser.add_argument("--process-id", type=int, default=None)
+  parser.add_argument("--num-processes", type=int, default=None, help="with --coordinator: the process count")
+  parser.add_argument("--process-id", type=int, default=None, help="with --coordinator: this process's index")
   parser.add_argument("--no-distributed", action="store_true",
                       help="never call jax.distributed.initialize (single process)")
   parser.add_argument("--cpu-collectives", default=None, choices=["gloo", "mpi"],
                       help="CPU cross-process collectives (multi-process CPU runs need gloo)")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-  parser.epilog = "Any --config.KEY=VALUE overrides a config field, e.g. --config.train.num_steps=50."
-  # argparse has no wildcard options: take --config.KEY=VALUE out before it sees them.
-  parse_known = parser.parse_known_args
-
-  def parse_known_args(args=None, namespace=None):
-    overrides, rest = parse_overrides(list(sys.argv[1:] if args is None else args))
-    namespace, extras = parse_known(rest, namespace)
-    namespace._overrides = overrides
-    return namespace, extras
-  parser.parse_known_args = parse_known_args
-
-
-def parse_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-  """Splits `--config.KEY=VALUE` / `--config.KEY VALUE` out of argv -> (overrides "KEY=VALUE", the rest)."""
-  overrides, rest, i = [], [], 0
-  while i < len(argv):
-    arg = argv[i]
-    if arg.startswith("--config."):
-      key = arg[len("--config."):]
-      if "=" not in key:
-        if i + 1 >= len(argv):
-          raise SystemExit(f"{arg} needs a value (--config.KEY=VALUE)")
-        key, i = f"{key}={argv[i + 1]}", i + 1
-      overrides.append(key)
-    else:
-      rest.append(arg)
-    i += 1
-  return overrides, rest
+  # --config.KEY=VALUE / --config.KEY VALUE are taken out of argv before argparse (m3_jax/configs/overrides.py).
+  parser.set_defaults(overrides=[])
+  parser.epilog = ("Any --config.KEY=VALUE (or --config.KEY VALUE) overrides a config field.\n"
+                   "example:\n  m3 train --config tiny --workdir runs/tiny --config.train.num_steps=50 "
+                   "--config.train.finest_first_steps=2/3")
 
 
 def initialize_distributed(args) -> None:
@@ -77,7 +55,6 @@ def _cluster_detected() -> bool:
 
 
 def run(args) -> int:
-  overrides = getattr(args, "_overrides", [])
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
   initialize_distributed(args)
@@ -87,7 +64,11 @@ def run(args) -> int:
   from m3_jax.configs import base as m3_config
   from m3_jax.train import loop
   from m3_jax.train.state import TrainStep
-  config = m3_config.load(args.config, overrides)
+  try:
+    config = m3_config.load(args.config, args.overrides)
+  except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
+    print(f"m3 train: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+    return 2
   try:
     summary = loop.fit(TrainStep(config), args.workdir, progress=not args.no_progress)
   except loop.NonFiniteError as e:
@@ -99,9 +80,8 @@ def run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
   """`python -m m3_jax.cli.train ...` (the same as `m3 train ...`)."""
-  parser = argparse.ArgumentParser(prog="m3 train")
-  add_arguments(parser)
-  return int(run(parser.parse_args(sys.argv[1:] if argv is None else argv)) or 0)
+  from m3_jax import cli
+  return cli.main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

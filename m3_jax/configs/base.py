@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import pathlib
+import re
 
 import ml_collections
 
@@ -118,6 +119,9 @@ def _typed(dotted: str, old, value: str):
     return parsed if isinstance(parsed, str) else value   # --config.data.path=2024 is the string "2024"
   if isinstance(old, tuple) and isinstance(parsed, list):
     parsed = tuple(parsed)
+  if isinstance(old, float) and isinstance(parsed, str) and re.fullmatch(r"\s*\d+\s*/\s*\d+\s*", parsed):
+    numerator, denominator = parsed.split("/")
+    parsed = int(numerator) / int(denominator)   # a fraction such as train.finest_first_steps=2/3
   if isinstance(old, float) and isinstance(parsed, int) and not isinstance(parsed, bool):
     parsed = float(parsed)
   if type(parsed) is not type(old):

@@ -24,8 +24,8 @@ def run_launcher(*argv: str) -> str:
 
 def test_tpu_dry_run_renders_gcloud_ssh_to_all_workers():
   out = run_launcher("launch/tpu.py", "--tpu", "m3-v5p-64", "--zone", "us-east5-a", "--config",
-                     "configs/llava15_7b_m3.py:init=gs://b/llava15", "--workdir", "gs://b/runs/m3", "--set",
-                     "train.batch_size=256")
+                     "configs/llava15_7b_m3.py:init=gs://b/llava15", "--workdir", "gs://b/runs/m3",
+                     "--config.train.batch_size=256", "--dry-run")
   argv = shlex.split(out.strip())
   assert argv[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "m3-v5p-64"]
   assert "--zone=us-east5-a" in argv and "--worker=all" in argv
@@ -37,14 +37,16 @@ def test_tpu_dry_run_renders_gcloud_ssh_to_all_workers():
 
 def test_slurm_dry_run_renders_one_task_per_node():
   out = run_launcher("launch/slurm.py", "--nodes", "4", "--gpus-per-node", "8", "--partition", "a100",
-                     "--config", "configs/llava15_7b_m3.py", "--workdir", "/shared/runs/m3", "--set", "train.lr=2e-5")
+                     "--config", "configs/llava15_7b_m3.py", "--workdir", "/shared/runs/m3", "--config.train.lr", "2e-5",
+                     "--set", "train.seed=1", "--dry-run")   # --set: the deprecated alias
   assert out.startswith("#!/bin/bash\n")
   for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
                "#SBATCH --partition=a100", "#SBATCH --signal=TERM@300", "#SBATCH --requeue"):
     assert line in out.splitlines()
   srun = [l for l in out.splitlines() if l.startswith("srun ")]
   assert len(srun) == 1
-  assert "m3_jax.cli train --config configs/llava15_7b_m3.py --workdir /shared/runs/m3 --config.train.lr=2e-5" in srun[0]
+  assert ("m3_jax.cli train --config configs/llava15_7b_m3.py --workdir /shared/runs/m3 --config.train.seed=1 "
+          "--config.train.lr=2e-5") in srun[0]
 
 
 def test_two_processes_on_loopback_match_one_process(tmp_path, compile_cache):
@@ -54,7 +56,7 @@ def test_two_processes_on_loopback_match_one_process(tmp_path, compile_cache):
   env.pop("XLA_FLAGS")   # launch/local.py sets each process's device count
   argv = [sys.executable, "launch/local.py", "--num-processes", "2", "--devices-per-process", "2",
           "--xla-flags=--xla_backend_optimization_level=0", "--config", str(REPO / "configs/tiny.py"),
-          "--workdir", str(two), *sum((["--set", o] for o in overrides), [])]
+          "--workdir", str(two), *[f"--config.{o}" for o in overrides]]
   multi = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   # Meanwhile, the reference: one process (this one) on 4 devices, the same global mesh and batches.
   config = small_config(**dict(o.split("=", 1) for o in overrides))
