@@ -1,15 +1,19 @@
-"""One device mesh ("data", "fsdp", "tensor") and the shardings of params, optimiser state and batches.
+"""One device mesh ("data", "fsdp", "tensor"), the logical axis names and their rules, and the shardings of
+params, optimiser state, batches and activations.
 
-Parameters carry logical axis names (`nn.with_logical_partitioning`); `mesh.rules` in the config maps them to mesh
-axes (MaxText's `logical_axis_rules`). The same code runs on 1 CPU device and on a pod: only `mesh.shape` changes.
-A dimension that a mesh axis does not divide is replicated instead (logged once), so a tiny test model runs on a
-mesh made for a 7B one.
+Parameters carry logical axis names (`nn.with_logical_partitioning`) and activations in the transformer blocks are
+pinned by them (`constrain`); `RULES` maps each name to mesh axes (MaxText's `logical_axis_rules`; a run's
+`mesh.rules` starts from `DEFAULT_RULES`). The same code runs on 1 CPU device and on a pod: only `mesh.shape`
+changes. A dimension that a mesh axis does not divide is replicated instead (logged), so a tiny test model runs on
+a mesh made for a 7B one. A name without a rule is an error, never a silent replica.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -17,7 +21,37 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+
+# Logical axis names (dimensions of parameters and activations).
+BATCH = "batch"          # examples (or crops, in the vision tower)
+LENGTH = "length"        # sequence positions / patches
+EMBED = "embed"          # LLM width
+VIT_EMBED = "vit_embed"  # vision tower width
+HEADS = "heads"          # attention query heads (and heads x head_dim in fused kernels)
+KV = "kv"                # key/value heads
+MLP = "mlp"              # MLP hidden (and the projector's)
+VOCAB = "vocab"
+LAYERS = "layers"        # the stacked-layer axis of scanned blocks
+NORM = "norm"            # norm scales and biases
+CONV = "conv"            # patch-embedding kernel window and input channels
+
+# Logical name -> mesh axis, a tuple of them, or None (replicated). FSDP: the batch over ("data", "fsdp"), the
+# embedding dimension of every weight over "fsdp", the wide dimensions over "tensor". A dimension takes the first
+# rule for its name whose mesh axes the array does not use yet, so an activation [batch, length, embed] keeps
+# embed whole (batch took "fsdp").
+DEFAULT_RULES = (
+    (BATCH, ("data", "fsdp")),
+    (LENGTH, None),
+    (EMBED, "fsdp"),
+    (VIT_EMBED, "fsdp"),
+    (HEADS, "tensor"),
+    (KV, "tensor"),
+    (MLP, "tensor"),
+    (VOCAB, "tensor"),
+    (LAYERS, None),
+    (NORM, None),
+    (CONV, None),
+)
 log = logging.getLogger(__name__)
 
 
@@ -51,7 +85,7 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] |
 
 
 def rules_of(rules) -> tuple[tuple[str, Any], ...]:
-  """Config rules (tuples or lists from config.json) -> Flax's ((logical, mesh axis | tuple | None), ...)."""
+  """Config rules (tuples or lists from config.json) -> ((logical, mesh axis | tuple | None), ...)."""
   out = []
   for logical, target in rules:
     if isinstance(target, list):
@@ -60,12 +94,18 @@ def rules_of(rules) -> tuple[tuple[str, Any], ...]:
   return tuple(out)
 
 
-def logical_to_mesh_axes(names: Sequence[str | None], rules) -> P:
+def logical_to_mesh_axes(names: Sequence[str | None], rules=DEFAULT_RULES) -> P:
   """Logical dim names -> PartitionSpec: each dim takes the first rule for its name whose mesh axes this array
-  does not use yet (as Flax's, but a logical name may repeat, e.g. a conv kernel's ("conv", "conv", ...))."""
+  does not use yet (as Flax's, but a logical name may repeat, e.g. a conv kernel's ("conv", "conv", ...)).
+  None names a dimension that is always replicated; a name without a rule is a ValueError."""
+  rules = rules_of(rules)
+  known = [logical for logical, _ in rules]
   used: set[str] = set()
   spec = []
   for name in names:
+    if name is not None and name not in known:
+      raise ValueError(f"logical axis {name!r} (of {tuple(names)}) has no rule in mesh.rules; the rules name "
+                       f"{', '.join(dict.fromkeys(known))}")
     chosen = None
     for logical, target in rules:
       if logical != name or name is None:
@@ -98,7 +138,7 @@ def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh, where: str) -> P:
   return P(*fitted)
 
 
-def logical_shardings(boxed: Any, mesh: Mesh, rules) -> Any:
+def logical_shardings(boxed: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
   """Boxed (nn.Partitioned) abstract params, e.g. from `jax.eval_shape(model.init, ...)` -> unboxed tree of
   NamedSharding. Leaves without logical names are replicated."""
   rules = rules_of(rules)
@@ -118,9 +158,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
-  """Leading (batch) dimension over ("data", "fsdp"): FSDP shards the batch as well as the weights."""
-  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int = 1, rules=DEFAULT_RULES) -> NamedSharding:
+  """The leading (batch) dimension by the "batch" rule (by default ("data", "fsdp"): FSDP shards the batch as
+  well as the weights), the rest replicated."""
+  return NamedSharding(mesh, logical_to_mesh_axes((BATCH,) + (None,) * (ndim - 1), rules))
 
 
 def opt_state_shardings(abstract_opt_state: Any, param_shardings: Any, mesh: Mesh) -> Any:
@@ -141,14 +182,44 @@ def opt_state_shardings(abstract_opt_state: Any, param_shardings: Any, mesh: Mes
   return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
 
 
-def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Host-local numpy batch -> global arrays split over ("data", "fsdp"). On several hosts each contributes its
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh, rules=DEFAULT_RULES) -> dict[str, jax.Array]:
+  """Host-local numpy batch -> global arrays split by the "batch" rule. On several hosts each contributes its
   own rows (the data pipeline shards by process), and the global batch is their concatenation."""
   out = {}
   for key, value in batch.items():
     value = np.asarray(value)
-    out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
+    out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim, rules), value)
   return out
+
+
+_LAYOUT: contextvars.ContextVar[tuple[Mesh, tuple] | None] = contextvars.ContextVar("m3_activation_layout",
+                                                                                     default=None)
+
+
+@contextlib.contextmanager
+def activation_layout(mesh: Mesh, rules=DEFAULT_RULES) -> Iterator[None]:
+  """Within this context, `constrain` pins activations to `mesh` by `rules`. Enter it inside the jitted function
+  or around its call. It also enters JAX's abstract mesh, which is part of jit's cache key, so a function traced
+  without a layout is traced again under one (one rules table per mesh and process: the cache cannot see rules)."""
+  token = _LAYOUT.set((mesh, rules_of(rules)))
+  try:
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      yield
+  finally:
+    _LAYOUT.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """x with its layout pinned by logical dim names (e.g. (BATCH, LENGTH, EMBED)) under `activation_layout`;
+  x unchanged outside one (a single device, or an engine that lets XLA choose)."""
+  layout = _LAYOUT.get()
+  if layout is None:
+    return x
+  mesh, rules = layout
+  if len(names) != x.ndim:
+    raise ValueError(f"logical names {tuple(names)} for an activation of shape {x.shape}: one name per dimension")
+  spec = _fit(logical_to_mesh_axes(names, rules), tuple(x.shape), mesh, f"activation {tuple(names)}")
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def bytes_per_device(tree: Any) -> dict[int, int]:

@@ -1,7 +1,7 @@
 """LLaVA-NeXT anyres preprocessing: best resolution, resize-and-pad, crops + base image, image sizes.
 
 For an RGB image of (h, w) pixels and crop size S (the vision tower's image_size):
-  1. pick the best pinpoint resolution (H, W) (`select_best_resolution`);
+  1. pick the best pinpoint resolution (H, W) (`m3_jax.geometry`, which the model's packing reads too);
   2. resize the image to fit (H, W) keeping its aspect (bicubic; the fitted side exactly, the other
      ceil(side * scale)) and pad it centred with black to (H, W);
   3. cut (H / S) x (W / S) crops in row-major order;
@@ -19,55 +19,8 @@ import math
 import numpy as np
 from PIL import Image
 
+from m3_jax import geometry
 from m3_jax.data.image import ImageProcessorConfig, preprocess, to_rgb
-
-
-class AnyresError(ValueError):
-  """An image size, crop count or grid the anyres composition cannot take; the message says what would fit."""
-
-
-def pinpoints_hw(grid_pinpoints, order: str, crop: int, grid: tuple[int, int] | None = None
-                 ) -> tuple[tuple[int, int], ...]:
-  """The candidate resolutions as (h, w) in list order. `grid` (rows, cols) overrides them with one resolution."""
-  if grid is not None:
-    rows, cols = check_grid_shape(grid)
-    return ((rows * crop, cols * crop),)
-  if not grid_pinpoints:
-    raise AnyresError("no anyres grid_pinpoints configured (model.anyres.grid_pinpoints is empty): this is not a "
-                      "LLaVA-NeXT model")
-  if order not in ("hw", "wh"):
-    raise AnyresError(f"model.anyres.pinpoint_order={order!r}: expected 'hw' (llava-hf) or 'wh' (original LLaVA)")
-  pins = tuple((int(a), int(b)) for a, b in grid_pinpoints)
-  for p in pins:
-    if p[0] % crop or p[1] % crop or min(p) <= 0:
-      raise AnyresError(f"pinpoint {list(p)} is not a positive multiple of the crop size {crop}")
-  return pins if order == "hw" else tuple((b, a) for a, b in pins)
-
-
-def check_grid_shape(grid) -> tuple[int, int]:
-  try:
-    rows, cols = (int(g) for g in grid)
-  except (TypeError, ValueError):
-    raise AnyresError(f"grid override {grid!r}: expected (rows, cols), e.g. (3, 3)") from None
-  if rows < 1 or cols < 1 or (rows, cols) != tuple(grid):
-    raise AnyresError(f"grid override {tuple(grid)!r}: rows and cols must be positive integers")
-  return rows, cols
-
-
-def select_best_resolution(image_hw, candidates_hw) -> tuple[int, int]:
-  """The candidate (h, w) keeping the most of the image's resolution, then wasting the least; the first wins ties
-  (transformers' and LLaVA's `select_best_resolution`, each in its own reading of the list)."""
-  oh, ow = (int(x) for x in image_hw)
-  if oh <= 0 or ow <= 0:
-    raise AnyresError(f"image size (h, w) = ({oh}, {ow}): both sides must be positive")
-  best, best_eff, best_waste = None, 0, float("inf")
-  for h, w in candidates_hw:
-    scale = min(w / ow, h / oh)
-    eff = min(int(ow * scale) * int(oh * scale), ow * oh)
-    waste = w * h - eff
-    if eff > best_eff or (eff == best_eff and waste < best_waste):
-      best, best_eff, best_waste = (int(h), int(w)), eff, waste
-  return best
 
 
 def fit_size(image_hw, target_hw) -> tuple[int, int]:
@@ -102,10 +55,10 @@ def anyres_crops(img: Image.Image, pcfg: ImageProcessorConfig, grid_pinpoints, o
     img = to_rgb(img)
   crop_h, crop_w = pcfg.output_size
   if crop_h != crop_w:
-    raise AnyresError(f"anyres needs square crops, the processor's crop size is {crop_h}x{crop_w}")
+    raise geometry.AnyresError(f"anyres needs square crops, the processor's crop size is {crop_h}x{crop_w}")
   crop = crop_h
   image_hw = (img.height, img.width)
-  best = select_best_resolution(image_hw, pinpoints_hw(grid_pinpoints, order, crop, grid))
+  best = geometry.best_resolution(image_hw, grid_pinpoints, order, crop, grid)
   padded = resize_and_pad(img, best, pcfg.resample)
   tiles = [padded[i:i + crop, j:j + crop] for i in range(0, best[0], crop) for j in range(0, best[1], crop)]
   base = img.resize((crop, crop), resample=Image.Resampling(pcfg.resample))
@@ -113,9 +66,3 @@ def anyres_crops(img: Image.Image, pcfg: ImageProcessorConfig, grid_pinpoints, o
   crops += [preprocess(Image.fromarray(t), pcfg, aspect="crop") for t in tiles]
   return np.stack(crops), image_hw
 
-
-def grid_shape(image_hw, grid_pinpoints, order: str, crop: int, grid: tuple[int, int] | None = None
-               ) -> tuple[int, int]:
-  """(rows, cols) of crops an image of (h, w) pixels gets."""
-  h, w = select_best_resolution(image_hw, pinpoints_hw(grid_pinpoints, order, crop, grid))
-  return h // crop, w // crop

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from m3_jax.models.config import VisionConfig
 from m3_jax.models.layers import Dtype, attention, dense, layer_norm, partitioned, run_stack
+from m3_jax.sharding import BATCH, CONV, HEADS, LENGTH, MLP, VIT_EMBED, constrain
 
 
 def quick_gelu(x):
@@ -27,10 +28,11 @@ class ClipAttention(nn.Module):
   def __call__(self, x):
     """Bidirectional multi-head attention: float[B, N, W] -> float[B, N, W]."""
     c = self.config
-    split = lambda t: einops.rearrange(t, "b n (h d) -> b n h d", h=c.heads)
-    q, k, v = (split(dense(c.width, ("vit_embed", "heads"), bias=True, dtype=self.dtype, name=n)(x)) for n in "qkv")
-    o = attention(q, k, v, jnp.ones((1, x.shape[1], x.shape[1]), bool), self.dtype)
-    return dense(c.width, ("heads", "vit_embed"), bias=True, dtype=self.dtype, name="o")(
+    heads = (BATCH, LENGTH, HEADS, None)
+    split = lambda t: constrain(einops.rearrange(t, "b n (h d) -> b n h d", h=c.heads), heads)
+    q, k, v = (split(dense(c.width, (VIT_EMBED, HEADS), bias=True, dtype=self.dtype, name=n)(x)) for n in "qkv")
+    o = constrain(attention(q, k, v, jnp.ones((1, x.shape[1], x.shape[1]), bool), self.dtype), heads)
+    return dense(c.width, (HEADS, VIT_EMBED), bias=True, dtype=self.dtype, name="o")(
         einops.rearrange(o, "b n h d -> b n (h d)"))
 
 
@@ -41,8 +43,9 @@ class ClipMLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     c = self.config
-    h = quick_gelu(dense(c.mlp_dim, ("vit_embed", "mlp"), bias=True, dtype=self.dtype, name="fc1")(x))
-    return dense(c.width, ("mlp", "vit_embed"), bias=True, dtype=self.dtype, name="fc2")(h)
+    h = quick_gelu(dense(c.mlp_dim, (VIT_EMBED, MLP), bias=True, dtype=self.dtype, name="fc1")(x))
+    h = constrain(h, (BATCH, LENGTH, MLP))
+    return dense(c.width, (MLP, VIT_EMBED), bias=True, dtype=self.dtype, name="fc2")(h)
 
 
 class ClipBlock(nn.Module):
@@ -54,9 +57,11 @@ class ClipBlock(nn.Module):
   def __call__(self, x, _=None):
     """float[B, N, W] -> (float[B, N, W], None)."""
     c = self.config
+    x = constrain(x, (BATCH, LENGTH, VIT_EMBED))  # the residual stream
     x = x + ClipAttention(c, self.dtype, name="attn")(layer_norm(c.eps, self.dtype, "ln1")(x))
+    x = constrain(x, (BATCH, LENGTH, VIT_EMBED))
     x = x + ClipMLP(c, self.dtype, name="mlp")(layer_norm(c.eps, self.dtype, "ln2")(x))
-    return x, None
+    return constrain(x, (BATCH, LENGTH, VIT_EMBED)), None
 
 
 class ClipVision(nn.Module):
@@ -73,11 +78,11 @@ class ClipVision(nn.Module):
     c = self.config
     x = nn.Conv(c.width, (c.patch_size, c.patch_size), strides=c.patch_size, padding="VALID", use_bias=False,
                 dtype=self.dtype, param_dtype=jnp.float32, name="patch_embed",
-                kernel_init=partitioned(nn.initializers.lecun_normal(), "conv", "conv", "conv", "vit_embed"))(
+                kernel_init=partitioned(nn.initializers.lecun_normal(), CONV, CONV, CONV, VIT_EMBED))(
                     pixels.astype(self.dtype))
     x = einops.rearrange(x, "b h w c -> b (h w) c")
-    cls = self.param("cls_token", partitioned(nn.initializers.normal(0.02), "vit_embed"), (c.width,))
-    pos = self.param("pos_embed", partitioned(nn.initializers.normal(0.02), None, "vit_embed"),
+    cls = self.param("cls_token", partitioned(nn.initializers.normal(0.02), VIT_EMBED), (c.width,))
+    pos = self.param("pos_embed", partitioned(nn.initializers.normal(0.02), None, VIT_EMBED),
                      (c.num_patches + 1, c.width))
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, c.width)), x], axis=1)
     x = x + pos.astype(x.dtype)

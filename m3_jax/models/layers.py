@@ -11,11 +11,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from m3_jax.sharding import LAYERS, NORM
+
 Dtype = Any
 
 
 def partitioned(init: Callable, *names: str | None) -> Callable:
-  """An initialiser whose parameter carries logical axis names (mapped to mesh axes by the config rules)."""
+  """An initialiser whose parameter carries logical axis names (`m3_jax.sharding`; mapped to mesh axes by the
+  run's `mesh.rules`)."""
   return nn.with_logical_partitioning(init, names)
 
 
@@ -34,7 +37,7 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", partitioned(nn.initializers.ones_init(), "norm"), (x.shape[-1],), jnp.float32)
+    scale = self.param("scale", partitioned(nn.initializers.ones_init(), NORM), (x.shape[-1],), jnp.float32)
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return (scale.astype(x.dtype) * x32.astype(x.dtype)) if x.dtype != jnp.float32 else scale * x32
@@ -43,8 +46,8 @@ class RMSNorm(nn.Module):
 def layer_norm(eps: float, dtype: Dtype, name: str) -> nn.LayerNorm:
   return nn.LayerNorm(
       epsilon=eps, dtype=dtype, param_dtype=jnp.float32, name=name,
-      scale_init=partitioned(nn.initializers.ones_init(), "norm"),
-      bias_init=partitioned(nn.initializers.zeros_init(), "norm"))
+      scale_init=partitioned(nn.initializers.ones_init(), NORM),
+      bias_init=partitioned(nn.initializers.zeros_init(), NORM))
 
 
 def attention(q, k, v, allowed, dtype: Dtype):
@@ -70,9 +73,9 @@ REMAT_POLICIES = {
 
 
 def scanned(block: type[nn.Module], depth: int) -> type[nn.Module]:
-  """`block` repeated `depth` times with parameters stacked on a leading axis named "layers"."""
+  """`block` repeated `depth` times with parameters stacked on a leading axis named LAYERS."""
   return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=depth,
-                 metadata_params={nn.PARTITION_NAME: "layers"})
+                 metadata_params={nn.PARTITION_NAME: LAYERS})
 
 
 def run_stack(module: nn.Module, block: type[nn.Module], block_kwargs: dict, *, depth: int, used: int,

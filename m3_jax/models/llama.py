@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from m3_jax.models.config import LLMConfig
 from m3_jax.models.layers import Dtype, RMSNorm, attention, dense, partitioned, run_stack, scanned
+from m3_jax.sharding import BATCH, EMBED, HEADS, KV, LENGTH, MLP, VOCAB, constrain
 
 
 def rope(x, positions, theta: float):
@@ -36,10 +37,12 @@ class LlamaAttention(nn.Module):
   def __call__(self, x, positions, kv_mask, cache, cache_index):
     c = self.config
     dh = c.dim_per_head
-    q = dense(c.heads * dh, ("embed", "heads"), bias=False, dtype=self.dtype, name="q")(x)
-    k = dense(c.kv_heads * dh, ("embed", "kv"), bias=False, dtype=self.dtype, name="k")(x)
-    v = dense(c.kv_heads * dh, ("embed", "kv"), bias=False, dtype=self.dtype, name="v")(x)
+    q = dense(c.heads * dh, (EMBED, HEADS), bias=False, dtype=self.dtype, name="q")(x)
+    k = dense(c.kv_heads * dh, (EMBED, KV), bias=False, dtype=self.dtype, name="k")(x)
+    v = dense(c.kv_heads * dh, (EMBED, KV), bias=False, dtype=self.dtype, name="v")(x)
     q, k, v = (einops.rearrange(t, "b t (h d) -> b t h d", d=dh) for t in (q, k, v))
+    q = constrain(q, (BATCH, LENGTH, HEADS, None))
+    k, v = (constrain(t, (BATCH, LENGTH, KV, None)) for t in (k, v))
     q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
     t = x.shape[1]
     if cache is not None:
@@ -50,8 +53,8 @@ class LlamaAttention(nn.Module):
     q_slot = cache_index + jnp.arange(t)
     k_slot = jnp.arange(k.shape[1])
     allowed = (k_slot[None, :] <= q_slot[:, None])[None] & kv_mask[:, None, :].astype(bool)
-    o = attention(q, k, v, allowed, self.dtype)
-    o = dense(c.width, ("heads", "embed"), bias=False, dtype=self.dtype, name="o")(
+    o = constrain(attention(q, k, v, allowed, self.dtype), (BATCH, LENGTH, HEADS, None))
+    o = dense(c.width, (HEADS, EMBED), bias=False, dtype=self.dtype, name="o")(
         einops.rearrange(o, "b t h d -> b t (h d)"))
     return o, cache
 
@@ -63,9 +66,10 @@ class LlamaMLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     c = self.config
-    gate = dense(c.mlp_dim, ("embed", "mlp"), bias=False, dtype=self.dtype, name="gate")(x)
-    up = dense(c.mlp_dim, ("embed", "mlp"), bias=False, dtype=self.dtype, name="up")(x)
-    return dense(c.width, ("mlp", "embed"), bias=False, dtype=self.dtype, name="down")(jax.nn.silu(gate) * up)
+    gate = dense(c.mlp_dim, (EMBED, MLP), bias=False, dtype=self.dtype, name="gate")(x)
+    up = dense(c.mlp_dim, (EMBED, MLP), bias=False, dtype=self.dtype, name="up")(x)
+    hidden = constrain(jax.nn.silu(gate) * up, (BATCH, LENGTH, MLP))
+    return dense(c.width, (MLP, EMBED), bias=False, dtype=self.dtype, name="down")(hidden)
 
 
 class LlamaBlock(nn.Module):
@@ -77,11 +81,12 @@ class LlamaBlock(nn.Module):
     """carry = (x float[B,T,D], positions int[B,T], kv_mask bool[B,S], cache_index); cache: this layer's or None."""
     x, positions, kv_mask, cache_index = carry
     c = self.config
+    x = constrain(x, (BATCH, LENGTH, EMBED))  # the residual stream
     h, cache = LlamaAttention(c, self.dtype, name="attn")(
         RMSNorm(c.rms_eps, name="attn_norm")(x), positions, kv_mask, cache, cache_index)
-    x = x + h
+    x = constrain(x + h, (BATCH, LENGTH, EMBED))
     x = x + LlamaMLP(c, self.dtype, name="mlp")(RMSNorm(c.rms_eps, name="mlp_norm")(x))
-    return (x, positions, kv_mask, cache_index), cache
+    return (constrain(x, (BATCH, LENGTH, EMBED)), positions, kv_mask, cache_index), cache
 
 
 class Llama(nn.Module):
@@ -92,10 +97,10 @@ class Llama(nn.Module):
   def setup(self):
     c = self.config
     self.embed = nn.Embed(c.vocab_size, c.width, dtype=self.dtype, param_dtype=jnp.float32,
-                          embedding_init=partitioned(nn.initializers.normal(0.02), "vocab", "embed"))
+                          embedding_init=partitioned(nn.initializers.normal(0.02), VOCAB, EMBED))
     self.layers = scanned(LlamaBlock, c.depth)(c, self.dtype)
     self.norm = RMSNorm(c.rms_eps)
-    self.lm_head = dense(c.vocab_size, ("embed", "vocab"), bias=False, dtype=self.dtype)
+    self.lm_head = dense(c.vocab_size, (EMBED, VOCAB), bias=False, dtype=self.dtype)
 
   def embed_tokens(self, ids):
     """int32[B, T] -> float[B, T, D]."""

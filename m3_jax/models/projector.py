@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from m3_jax.models.layers import Dtype, dense
+from m3_jax.sharding import EMBED, MLP, VIT_EMBED
 
 
 class Projector(nn.Module):
@@ -17,9 +18,9 @@ class Projector(nn.Module):
   def __call__(self, x):
     """float[B, N, Cv] -> float[B, N, D]."""
     if self.type == "linear":
-      return dense(self.width, ("vit_embed", "embed"), bias=True, dtype=self.dtype, name="linear_1")(x)
+      return dense(self.width, (VIT_EMBED, EMBED), bias=True, dtype=self.dtype, name="linear_1")(x)
     if self.type != "mlp2x_gelu":
       raise ValueError(f"model.projector.type={self.type!r}: expected 'mlp2x_gelu' or 'linear'")
-    x = dense(self.width, ("vit_embed", "mlp"), bias=True, dtype=self.dtype, name="linear_1")(x)
+    x = dense(self.width, (VIT_EMBED, MLP), bias=True, dtype=self.dtype, name="linear_1")(x)
     x = jax.nn.gelu(x, approximate=False)
-    return dense(self.width, ("mlp", "embed"), bias=True, dtype=self.dtype, name="linear_2")(x)
+    return dense(self.width, (MLP, EMBED), bias=True, dtype=self.dtype, name="linear_2")(x)
