@@ -1,0 +1,52 @@
+"""`m3 serve --ckpt CKPT [--host H] [--port P] [--max-batch B] [--max-queue Q] [--allowed-image-dir DIR]
+[--request-timeout S] [--batch-wait-ms MS]`: an OpenAI-compatible chat server (m3_jax/serve/)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import pathlib
+
+
+def add_arguments(p: argparse.ArgumentParser):
+  p.add_argument("--ckpt", required=True, help="m3 checkpoint directory or training workdir")
+  p.add_argument("--step", type=int, default=None, help="with a training workdir: this step (default: latest)")
+  p.add_argument("--template", default="auto", choices=["auto", "vicuna_v1", "llava_hf", "plain", "none"],
+                 help="chat template; auto = the one recorded at conversion")
+  p.add_argument("--served-model-name", default=None,
+                 help="the model id of /v1/models and requests' `model` (default: the checkpoint folder's name)")
+  p.add_argument("--host", default="127.0.0.1")
+  p.add_argument("--port", type=int, default=8000)
+  p.add_argument("--max-batch", type=int, default=8, help="requests decoded together in one engine batch")
+  p.add_argument("--max-queue", type=int, default=64,
+                 help="requests waiting for a batch; beyond it the server answers 503 with Retry-After")
+  p.add_argument("--batch-wait-ms", type=float, default=5.0,
+                 help="how long the first waiting request waits for others to share its batch")
+  p.add_argument("--request-timeout", type=float, default=600.0,
+                 help="seconds from receipt to answer; later requests get 504 and leave the queue")
+  p.add_argument("--allowed-image-dir", default=None,
+                 help="image_url may be a local path under this folder (default: data: URIs only)")
+  p.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
+                 help="larger images are refused (400) from their header, before decoding")
+
+
+def run(args) -> int:
+  import uvicorn
+
+  from m3_jax.eval.loader import load
+  from m3_jax.serve.app import create_app
+
+  for flag in ("max_batch", "max_queue", "max_image_pixels"):
+    if getattr(args, flag) < 1:
+      raise SystemExit(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected >= 1")
+  if args.allowed_image_dir is not None and not pathlib.Path(args.allowed_image_dir).is_dir():
+    raise SystemExit(f"--allowed-image-dir {args.allowed_image_dir}: not a directory")
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+  model = load(args.ckpt, step=args.step, template=args.template)
+  name = args.served_model_name or pathlib.Path(args.ckpt).resolve().name
+  app = create_app(model, name=name, max_batch=args.max_batch, max_queue=args.max_queue,
+                   batch_wait_ms=args.batch_wait_ms, request_timeout=args.request_timeout,
+                   allowed_image_dir=args.allowed_image_dir, max_image_pixels=args.max_image_pixels)
+  # uvicorn handles SIGTERM / SIGINT: it stops accepting, waits for the requests in flight, then the app's
+  # lifespan ends the batching worker; run() returns and the process exits 0.
+  uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=None)
+  return 0

@@ -1,0 +1,197 @@
+"""The HTTP routes: `POST /v1/chat/completions` (JSON or server-sent events), `GET /v1/models`, `GET /health`,
+`GET /metrics`; every error in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import pathlib
+import random
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from m3_jax.serve import chat, images
+from m3_jax.serve.metrics import Metrics
+from m3_jax.serve.protocol import (ApiError, AssistantMessage, ChatChunk, ChatRequest, ChatResponse, Choice, Delta,
+                                   ErrorResponse, ModelCard, ModelList, StreamChoice, Usage, completion_id)
+from m3_jax.serve.scheduler import Job, Result, Scheduler
+
+
+def create_app(model, *, name: str, max_batch: int = 8, max_queue: int = 64, batch_wait_ms: float = 5.0,
+               request_timeout: float = 600.0, allowed_image_dir: str | pathlib.Path | None = None,
+               max_image_pixels: int = 4096 * 4096, router=None) -> FastAPI:
+  """`model`: an `m3_jax.load(...)` model. `router`: what answers visual_tokens="auto" (default: the model's
+  `router` attribute, which the router issue's loader sets; None refuses "auto" with a 400)."""
+  router = router if router is not None else getattr(model, "router", None)
+  metrics = Metrics()
+  scheduler = Scheduler(model, metrics, max_batch=max_batch, max_queue=max_queue,
+                        batch_wait_s=batch_wait_ms / 1000, router=router)
+  allowed = pathlib.Path(allowed_image_dir) if allowed_image_dir is not None else None
+  created = int(time.time())
+
+  @contextlib.asynccontextmanager
+  async def lifespan(app):
+    scheduler.start()
+    yield
+    # uvicorn has stopped accepting and waited for the requests in flight (SIGTERM): end the worker.
+    await run_in_threadpool(scheduler.stop)
+
+  app = FastAPI(title="m3 serve", lifespan=lifespan)
+  app.state.scheduler, app.state.metrics = scheduler, metrics
+
+  def error(e: ApiError) -> JSONResponse:
+    metrics.requests.labels(str(e.status)).inc()
+    return JSONResponse(ErrorResponse(error=e.info).model_dump(), status_code=e.status, headers=e.headers)
+
+  @app.exception_handler(ApiError)
+  async def api_error(request, e: ApiError):
+    return error(e)
+
+  @app.exception_handler(RequestValidationError)
+  async def invalid(request, e: RequestValidationError):
+    first = e.errors()[0]
+    where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+    if first.get("type") == "json_invalid":
+      return error(ApiError(400, f"the body is not valid JSON ({first.get('ctx', {}).get('error', first['msg'])})",
+                            code="invalid_json"))
+    return error(ApiError(400, f"{where or 'body'}: {first['msg']}" + (f" ({len(e.errors())} errors)" if
+                          len(e.errors()) > 1 else ""), param=where or None, code=first.get("type")))
+
+  @app.exception_handler(HTTPException)
+  async def http_error(request, e: HTTPException):
+    return error(ApiError(e.status_code, str(e.detail), type="not_found_error" if e.status_code == 404 else
+                          "invalid_request_error"))
+
+  @app.get("/health")
+  async def health():
+    if scheduler.stopping:
+      return JSONResponse({"status": "draining"}, status_code=503)
+    return {"status": "ok"}
+
+  @app.get("/metrics")
+  async def get_metrics():
+    return Response(metrics.render(), media_type=metrics.content_type)
+
+  @app.get("/v1/models")
+  async def models():
+    return ModelList(data=[ModelCard(id=name, created=created, scales=sorted(model.scales),
+                                     router=router is not None)])
+
+  def load_image(url: str):
+    img = images.resolve(url, allowed, max_image_pixels)
+    return (None, img) if model.config.type != "llava15" else (model.pixels([img])[0], None)
+
+  @app.post("/v1/chat/completions")
+  async def chat_completions(req: ChatRequest, request: Request):
+    start = time.monotonic()
+    deadline = start + request_timeout
+    if req.model is not None and req.model != name:
+      raise ApiError(404, f"model {req.model!r} is not served here; this server serves {name!r}",
+                     type="not_found_error", param="model", code="model_not_found")
+    prompt = chat.prepare(req, model, router is not None)
+    pixels = image = None
+    if prompt.image_url is not None:
+      pixels, image = await run_in_threadpool(load_image, prompt.image_url)
+    seed = req.seed if req.seed is not None else random.randrange(2**32)
+    job = Job(prompt, pixels, image, req.temperature, req.top_p, seed, req.stream, asyncio.get_running_loop(),
+              asyncio.Queue())
+    scheduler.submit(job)
+    # Until the first event (the answer, or a stream's first text) nothing is sent: a timeout, an error or a
+    # disconnect is still answered with a status of its own.
+    event = await first_event(job, request, deadline)
+    if event is None:
+      metrics.requests.labels("499").inc()
+      return Response(status_code=499)
+    if event[0] == "error":
+      return error(event[1])
+    if not req.stream:
+      return answer(event[1], start)
+    include_usage = req.stream_options is not None and req.stream_options.include_usage
+    return StreamingResponse(stream(job, event, deadline, start, include_usage), media_type="text/event-stream")
+
+  async def first_event(job: Job, request: Request, deadline: float):
+    """The job's first event; None if the client left first; a 504 ApiError past the deadline."""
+    get = asyncio.ensure_future(job.events.get())
+    gone = asyncio.ensure_future(disconnected(request))
+    try:
+      await asyncio.wait({get, gone}, timeout=max(0.0, deadline - time.monotonic()),
+                         return_when=asyncio.FIRST_COMPLETED)
+    finally:
+      gone.cancel()
+    if get.done():
+      return get.result()
+    get.cancel()
+    if gone.done() and not gone.cancelled():
+      scheduler.cancel(job, "disconnect")
+      return None
+    scheduler.cancel(job, "timeout")
+    raise timeout_error()
+
+  def timeout_error() -> ApiError:
+    return ApiError(504, f"the request took longer than the server's --request-timeout ({request_timeout:g} s)",
+                    type="timeout", code="request_timeout")
+
+  def usage(r: Result) -> Usage:
+    n = len(r.token_ids)
+    return Usage(prompt_tokens=r.prompt_tokens, completion_tokens=n, total_tokens=r.prompt_tokens + n,
+                 visual_tokens=r.visual_tokens)
+
+  def account(r: Result, start: float):
+    metrics.requests.labels("200").inc()
+    metrics.scale.labels(str(r.scale)).inc()
+    metrics.latency.observe(time.monotonic() - start)
+    metrics.prompt_tokens.inc(r.prompt_tokens)
+    metrics.visual_tokens.inc(r.visual_tokens)
+    metrics.completion_tokens.inc(len(r.token_ids))
+
+  def answer(r: Result, start: float) -> ChatResponse:
+    account(r, start)
+    return ChatResponse(model=name, scale=r.scale, usage=usage(r), choices=[Choice(
+        message=AssistantMessage(content=r.text), finish_reason=r.finish_reason)])
+
+  async def stream(job: Job, event, deadline: float, start: float, include_usage: bool):
+    ident, now = completion_id(), int(time.time())
+
+    def chunk(delta: Delta, **kw) -> str:
+      c = ChatChunk(id=ident, created=now, model=name, choices=[StreamChoice(delta=delta, **kw)])
+      return f"data: {c.model_dump_json(exclude_none=True)}\n\n"
+
+    try:
+      yield chunk(Delta(role="assistant", content=""))
+      while True:
+        kind, payload = event
+        if kind == "delta":
+          yield chunk(Delta(content=payload))
+        elif kind == "error":
+          yield f"data: {ErrorResponse(error=payload.info).model_dump_json()}\n\n"
+          break
+        else:
+          account(payload, start)
+          final = ChatChunk(id=ident, created=now, model=name, scale=payload.scale,
+                            choices=[StreamChoice(delta=Delta(), finish_reason=payload.finish_reason)])
+          yield f"data: {final.model_dump_json(exclude_none=True)}\n\n"
+          if include_usage:  # OpenAI's extra last chunk: no choices, the usage
+            tail = ChatChunk(id=ident, created=now, model=name, choices=[], usage=usage(payload))
+            yield f"data: {tail.model_dump_json(exclude_none=True)}\n\n"
+          break
+        try:
+          event = await asyncio.wait_for(job.events.get(), max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+          scheduler.cancel(job, "timeout")
+          yield f"data: {ErrorResponse(error=timeout_error().info).model_dump_json()}\n\n"
+          break
+      yield "data: [DONE]\n\n"
+    finally:  # a client that leaves mid-stream cancels this generator
+      scheduler.cancel(job, "disconnect")
+
+  return app
+
+
+async def disconnected(request: Request):
+  """Returns when the client closes the connection (the body has been read, so the next message is that)."""
+  while (await request.receive())["type"] != "http.disconnect":
+    pass

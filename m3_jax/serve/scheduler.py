@@ -1,0 +1,238 @@
+"""Batching: concurrent requests wait in a bounded queue; one worker thread gathers up to --max-batch of them (for
+at most --batch-wait-ms after the first) into one engine batch with mixed scales, per-request sampling and
+streaming, and hands each request its tokens as they are decoded.
+
+A request's answer does not depend on its batch: the engine's padding is out of attention and of the RoPE
+positions, and each row samples from its own seed (`Engine.generate_rows`). A request that times out or whose
+client disconnects leaves the queue at once; once its batch runs, its row finishes with the batch, unanswered.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from m3_jax.serve import chat
+from m3_jax.serve.detok import TextStream, answer_text
+from m3_jax.serve.metrics import Metrics
+from m3_jax.serve.protocol import ApiError
+
+log = logging.getLogger("m3.serve")
+
+
+@dataclasses.dataclass
+class Result:
+  text: str
+  token_ids: list[int]
+  finish_reason: str      # "stop" | "length"
+  scale: int | None
+  visual_tokens: int
+  prompt_tokens: int
+
+
+@dataclasses.dataclass(eq=False)
+class Job:
+  """One request. `events` receives ("delta", str) while decoding (streams only), then ("done", Result) or
+  ("error", ApiError), posted from the worker thread."""
+  prompt: chat.Prompt
+  pixels: np.ndarray | None    # float32[H, W, 3] (LLaVA-1.5)
+  image: Any                   # the PIL image (LLaVA-NeXT cuts crops at batch time)
+  temperature: float
+  top_p: float
+  seed: int
+  stream: bool
+  loop: asyncio.AbstractEventLoop
+  events: asyncio.Queue
+  queued_at: float = dataclasses.field(default_factory=time.monotonic)
+  cancelled: bool = False
+  finished: bool = False
+  tokens: list[int] = dataclasses.field(default_factory=list)
+  scale: int | None = None
+  visual: np.ndarray | None = None   # float[n, D] once encoded
+  visual_tokens: int = 0
+  text: TextStream | None = None
+
+  def post(self, kind: str, payload):
+    self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+
+
+class QueueFull(Exception):
+  pass
+
+
+def row_bucket(n: int) -> int:
+  """Rows of one encoder call: powers of two, as the engine pads decode batches (few compilations)."""
+  return 1 << max(n - 1, 0).bit_length()
+
+
+def token_bucket(n: int) -> int:
+  """max_new of a batch: a power of two >= 8, so requests' max_tokens share a few compilations."""
+  return max(8, row_bucket(n))
+
+
+class Scheduler:
+  def __init__(self, model, metrics: Metrics, *, max_batch: int, max_queue: int, batch_wait_s: float,
+               router=None):
+    self.model, self.metrics, self.router = model, metrics, router
+    self.max_batch, self.max_queue, self.batch_wait_s = max_batch, max_queue, batch_wait_s
+    self.waiting: collections.deque[Job] = collections.deque()
+    self.cond = threading.Condition()
+    self.stopping = False
+    self.batch_seconds = 1.0  # running mean, for Retry-After
+    self.thread = threading.Thread(target=self._loop, name="m3-serve-scheduler", daemon=True)
+    self.run_batch: Callable[[list[Job]], None] = self._run_batch  # tests may wrap it (to hold a batch)
+
+  def start(self):
+    self.thread.start()
+
+  def stop(self, timeout: float | None = None):
+    """Finishes the batch in flight and what is queued, then ends the worker."""
+    with self.cond:
+      self.stopping = True
+      self.cond.notify_all()
+    self.thread.join(timeout)
+
+  def submit(self, job: Job):
+    with self.cond:
+      if self.stopping:
+        raise ApiError(503, "the server is shutting down", type="service_unavailable")
+      if len(self.waiting) >= self.max_queue:
+        retry = max(1, round(self.batch_seconds * (1 + len(self.waiting) // self.max_batch)))
+        raise ApiError(503, f"the queue is full ({self.max_queue} requests waiting); retry in {retry} s",
+                       type="server_overloaded", code="queue_full", headers={"Retry-After": str(retry)})
+      self.waiting.append(job)
+      self.metrics.queue_depth.set(len(self.waiting))
+      self.cond.notify_all()
+
+  def cancel(self, job: Job, reason: str):
+    """The request is gone (timeout, disconnect): it leaves the queue, or its row's tokens are dropped."""
+    with self.cond:
+      if job.finished or job.cancelled:
+        return
+      job.cancelled = True
+      if job in self.waiting:
+        self.waiting.remove(job)
+        self.metrics.queue_depth.set(len(self.waiting))
+    self.metrics.dropped.labels(reason).inc()
+
+  # ------------------------------------------------------------------------------------------ worker thread
+  def _next_batch(self) -> list[Job] | None:
+    with self.cond:
+      while not self.waiting and not self.stopping:
+        self.cond.wait()
+      if not self.waiting:
+        return None
+      # Gather for batch_wait_s after the oldest request arrived (already past when a batch just ran).
+      deadline = self.waiting[0].queued_at + self.batch_wait_s
+      while len(self.waiting) < self.max_batch and not self.stopping:
+        left = deadline - time.monotonic()
+        if left <= 0:
+          break
+        self.cond.wait(left)
+      batch = [self.waiting.popleft() for _ in range(min(self.max_batch, len(self.waiting)))]
+      self.metrics.queue_depth.set(len(self.waiting))
+      return batch
+
+  def _loop(self):
+    while (batch := self._next_batch()) is not None:
+      start = time.monotonic()
+      for job in batch:
+        self.metrics.queue_wait.observe(start - job.queued_at)
+      self.metrics.running.set(len(batch))
+      try:
+        self.run_batch(batch)
+      except Exception as e:  # the server keeps serving; this batch's requests get a 500
+        log.exception("batch of %d failed", len(batch))
+        for job in batch:
+          self._finish(job, error=ApiError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error"))
+      seconds = time.monotonic() - start
+      self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * seconds
+      self.metrics.batch_seconds.observe(seconds)
+      self.metrics.batch_size.observe(len(batch))
+      self.metrics.running.set(0)
+
+  def _run_batch(self, batch: list[Job]):
+    batch = [j for j in self._encode([j for j in batch if not j.cancelled]) if not j.finished]
+    if not batch:
+      return
+    model = self.model
+
+    def on_token(step: int, tokens: np.ndarray):
+      for job, tok in zip(batch, tokens.tolist()):
+        self._step(job, tok)
+
+    max_new = token_bucket(max(j.prompt.max_tokens for j in batch))
+    rows = model.engine.generate_rows(
+        [j.prompt.ids for j in batch], [j.visual for j in batch], max_new,
+        [j.temperature for j in batch], [j.top_p for j in batch], [j.seed for j in batch], on_token=on_token)
+    for job, row in zip(batch, rows):  # a row that ended with the loop (every row stops or reaches max_tokens)
+      if not job.finished:
+        job.tokens = row[:job.prompt.max_tokens]
+        self._finish(job, reason="length" if len(row) >= job.prompt.max_tokens else "stop")
+
+  def _encode(self, batch: list[Job]) -> list[Job]:
+    """Sets each job's scale and visual tokens (float[n, D] or None): the encoder runs once per scale group."""
+    model = self.model
+    auto = [j for j in batch if isinstance(j.prompt.scale, chat.Auto)]
+    if auto:  # the router hook (the `--scale auto` issue): its choice, capped by max_visual_tokens
+      chosen = self.router.choose(model, np.stack([j.pixels for j in auto]), [j.prompt.ids for j in auto],
+                                  [j.prompt.scale.cap for j in auto])
+      for j, s in zip(auto, chosen):
+        j.scale = int(s)
+    for j in batch:
+      if isinstance(j.prompt.scale, int):
+        j.scale = j.prompt.scale
+    with_image = [j for j in batch if j.scale is not None and not j.cancelled]
+    if model.config.type == "llava15":
+      for scale in sorted({j.scale for j in with_image}):
+        group = [j for j in with_image if j.scale == scale]
+        px = np.stack([j.pixels for j in group])
+        px = np.concatenate([px, np.zeros((row_bucket(len(px)) - len(px), *px.shape[1:]), px.dtype)])
+        for j, v in zip(group, model.engine.visual_tokens(px, scale, batch_size=len(px))):
+          j.visual = v
+    else:
+      for j in with_image:
+        j.visual = model.visual([j.image], [j.scale])[0]
+        try:
+          chat.check_context(model, j.prompt.ids, j.scale, j.prompt.max_tokens, visual=len(j.visual))
+        except ApiError as e:
+          self._finish(j, error=e)
+    for j in batch:
+      j.visual_tokens = 0 if j.visual is None else len(j.visual)
+      j.text = TextStream(model.tokenizer, j.prompt.stops) if j.stream else None
+    return batch
+
+  def _step(self, job: Job, tok: int):
+    """One decoded token of `job` (called from inside the decode loop)."""
+    if job.finished or job.cancelled:
+      return
+    if tok in self.model.engine.stop_ids:
+      return self._finish(job, reason="stop")
+    job.tokens.append(tok)
+    if job.prompt.stops and answer_text(self.model.tokenizer, job.tokens, job.prompt.stops)[1]:
+      return self._finish(job, reason="stop")
+    if len(job.tokens) >= job.prompt.max_tokens:
+      return self._finish(job, reason="length")
+    if job.text is not None and (delta := job.text.delta(job.tokens)):
+      job.post("delta", delta)
+
+  def _finish(self, job: Job, reason: str | None = None, error: ApiError | None = None):
+    with self.cond:
+      if job.finished:
+        return
+      job.finished = True
+    if job.cancelled:
+      return
+    if error is not None:
+      return job.post("error", error)
+    text, _ = answer_text(self.model.tokenizer, job.tokens, job.prompt.stops)
+    if job.text is not None and (delta := job.text.final(text)):
+      job.post("delta", delta)
+    prompt_tokens = len(job.prompt.ids) - (job.scale is not None) + job.visual_tokens
+    job.post("done", Result(text, list(job.tokens), reason, job.scale, job.visual_tokens, prompt_tokens))
