@@ -19,5 +19,6 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
+# `make bench` runs every benchmark into benchmarks/results.md; `make bench QUICK=1` a reduced set (minutes).
 bench: setup
-	$(BIN)/python -m benchmarks.run_all
+	$(BIN)/python -m benchmarks.run_all $(if $(QUICK),--quick,)

@@ -6,7 +6,7 @@ markdown table of accuracy per family and scale. Chance is 1/6 = 16.7%; for the 
 model that sees the four values but not which key they sit with gets 25%.
 
   .venv/bin/python -m benchmarks.probe_learnability --workdir /tmp/probe_run [--steps 400 --batch 16]
-      [--families binding|presence] [--finest-first N] [--set KEY=VALUE ...]
+      [--families binding|presence] [--finest-first N] [--config.KEY=VALUE ...]
 
 Measured (README): presence families are learned at every scale in < 50 steps (pooling after the encoder keeps
 presence); binding families stay at the 25% "four values, unbound" plateau through 800 steps of the M3 objective,
@@ -17,7 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import sys
 import time
+
+from m3_jax.configs.overrides import split_overrides
 
 import numpy as np
 
@@ -67,12 +70,14 @@ def main(argv=None):
   ap.add_argument("--eval-per-family", type=int, default=100)
   ap.add_argument("--families", default="binding", help="probe family set: binding | presence")
   ap.add_argument("--config", default="configs/tiny.py")
-  ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                  help="config overrides, e.g. train.freeze=('vision',) model.m3.pool_position=before_projector")
-  a = ap.parse_args(argv)
+  ap.epilog = ("Any --config.KEY=VALUE overrides a config field, e.g. --config.train.freeze=\"('vision',)\" "
+               "--config.model.m3.pool_position=before_projector")
+  overrides, rest = split_overrides(list(sys.argv[1:] if argv is None else argv))
+  a = ap.parse_args(rest)
+  a.set = overrides
 
   from m3_jax.configs import base as cfg_lib
-  from m3_jax.train import checkpoint as ckpt_lib
+  from m3_jax.checkpoint import workdir as workdir_lib
   from m3_jax.train import loop
   from m3_jax.train.state import TrainStep
   wd = pathlib.Path(a.workdir)
@@ -96,7 +101,7 @@ def main(argv=None):
   trainer = TrainStep(config)
   summary = loop.fit(trainer, wd, progress=False)
   train_s = time.time() - t
-  step, state, _ = ckpt_lib.Checkpoints(wd, keep=1, async_save=False).restore(trainer.abstract_state())
+  step, state, _ = workdir_lib.Checkpoints(wd, keep=1, async_save=False).restore(trainer.abstract_state())
   acc = evaluate(trainer, state["params"], config, a.eval_per_family)
   scales = sorted(trainer.scales)
   print(f"trained {step} steps (batch {a.batch}, lr {a.lr}, finest scale only for the first {a.finest_first}, "

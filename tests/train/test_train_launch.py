@@ -2,6 +2,7 @@
 losses of one process on the same number of devices."""
 from __future__ import annotations
 
+import logging
 import shlex
 import subprocess
 import sys
@@ -49,7 +50,7 @@ def test_slurm_dry_run_renders_one_task_per_node():
           "--config.train.lr=2e-5") in srun[0]
 
 
-def test_two_processes_on_loopback_match_one_process(tmp_path, compile_cache):
+def test_two_processes_on_loopback_match_one_process(tmp_path, compile_cache, caplog):
   overrides = small_overrides(**{"train.num_steps": 3, "checkpoint.every": 2, "train.scales": "(1,)"})
   two = tmp_path / "two"
   env = subprocess_env(compile_cache, devices=2)
@@ -61,7 +62,9 @@ def test_two_processes_on_loopback_match_one_process(tmp_path, compile_cache):
   # Meanwhile, the reference: one process (this one) on 4 devices, the same global mesh and batches.
   config = small_config(**dict(o.split("=", 1) for o in overrides))
   trainer = TrainStep(config, mesh=shd.make_mesh((1, -1, 1), jax.devices()[:4]), compiler_options=FAST_COMPILE)
-  loop.fit(trainer, tmp_path / "one", progress=False)
+  with caplog.at_level(logging.INFO, logger="m3_jax.train.loop"):
+    loop.fit(trainer, tmp_path / "one", progress=False)
+  assert "scale curriculum: steps 0-2 train scales 1 (the loss averaged over them)" in caplog.text
   _, err = multi.communicate(timeout=400)
   logs = "".join(p.read_text() for p in two.glob("process_*.log"))
   assert multi.returncode == 0, err[-3000:] + logs[-3000:]
