@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 
+from m3_jax.checkpoint import m3dir
 from m3_jax.convert import hf
-from m3_jax.convert.ckpt import save_checkpoint
 from m3_jax.convert.hf import ConversionError
-from m3_jax.convert.reader import TensorSource
+from m3_jax.convert.reader import ReaderError, TensorSource
 from m3_jax.models.config import ModelConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -58,11 +58,13 @@ def _image_token_from_tokenizer(src: pathlib.Path, vocab_size: int) -> int | Non
 
 def plan(cfg: ModelConfig, sources: list[tuple[TensorSource, str]]) -> dict[str, tuple[TensorSource, str]]:
   """canonical HF name -> (source, source key), checked: every expected key present once, none unknown, shapes
-  as the table says. All problems are reported together, each naming the key with expected and found shapes."""
+  as the table says. All problems are reported together, each naming the key with expected and found shapes.
+  With a "clip" source the vision tower comes from it: vision keys of the checkpoint itself are passed over."""
   table = hf.rules(cfg)
   expected = {name: rule for rule in table for name in hf.expand(rule)}
   found: dict[str, tuple[TensorSource, str]] = {}
   unknown, misshaped, duplicate = [], [], []
+  vision_from_clip = any(layout == "clip" for _, layout in sources)
   for source, layout in sources:
     for key in source.keys():
       name = hf.canonical(layout, key)
@@ -70,6 +72,8 @@ def plan(cfg: ModelConfig, sources: list[tuple[TensorSource, str]]) -> dict[str,
         continue
       if layout == "clip" and not name.startswith(hf.V):
         name = "?" + key
+      if layout != "clip" and vision_from_clip and name.startswith(hf.V):
+        continue  # LLaVA's loader ignores these (see load_source)
       if name not in expected:
         if layout == "clip":
           continue  # a full CLIP checkpoint: only the vision tower is taken
@@ -77,8 +81,6 @@ def plan(cfg: ModelConfig, sources: list[tuple[TensorSource, str]]) -> dict[str,
                        "no m3 parameter takes it")
         continue
       if name in found:
-        if layout == "clip":
-          continue  # the checkpoint's own vision weights win over --vision-from
         duplicate.append(f"  duplicate key {key} (also {found[name][1]})")
         continue
       want, got = expected[name].hf_shape(), tuple(source.shape(key))
@@ -178,20 +180,57 @@ def load_source(src, vision_from=None, allow_pickle: bool = False
   elif tower in hf.KNOWN_TOWERS:
     vision = dict(hf.KNOWN_TOWERS[tower])
   has_vision = any(k.startswith("model.vision_tower.") for k in source.keys())
-  if not has_vision:
+  # LLaVA's loader (llava/model/multimodal_encoder/clip_encoder.py CLIPVisionTower, built with delay_load by
+  # llava_arch.py; llava/model/builder.py load_pretrained_model) loads CLIP from `mm_vision_tower`; the checkpoint's
+  # own vision weights are loaded over it only when the config says unfreeze_mm_vision_tower (LLaVA-NeXT's
+  # training), otherwise the tower has no parameters when the checkpoint is read and they are dropped.
+  own_vision = has_vision and bool(config.get("unfreeze_mm_vision_tower", False))
+  if not own_vision:
     if vision_from is None:
+      why = ("holds vision weights, but its config.json does not set unfreeze_mm_vision_tower: true, so LLaVA's "
+             "loader ignores them" if has_vision else "is an original LLaVA checkpoint without vision weights")
       raise ConversionError(
-          f"{src} is an original LLaVA checkpoint without vision weights (LLaVA-1.5 loads its CLIP tower "
-          f"{tower!r} separately): pass --vision-from DIR, a local CLIP directory (CLIPVisionModel or CLIPModel "
-          "safetensors + config.json), e.g. a copy of openai/clip-vit-large-patch14-336")
-    vision_source = TensorSource(vision_from, allow_pickle)
-    if not any(hf.canonical("clip", k) and hf.canonical("clip", k).startswith(hf.V) for k in vision_source.keys()):
-      raise ConversionError(f"--vision-from {vision_from} holds no CLIP vision weights (`vision_model.*`), and "
-                            f"{src} has none either")
+          f"{src} {why} and loads its CLIP tower {tower!r} separately: pass --vision-from DIR, a local CLIP directory "
+          "(CLIPVisionModel or CLIPModel safetensors + config.json), e.g. a copy of openai/clip-vit-large-patch14-336")
+    try:
+      vision_source = TensorSource(vision_from, allow_pickle)
+      vision_keys = [k for k in vision_source.keys() if (hf.canonical("clip", k) or "").startswith(hf.V)]
+    except ReaderError:
+      vision_keys = []  # a config-only directory
+    if not vision_keys:
+      raise ConversionError(
+          f"--vision-from {vision_from} holds no CLIP vision weights (`vision_model.*`), and LLaVA's loader takes "
+          f"the tower from there: {src} " + ("has none" if not has_vision else
+                                             "has its own, but its config.json does not set "
+                                             "unfreeze_mm_vision_tower: true (so they are not used)"))
+    if has_vision:
+      print(f"note: {src}'s own vision weights are not used (its config.json does not set unfreeze_mm_vision_tower:"
+            f" true, as LLaVA's loader reads it): the tower comes from --vision-from {vision_from}")
     sources.append((vision_source, "clip"))
   vocab = int(config.get("vocab_size", 32000))
   cfg = hf.model_config(config, layout, vision, _image_token_from_tokenizer(src, vocab))
   return cfg, layout, sources, config
+
+
+def preprocessor_config(src: pathlib.Path, layout: str, cfg: ModelConfig, vision_from=None) -> dict | None:
+  """The image-processor settings to write (None: m3dir's CLIP defaults for `cfg`). llava-hf: the checkpoint's own.
+  Original layout: LLaVA's loader uses CLIPImageProcessor.from_pretrained(mm_vision_tower), so the CLIP
+  directory's preprocessor_config.json when --vision-from has one; LLaVA-NeXT adds its anyres pinpoints (from the
+  model config, written (h, w), HF's order)."""
+  if layout != "original":
+    pre = src / "preprocessor_config.json"
+    return json.loads(pre.read_text()) if pre.exists() else None
+  pre = pathlib.Path(vision_from) / "preprocessor_config.json" if vision_from is not None else None
+  if pre is None or not pre.exists():
+    return None
+  try:
+    d = json.loads(pre.read_text())
+  except json.JSONDecodeError as e:
+    raise ConversionError(f"{pre} is not valid JSON: {e}") from None
+  if cfg.type == "llava_next":
+    anyres = m3dir.default_preprocessor(cfg)
+    d.update({k: anyres[k] for k in ("image_processor_type", "do_pad", "image_grid_pinpoints")})
+  return d
 
 
 def convert(src, out, dtype: str = "float32", vision_from=None, allow_pickle: bool = False,
@@ -205,15 +244,12 @@ def convert(src, out, dtype: str = "float32", vision_from=None, allow_pickle: bo
   cfg = cfg.replace(dtype=dtype)
   found = plan(cfg, sources)
   params = assemble(cfg, found, dtype, progress)
-  pre = src / "preprocessor_config.json"
-  # An original checkpoint's processor config (if any) is CLIP's: the m3 one is rebuilt from the model config so
-  # that it carries the anyres pinpoints (written (h, w), HF's order).
-  preprocessor = json.loads(pre.read_text()) if pre.exists() and layout != "original" else None
+  preprocessor = preprocessor_config(src, layout, cfg, vision_from)
   source_dtypes = sorted({s.dtype(k) for s, k in found.values()})
-  save_checkpoint(out, cfg, params, tokenizer_src=src, preprocessor_cfg=preprocessor,
-                  template="vicuna_v1" if layout == "original" else "llava_hf",
-                  source={"path": str(src.absolute()), "layout": layout, "dtypes": source_dtypes,
-                          "vision_from": str(vision_from) if vision_from else None})
+  m3dir.save(out, cfg, params, tokenizer_src=src, preprocessor_cfg=preprocessor,
+             template="vicuna_v1" if layout == "original" else "llava_hf",
+             source={"path": str(src.absolute()), "layout": layout, "dtypes": source_dtypes,
+                     "vision_from": str(vision_from) if vision_from else None})
   for s, _ in sources:
     s.close()
   return cfg

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from m3_jax.checkpoint import m3dir
 from m3_jax.cli import main
-from m3_jax.convert.ckpt import load_checkpoint
 from m3_jax.convert.convert import convert
 from m3_jax.convert.hf import ConversionError
 from m3_jax.convert.reader import ReaderError
@@ -92,8 +92,9 @@ def test_original_without_vision_weights_needs_vision_from(fixtures_dir, tmp_pat
   src = fixtures_dir / "original/llava-v1.5-m3-original"
   with pytest.raises(ConversionError, match=r"original LLaVA checkpoint without vision weights.*--vision-from DIR"):
     convert(src, tmp_path / "out", progress=False)
-  # A NeXT checkpoint carries its tower, but an unknown tower name still leaves the vision config unknown.
-  with pytest.raises(ConversionError, match=r"mm_vision_tower='clip': its vision config is unknown.*--vision-from"):
+  # A NeXT checkpoint carries a tower, but without unfreeze_mm_vision_tower LLaVA's loader does not use it.
+  with pytest.raises(ConversionError, match=r"holds vision weights, but its config.json does not set "
+                                            r"unfreeze_mm_vision_tower: true.*--vision-from DIR"):
     convert(fixtures_dir / "original/llava-next-m3-original", tmp_path / "out", progress=False)
 
 
@@ -118,7 +119,7 @@ def test_sharded_bfloat16_source_stored_as_bfloat16(fixtures_dir, tmp_path, logi
       {"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}))
   assert main(["convert", str(src), str(tmp_path / "out"), "--dtype", "bfloat16"]) == 0
   assert "80/80" in capfd.readouterr().err  # the progress bar counts tensors
-  cfg, params, extras = load_checkpoint(tmp_path / "out")
+  cfg, params, extras = m3dir.load(tmp_path / "out")
   assert extras["param_dtype"] == "bfloat16" and cfg.dtype == "bfloat16"
   q = np.asarray(params["llm"]["layers"]["attn"]["q"]["kernel"])
   assert q.dtype == ml_dtypes.bfloat16 and q.shape == (2, 64, 64)

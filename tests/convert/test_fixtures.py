@@ -29,15 +29,19 @@ CASES = [
 ]
 
 
-def convert(fixtures_dir, name, flags, out):
+def convert(fixtures_dir, name, flags, out, variant):
   src = fixtures_dir / name
+  if name == "original/llava-next-m3-original":
+    # as LLaVA-NeXT saves it: its trained tower is inside, and only unfreeze_mm_vision_tower makes LLaVA's loader
+    # use it (the fixture's clip/ holds no weights)
+    src = variant(src, out.parent / "src", {"unfreeze_mm_vision_tower": True})
   assert main(["convert", str(src), str(out), "--no-progress"] + [f.format(src=src) for f in flags]) == 0
   return src
 
 
 @pytest.mark.parametrize("name,tol,flags", CASES, ids=[c[0] for c in CASES])
-def test_fixture_converts_to_reference_logits(fixtures_dir, tmp_path, logits_of, name, tol, flags):
-  src = convert(fixtures_dir, name, flags, tmp_path / "m3")
+def test_fixture_converts_to_reference_logits(fixtures_dir, tmp_path, logits_of, variant, name, tol, flags):
+  src = convert(fixtures_dir, name, flags, tmp_path / "m3", variant)
   ref = np.load(src / "reference.npz")
   got = logits_of(tmp_path / "m3", ref)
   assert got.shape == ref["logits"].shape
@@ -47,8 +51,8 @@ def test_fixture_converts_to_reference_logits(fixtures_dir, tmp_path, logits_of,
   assert meta["model"]["type"] == ("llava_next" if "next" in name else "llava15")
 
 
-def test_original_layout_reads_m3_fields(fixtures_dir, tmp_path):
-  convert(fixtures_dir, "original/llava-next-m3-original", ["--vision-from", "{src}/clip"], tmp_path / "m3")
+def test_original_layout_reads_m3_fields(fixtures_dir, tmp_path, variant):
+  convert(fixtures_dir, "original/llava-next-m3-original", ["--vision-from", "{src}/clip"], tmp_path / "m3", variant)
   model = json.loads((tmp_path / "m3" / "m3_config.json").read_text())["model"]
   assert model["m3"]["scales"] == [576, 144, 36, 9, 1]           # matryoshka_vis_token_scale
   assert model["anyres"]["pinpoint_order"] == "wh"               # original LLaVA reads (w, h)
@@ -65,10 +69,10 @@ ROUND_TRIPS = [
 
 
 @pytest.mark.parametrize("name,flags", ROUND_TRIPS, ids=[c[0] for c in ROUND_TRIPS])
-def test_export_round_trip_reloads_in_transformers(fixtures_dir, tmp_path, name, flags):
+def test_export_round_trip_reloads_in_transformers(fixtures_dir, tmp_path, variant, name, flags):
   import torch
   from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
-  src = convert(fixtures_dir, name, flags, tmp_path / "m3")
+  src = convert(fixtures_dir, name, flags, tmp_path / "m3", variant)
   assert main(["export", str(tmp_path / "m3"), str(tmp_path / "hf")]) == 0
   cls = LlavaNextForConditionalGeneration if "next" in name else LlavaForConditionalGeneration
   model = cls.from_pretrained(tmp_path / "hf", attn_implementation="eager", dtype=torch.float32).eval()
