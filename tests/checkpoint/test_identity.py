@@ -29,7 +29,10 @@ def reference(words: list[int]) -> str:
   return f"{lanes[0]:08x}{lanes[1]:08x}"
 
 
-def test_checksums_follow_the_formula_on_device_and_host():
+def test_checksums_follow_the_formula_on_device_and_host(monkeypatch):
+  # jax.Arrays above identity._BLOCK words (or on other hosts) are hashed where they live, one computation per
+  # device set; numpy arrays are hashed in blocks on the default device.
+  monkeypatch.setattr(identity, "_BLOCK", 1)
   f32 = np.array([[1.5, -2.0, 0.0], [3.25, 1e-3, -7.0]], np.float32)
   bf16 = np.array([1.0, -0.5, 3.0], ml_dtypes.bfloat16)
   tree = {"f": f32, "b": bf16, "i": np.array([-1, 7], np.int32), "z": np.array([True, False])}
@@ -38,12 +41,15 @@ def test_checksums_follow_the_formula_on_device_and_host():
           "['i']": "int32:" + reference([0xFFFFFFFF, 7]),
           "['z']": "bool:" + reference([1, 0])}
   assert identity.checksums(tree) == want
+
   mesh = shd.make_mesh((1, -1, 1))
   sharded = jax.device_put(jnp.asarray(np.tile(f32, (4, 1))), jax.sharding.NamedSharding(mesh, shd.P("fsdp")))
   assert len(sharded.addressable_shards) == 8
   host = identity.checksums({"x": np.tile(f32, (4, 1))})
   assert identity.checksums({"x": sharded}) == host
-  assert identity.checksums({"x": jax.tree.map(jnp.asarray, tree)["b"]})["['x']"] == want["['b']"]
+  mixed = identity.checksums({"x": sharded, "y": jax.device_put(jnp.asarray(f32), jax.devices()[1])})
+  assert mixed == {"['x']": host["['x']"], "['y']": want["['f']"]}
+  assert identity.checksums(jax.tree.map(jnp.asarray, tree)) == want
 
 
 def test_every_single_flipped_bit_changes_the_checksum():
@@ -72,3 +78,10 @@ def test_verify_names_the_array_and_fingerprint_depends_on_model_and_params():
   assert len(a) == 32 and a == identity.fingerprint({"width": 8}, dict(reversed(saved.items())))
   assert identity.fingerprint({"width": 9}, saved) != a
   assert identity.fingerprint({"width": 8}, identity.checksums(tree)) != a
+
+
+def test_a_host_array_hashed_in_several_blocks_matches_the_device(monkeypatch):
+  monkeypatch.setattr(identity, "_BLOCK", 1 << 15)   # 100_003 words: three full blocks and a padded one
+  assert 100_003 > identity._SMALL
+  x = np.random.default_rng(1).normal(size=(7, 14_286)).astype(np.float32).reshape(-1)[:100_003]
+  assert identity.checksums({"x": x}) == identity.checksums({"x": jnp.asarray(x)})
