@@ -88,3 +88,11 @@ def test_a_bad_pool_names_the_value_and_the_choices():
   from m3_jax.train.state import model_config_of
   with pytest.raises(ValueError, match="model.m3.pool='max': expected one of avg, spatial, sequential"):
     model_config_of(m3_config.load("tiny", ["model.m3.pool=max"]))
+
+
+def test_the_released_checkpoints_recipe_freezes_clip():
+  """`:released` is how the official code trained the released M3 checkpoints: CLIP's forward under no_grad."""
+  released = m3_config.load("configs/llava15_7b_m3.py:init=ckpt/llava15,released")
+  assert tuple(released.train.freeze) == ("vision",)
+  assert (released.train.lr, released.train.batch_size, released.checkpoint.init_from) == (2e-5, 128, "ckpt/llava15")
+  assert tuple(m3_config.load("configs/llava15_7b_m3.py:init=ckpt/llava15").train.freeze) == ()   # the paper's
