@@ -273,6 +273,10 @@ def test_mmbench_vlmevalkit_circular_rows(tmp_path):
   assert [s.question_id for s in samples] == ["5", "1000005"]
   assert samples[1].image_bytes == samples[0].image_bytes and samples[1].answers == "B"
   assert get_task("mmbench").summarize(samples, {"5": "A", "1000005": "A"})["accuracy"] == 0.0
+  # VLMEvalKit's reading: " A\n" -> A, "x\t" -> option text x = B (stripped); a refusal names no option even
+  # beside a letter; "C" (of 2 options) is no letter here and names no option text.
+  assert get_task("mmbench").summarize(samples, {"5": " A\n", "1000005": "x\t"})["accuracy"] == 1.0
+  assert [get_task("mmbench").score(samples[1], p) for p in ("Cannot determine the answer: B", "C", "B")] == [0, 0, 1]
 
 
 def test_mmbench_malformed_rows(tmp_path):
