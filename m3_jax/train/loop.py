@@ -25,6 +25,7 @@ from m3_jax.train.metrics import MetricsWriter
 from m3_jax.train.state import BATCH_KEYS, TrainStep
 
 log = logging.getLogger(__name__)
+ON_NONFINITE = ("raise", "skip")   # train.on_nonfinite: stop at a non-finite step, or log it and go on
 
 
 class NonFiniteError(FloatingPointError):
@@ -38,6 +39,8 @@ def fit(trainer: TrainStep, workdir: str | pathlib.Path, batches: Iterator[dict]
   configured data source."""
   workdir = pathlib.Path(workdir)
   config, train = trainer.config, trainer.config.train
+  if train.on_nonfinite not in ON_NONFINITE:
+    raise ValueError(f"train.on_nonfinite={train.on_nonfinite!r}: expected one of {', '.join(ON_NONFINITE)}")
   primary = jax.process_index() == 0
   if primary:
     workdir.mkdir(parents=True, exist_ok=True)

@@ -60,8 +60,6 @@ class TrainStep:
     self.objective = obj.Objective(self.model, self.scales, impl=str(train.scale_loss),
                                    max_label_tokens=int(train.get("max_label_tokens", 0)))
     self.curriculum = Curriculum.of(train, self.scales)
-    if train.on_nonfinite not in ("raise", "skip"):
-      raise ValueError(f"train.on_nonfinite={train.on_nonfinite!r}: expected 'raise' or 'skip'")
     self.freeze = optim.check_freeze(train.freeze)
     self.grad_accum = int(train.grad_accum)
     if self.grad_accum < 1:
