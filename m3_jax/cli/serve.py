@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import pathlib
+import signal
+
+import uvicorn
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -30,8 +34,6 @@ def add_arguments(p: argparse.ArgumentParser):
 
 
 def run(args) -> int:
-  import uvicorn
-
   from m3_jax.eval.loader import load
   from m3_jax.serve.app import create_app
 
@@ -46,7 +48,20 @@ def run(args) -> int:
   app = create_app(model, name=name, max_batch=args.max_batch, max_queue=args.max_queue,
                    batch_wait_ms=args.batch_wait_ms, request_timeout=args.request_timeout,
                    allowed_image_dir=args.allowed_image_dir, max_image_pixels=args.max_image_pixels)
-  # uvicorn handles SIGTERM / SIGINT: it stops accepting, waits for the requests in flight, then the app's
-  # lifespan ends the batching worker; run() returns and the process exits 0.
-  uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=None)
+  # On SIGTERM / SIGINT uvicorn stops accepting and waits for the requests in flight, then the app's lifespan
+  # ends the batching worker.
+  DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="info")).run()
   return 0
+
+
+class DrainingServer(uvicorn.Server):
+  @contextlib.contextmanager
+  def capture_signals(self):
+    # uvicorn's own re-raises the signal after the graceful shutdown, so a drained SIGTERM would still end the
+    # process as killed (-15); here run() returns and `m3 serve` exits 0.
+    previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+      yield
+    finally:
+      for s, handler in previous.items():
+        signal.signal(s, handler)
