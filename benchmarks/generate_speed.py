@@ -22,7 +22,12 @@ change of machine load hits both. transformers runs with SDPA attention (`--attn
 On an oversubscribed machine (load average above the core count) torch with one thread per core is 3-6x SLOWER than
 with one thread (its OpenMP workers wait on each other at every op; XLA's pool degrades far less), so `auto` picks
 1 thread there and all cores on a quiet machine: the baseline is transformers at its best, not at its worst. The
-load average is printed before and after: absolute numbers move with it, the ratio less so. Runs on a
+load average is printed before and after: absolute numbers move with it, the ratio less so.
+
+MFU: model FLOPs per batch (`m3_jax.cost`: the prefill of the vision tower, projector and decoder over scale + 29 text
+tokens with the last position's logits, then one decode step per further new token at its context, logits included;
+no bucket padding counted) / median wall time / the float32 matmul peak measured in the same run by the same
+framework (a jitted 2048^3 matmul in JAX; `torch.mm` at the thread count of the fastest transformers run). Runs on a
 shared 2-core machine differed by up to 2x per cell (benchmarks/generate_speed.md holds one run; tiny is dominated
 by per-call overhead, small by the ViT over 577 tokens and the prefill, where both sides run the same float32 GEMMs).
 """
@@ -40,9 +45,9 @@ import time
 import jax
 import numpy as np
 
+from m3_jax.checkpoint import m3dir
 from m3_jax.configs import base as m3_config
 from m3_jax.convert import hf as hf_map
-from m3_jax.convert.ckpt import load_checkpoint
 from m3_jax.convert.convert import convert
 from m3_jax.eval.generate import Engine, Sampling
 from m3_jax.models.config import ModelConfig
@@ -69,7 +74,7 @@ def build_pair(name: str, workdir: pathlib.Path, attn: str):
   src, out = workdir / f"{name}_hf", workdir / f"{name}_m3"
   hf.save_pretrained(src)
   convert(src, out, progress=False)
-  cfg, params, _ = load_checkpoint(out)
+  cfg, params, _ = m3dir.load(out)
   # The conversion must give back the config's model, or the comparison is of two different models.
   for part in ("vision", "llm"):
     a, b = getattr(cfg, part), getattr(want, part)
@@ -136,6 +141,33 @@ class TorchRunner:
     return out.tolist()
 
 
+def generation_flops(cfg: ModelConfig, scale: int, batch: int, new_tokens: int) -> int:
+  """Model FLOPs of one benchmark batch: prefill (first new token from its logits) + new_tokens - 1 decode steps."""
+  from m3_jax import cost
+  pre = cost.prefill(cfg, scale, PROMPT_LEN - 1)   # the placeholder is not a text token
+  decode = 0
+  for k in range(1, new_tokens):
+    f = cost.llm_flops(cfg.llm, 1, pre["sequence"] + k)
+    decode += f["matmul"] + f["attention"] + cost.logits_flops(cfg.llm, 1)
+  return batch * (pre["prefill_flops"]["total"] + decode)
+
+
+def matmul_peak(framework: str, n: int = 2048, repeats: int = 5, threads: int = 1) -> float:
+  """float32 FLOP/s of an n^3 matmul, best of `repeats`: jitted in JAX, `torch.mm` at `threads` threads."""
+  if framework == "jax":
+    import jax.numpy as jnp
+    a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    run = lambda: f(a, a).block_until_ready()
+  else:
+    import torch
+    torch.set_num_threads(threads)
+    a = torch.randn(n, n)
+    run = lambda: torch.mm(a, a)
+  run()
+  return 2 * n ** 3 / min(timed(run)[0] for _ in range(repeats))
+
+
 def timed(fn, *args) -> tuple[float, float, object]:
   """(wall s, CPU s of this process summed over its threads, result)."""
   start, cpu = time.perf_counter(), time.process_time()
@@ -144,7 +176,7 @@ def timed(fn, *args) -> tuple[float, float, object]:
 
 
 def bench_config(name: str, batch: int, new_tokens: int, repeats: int, attn: str, threads: list[int],
-                 workdir: pathlib.Path) -> list[dict]:
+                 workdir: pathlib.Path, peaks: dict) -> list[dict]:
   t0 = time.perf_counter()
   hf, cfg, params = build_pair(name, workdir, attn)
   print(f"[{name}] built + converted in {time.perf_counter() - t0:.1f}s; scales {cfg.m3.scales}", flush=True)
@@ -171,10 +203,13 @@ def bench_config(name: str, batch: int, new_tokens: int, repeats: int, attn: str
                torch={n: batch / med[f"torch{n}"] for n in threads}, ratio=med[best] / med["jax"], same=same,
                compile=warm["jax"] - med["jax"], times=times,
                cpu_ratio=cpu[best] / cpu["jax"])
+    flops = generation_flops(cfg, scale, batch, new_tokens)
+    row.update(gflop=flops / 1e9, mfu_jax=flops / med["jax"] / peaks["jax"],
+               mfu_torch=flops / med[best] / peaks[best])
     rows.append(row)
     per = "  ".join(f"transformers@{n}t {v:8.2f}/s" for n, v in row["torch"].items())
     print(f"[{name}] scale {scale:4d}: m3-jax {row['jax']:8.2f}/s  {per}  ratio vs best {row['ratio']:5.2f}x "
-          f"(CPU-s {row['cpu_ratio']:.2f}x)  same tokens {same:.0%}  (jax warm-up {warm['jax']:.1f}s, "
+          f"(CPU-s {row['cpu_ratio']:.2f}x)  MFU m3-jax {row['mfu_jax']:.0%} transformers {row['mfu_torch']:.0%}  same tokens {same:.0%}  (jax warm-up {warm['jax']:.1f}s, "
           f"load {os.getloadavg()[0]:.1f})", flush=True)
   return rows
 
@@ -182,13 +217,15 @@ def bench_config(name: str, batch: int, new_tokens: int, repeats: int, attn: str
 def table(rows: list[dict], threads: list[int]) -> str:
   head = " | ".join(f"transformers samples/s ({n} thread{'s' * (n > 1)})" for n in threads)
   lines = [f"| config | scale | transformers path | m3-jax samples/s | {head} | m3-jax / best transformers "
-           "| same, per CPU-second | same greedy tokens | m3-jax compile s |",
-           "|---|---:|---|---:|" + "---:|" * len(threads) + "---:|---:|---:|---:|"]
+           "| same, per CPU-second | model GFLOP | MFU m3-jax | MFU transformers | same greedy tokens "
+           "| m3-jax compile s |",
+           "|---|---:|---|---:|" + "---:|" * len(threads) + "---:|---:|---:|---:|---:|---:|---:|"]
   for r in rows:
     path = "`generate(pixel_values)`" if r["full"] else "pooled `inputs_embeds`"
     per = " | ".join(f"{r['torch'][n]:.2f}" for n in threads)
     lines.append(f"| {r['config']} | {r['scale']} | {path} | {r['jax']:.2f} | {per} | "
-                 f"**{r['ratio']:.2f}x** | {r['cpu_ratio']:.2f}x | {r['same']:.0%} | {r['compile']:.1f} |")
+                 f"**{r['ratio']:.2f}x** | {r['cpu_ratio']:.2f}x | {r['gflop']:.1f} | {r['mfu_jax']:.0%} | "
+                 f"{r['mfu_torch']:.0%} | {r['same']:.0%} | {r['compile']:.1f} |")
   return "\n".join(lines)
 
 
@@ -214,12 +251,16 @@ def main(argv=None):
   else:
     threads = [int(n) for n in args.torch_threads.split(",")]
   print(f"cores {os.cpu_count()}, load average {load_before}", flush=True)
+  peaks = {"jax": matmul_peak("jax")}
+  peaks.update({f"torch{n}": matmul_peak("torch", threads=n) for n in threads})
+  peak_line = ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items())
+  print(f"float32 2048^3 matmul peak: {peak_line}", flush=True)
   start = time.perf_counter()
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     for name in args.configs.split(","):
       rows += bench_config(name.strip(), args.batch, args.new_tokens, args.repeats, args.attn, threads,
-                           pathlib.Path(tmp))
+                           pathlib.Path(tmp), peaks)
   load_after = os.getloadavg()
   total = time.perf_counter() - start
 
@@ -240,6 +281,7 @@ def main(argv=None):
       f"torch threads: {args.torch_threads}{chosen}.",
       "",
       table(rows, threads), "",
+      f"float32 2048^3 matmul peak measured in this run (the MFU denominators): {peak_line}.", "",
       f"Machine: {platform.machine()}, {os.cpu_count()} cores (shared), "
       f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, transformers "
       f"{transformers.__version__}. Load average (1, 5, 15 min) before: {fmt(load_before)}; after: "
