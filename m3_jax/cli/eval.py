@@ -5,6 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
+
+from m3_jax.cli import scale_list
+from m3_jax.cli.score import make_task, task_option
+from m3_jax.data.conversation import TEMPLATES
+from m3_jax.models.matryoshka import POOL_METHODS
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -13,14 +19,15 @@ def add_arguments(p: argparse.ArgumentParser):
   p.add_argument("--task", required=True, help="task name (probe, llava_jsonl, textvqa, pope, mmbench, ...)")
   p.add_argument("--data", required=True, help="the task's file or folder (README: where to get each)")
   p.add_argument("--image-folder", default=None, help="images / videos folder, where the task reads one")
-  p.add_argument("--scales", default=None,
-                 help="comma-separated scales, e.g. 576,144,36,9,1 (default: the checkpoint's model.m3.scales)")
+  p.add_argument("--scale", "--scales", dest="scales", type=scale_list, default=None, metavar="N[,N...]",
+                 help="one scale or a comma list, e.g. 576,144,36,9,1 (default: the checkpoint's model.m3.scales)")
   p.add_argument("--out", required=True, help="output directory: predictions.jsonl, summary.json, summary.csv")
-  p.add_argument("--batch-size", type=int, default=16)
+  p.add_argument("--batch-size", type=int, default=16, help="samples per generation batch")
   p.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
-  p.add_argument("--max-new-tokens", type=int, default=16)
-  p.add_argument("--template", default="auto", choices=["auto", "vicuna_v1", "llava_hf", "plain", "none"])
-  p.add_argument("--pool", default=None, choices=["avg", "spatial", "sequential"],
+  p.add_argument("--max-new-tokens", type=int, default=32, help="most tokens generated per answer")
+  p.add_argument("--template", default="auto", choices=["auto", *TEMPLATES],
+                 help="chat template; auto = the one recorded at conversion")
+  p.add_argument("--pool", default=None, choices=POOL_METHODS,
                  help="override the pooling method at inference (paper Tables 4 and 6: inference-time pooling of a "
                       "model trained at full scale, or the spatial / sequential samplers)")
   p.add_argument("--grid", default=None, metavar="RxC",
@@ -28,35 +35,74 @@ def add_arguments(p: argparse.ArgumentParser):
   p.add_argument("--likelihood", action="store_true",
                  help="multiple-choice tasks: pick the option letter with the highest log-likelihood at the scale "
                       "instead of generating")
-  p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--task-option", action="append", default=[], type=task_option, metavar="KEY=VALUE",
+                 help="a task option, repeatable (video tasks: prompt=igvlm|igvlm_verbatim|llava, "
+                      "collage=igvlm|linspace_2x3)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="delete the predictions in --out and start afresh (by default a folder holding another "
+                      "run's predictions is refused, and one holding this run's is resumed)")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.epilog = ("example:\n  m3 eval --ckpt runs/demo/train --task probe --data runs/demo/train/probe --scale 144,36,9,1 "
+              "--out runs/demo/eval")
+
+
+def _stored_template(path: str) -> str:
+  """The chat template a checkpoint records (what --template auto resolves to), read without its params."""
+  from m3_jax.checkpoint import m3dir, workdir
+  if m3dir.is_m3dir(path):
+    return m3dir.read_meta(path).get("template", "llava_hf")
+  return workdir.read_config(path)["data"]["template"]
 
 
 def run(args) -> int:
-  from m3_jax.eval import evaluator
+  from m3_jax.eval import cache, evaluator
   from m3_jax.cli.generate import parse_grid
-  from m3_jax.eval.loader import M3Model, read_checkpoint
-  from m3_jax.eval.tasks import get_task
+  from m3_jax.checkpoint import reader, workdir
+  from m3_jax.eval.loader import M3Model
   from m3_jax.models.llava import with_overrides
 
-  ckpt = read_checkpoint(args.ckpt, args.step)
+  options = dict(sorted(args.task_option))
+  if args.image_folder:
+    options["image_folder"] = args.image_folder
+  try:
+    task = make_task(args.task, options)
+  except ValueError as e:
+    print(f"m3 eval: {e}", file=sys.stderr)
+    return 2
+  # The step is resolved once, so the identity and the params evaluated are the same step's.
+  step = workdir.resolve_step(args.ckpt, args.step) if workdir.is_workdir(args.ckpt) else args.step
+  fingerprint = cache.Fingerprint(args.data)
+  samples = []
+  for s in fingerprint.feed(task.samples(args.data)):  # the whole file goes into the fingerprint, not --limit
+    if args.limit is None or len(samples) < args.limit:
+      samples.append(s)
+  grid = parse_grid(args.grid)
+  identity = reader.identity(args.ckpt, step)
+  config = reader.model_config(args.ckpt)
+  pool = args.pool or config.m3.pool
+  run = cache.run_record(
+      ckpt=args.ckpt, step=step, data=args.data, ckpt_identity=identity, task=args.task,
+      task_options=options, data_fingerprint=fingerprint.hexdigest(),
+      template=_stored_template(args.ckpt) if args.template == "auto" else args.template, pool=pool,
+      grid=list(grid) if grid else None, max_new_tokens=args.max_new_tokens, temperature=0.0, top_p=1.0, seed=0,
+      likelihood=args.likelihood)
+  try:
+    cache.open_run(args.out, run, args.overwrite)  # before the params load: a refusal costs nothing
+  except cache.CacheMismatch as e:
+    print(f"m3 eval: {e}", file=sys.stderr)
+    return 2
+  ckpt = reader.read_checkpoint(args.ckpt, step)
   if args.pool:
     ckpt = dataclasses.replace(ckpt, config=with_overrides(ckpt.config, pool=args.pool))
   model = M3Model(ckpt, args.template)
-  options = {"image_folder": args.image_folder} if args.image_folder else {}
-  task = get_task(args.task, **options)
-  samples = []
-  for s in task.samples(args.data):
-    samples.append(s)
-    if args.limit is not None and len(samples) >= args.limit:
-      break
-  scales = [int(s) for s in args.scales.split(",")] if args.scales else list(model.scales)
+  scales = list(args.scales) if args.scales else list(model.scales)
   for s in scales:
     model.config.check_scale(s)
   generate, choose = evaluator.model_functions(model, max_new_tokens=args.max_new_tokens,
-                                               batch_size=args.batch_size, grid=parse_grid(args.grid),
-                                               likelihood=args.likelihood)
+                                               batch_size=args.batch_size, grid=grid, likelihood=args.likelihood)
   summary = evaluator.evaluate(generate, task, samples, scales, args.out, choose=choose, batch_size=args.batch_size,
-                               progress=not args.no_progress,
-                               extra_summary={"ckpt": str(args.ckpt), "pool": ckpt.config.m3.pool})
+                               progress=not args.no_progress, run=run,
+                               extra_summary={"ckpt": str(args.ckpt), "pool": ckpt.config.m3.pool,
+                                              "ckpt_identity": identity})
   print(json.dumps(summary))
   return 0

@@ -5,34 +5,44 @@ from __future__ import annotations
 import argparse
 import json
 
+from m3_jax.cli import scale_list
+from m3_jax.data.conversation import TEMPLATES
+
 
 def add_arguments(p: argparse.ArgumentParser):
   p.add_argument("--ckpt", required=True, help="m3 checkpoint directory or training workdir")
   p.add_argument("--step", type=int, default=None, help="with a training workdir: this step (default: latest)")
   p.add_argument("--image", default=None, help="image file (omit for a text-only prompt)")
-  p.add_argument("--prompt", required=True)
-  p.add_argument("--scale", type=int, default=None,
-                 help="visual tokens for the image: one of the checkpoint's model.m3.scales (default: the full grid)")
+  p.add_argument("--prompt", required=True, help="the question about the image")
+  p.add_argument("--scale", type=scale_list, default=None, metavar="N[,N...]",
+                 help="visual tokens for the image: one of the checkpoint's model.m3.scales, or a comma list (one "
+                      "answer per scale); default: the full grid")
   p.add_argument("--grid", default=None, metavar="RxC",
                  help="LLaVA-NeXT: override the anyres crop grid, e.g. 3x3 (paper Table 5)")
-  p.add_argument("--max-new-tokens", type=int, default=64)
+  p.add_argument("--max-new-tokens", type=int, default=32, help="most tokens generated per answer")
   p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-  p.add_argument("--top-p", type=float, default=1.0)
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+  p.add_argument("--seed", type=int, default=0, help="sampling seed")
   p.add_argument("--template", default="auto",
-                 choices=["auto", "vicuna_v1", "llava_hf", "plain", "none"],
+                 choices=["auto", *TEMPLATES],
                  help="chat template; auto = the one recorded at conversion")
   p.add_argument("--json", action="store_true",
-                 help='print one JSON object {"text", "token_ids", "scale", "visual_tokens"} (generated ids only)')
+                 help='print one JSON object per answer {"text", "token_ids" (generated ids only), "scale", '
+                      '"visual_tokens", "finish_reason" ("stop" | "length"), "seconds"}')
+  p.epilog = ('example:\n  m3 generate --ckpt ckpt/m3 --image cat.jpg --prompt "What is on the mat?" '
+              '--scale 576,36,1')
 
 
 def run(args) -> int:
   from m3_jax.eval.loader import load
   model = load(args.ckpt, step=args.step, template=args.template)
-  out = model.generate([args.image], [args.prompt], scale=args.scale, max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                       grid=parse_grid(args.grid))[0]
-  print(json.dumps(out) if args.json else out["text"])
+  scales = args.scale or (None,)
+  for scale in scales:
+    out = model.generate([args.image], [args.prompt], scale=scale, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                         grid=parse_grid(args.grid))[0]
+    text = f"[{scale}] {out['text']}" if len(scales) > 1 else out["text"]
+    print(json.dumps(out) if args.json else text)
   return 0
 
 

@@ -24,15 +24,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--scale", type=int, default=None, help="score only lines with this `scale`")
   parser.add_argument("--allow-missing", action="store_true",
                       help="score the samples that have predictions; report the missing count instead of failing")
+  parser.add_argument("--task-option", action="append", default=[], type=task_option, metavar="KEY=VALUE",
+                      help="a task option, repeatable (video tasks: prompt=igvlm|igvlm_verbatim|llava)")
   parser.add_argument("--per-sample", default=None, metavar="JSONL",
-                      help="also write {question_id, scale, prediction, score} per scored sample to this file")
+                      help="also write {question_id, scale, prediction, score, prompt, answers} per scored sample to "
+                           "this file")
+  parser.epilog = "example:\n  m3 score textvqa --data textvqa/ --predictions runs/eval/predictions.jsonl --scale 36"
+
+
+def task_option(text: str) -> tuple[str, str]:
+  """`--task-option KEY=VALUE` -> (KEY, VALUE)."""
+  key, eq, value = text.partition("=")
+  if not eq or not key:
+    raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. prompt=llava)")
+  return key, value
+
+
+def make_task(name: str, options: dict[str, str]):
+  """The task `name` with `options` (--task-option pairs, --image-folder); ValueError naming the options when the
+  task rejects one."""
+  from m3_jax.eval.tasks import get_task
+  try:
+    return get_task(name, **options)
+  except TypeError as e:  # an option the task's constructor does not take
+    raise ValueError(f"task {name!r} rejects the options {sorted(options)}: {e}") from None
 
 
 def run(args: argparse.Namespace) -> int:
   from m3_jax.eval import predictions, scoring
-  from m3_jax.eval.tasks import get_task
   try:
-    task = get_task(args.task)
+    task = make_task(args.task, dict(args.task_option))
     result, per_sample = scoring.score_file(task, list(task.samples(args.data)), args.predictions, scale=args.scale,
                                             allow_missing=args.allow_missing)
   except (ValueError, OSError) as e:  # unknown task, bad task data, bad or unmatched predictions, unreadable file

@@ -6,9 +6,10 @@ a server, a fake in a test) is evaluated the same way:
     generate(samples, scale) -> one answer text per sample
     choose(samples, scale)   -> one option letter per sample (likelihood mode for multiple choice; optional)
 
-Resumable: predictions already in `predictions.jsonl` (by question_id and scale) are not recomputed; the summary
-is always rebuilt from the whole file (a later line for the same key wins). The file formats are
-`m3_jax.eval.predictions`.
+Resumable: predictions already in `predictions.jsonl` (by question_id and scale) are not recomputed when the
+folder's `run.json` holds this run's cache key (`m3_jax.eval.cache`: checkpoint identity, task, data, template,
+pooling, grid, generation settings); the summary is always rebuilt from the whole file (a later line for the same
+(question_id, scale) wins). The file formats are `m3_jax.eval.predictions`.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from tqdm import tqdm
 
-from m3_jax.eval import predictions
+from m3_jax.eval import cache, predictions
 from m3_jax.eval.tasks import Sample, Task
 
 if TYPE_CHECKING:
@@ -31,13 +32,13 @@ def sample_image(sample: Sample):
   """The image a sample shows the model: a file, embedded bytes, or a video's frame collage (None: text only)."""
   if sample.video is not None:
     from m3_jax.data.video import load_video
-    return load_video(sample.video)
+    return load_video(sample.video, sample.meta.get("collage", "igvlm"))
   if sample.image_bytes is not None:
     return sample.image_bytes
   return sample.image
 
 
-def model_functions(model: M3Model, *, max_new_tokens: int = 16, batch_size: int = 16,
+def model_functions(model: M3Model, *, max_new_tokens: int = 32, batch_size: int = 16,
                     grid: tuple[int, int] | None = None, likelihood: bool = False
                     ) -> tuple[AnswerFn, AnswerFn | None]:
   """(generate, choose) answering with a loaded checkpoint; choose is None unless `likelihood`. `grid` overrides
@@ -57,13 +58,17 @@ def model_functions(model: M3Model, *, max_new_tokens: int = 16, batch_size: int
 
 def evaluate(generate: AnswerFn, task: Task, samples: Sequence[Sample], scales: Sequence[int],
              out: str | pathlib.Path, *, choose: AnswerFn | None = None, batch_size: int = 16, progress: bool = True,
-             extra_summary: dict | None = None) -> dict:
+             extra_summary: dict | None = None, run: dict | None = None, overwrite: bool = False) -> dict:
   """Answers every sample at every scale (a batch of `batch_size` samples per call; multiple-choice batches go
-  to `choose` when given), appends each answer to `out`/predictions.jsonl with its per-sample score and category,
-  and writes the summary: `{"task", "num_samples", "scales": {scale: task metrics (+ samples_per_second when
-  this call answered some)}, **extra_summary}`, which it returns."""
+  to `choose` when given), appends each answer to `out`/predictions.jsonl with its per-sample score, category,
+  prompt and reference answers, and writes the summary: `{"task", "num_samples", "scales": {scale: task metrics
+  (+ samples_per_second when this call answered some)}, **extra_summary}`, which it returns.
+
+  `run` (`cache.run_record`) is the cache key: predictions in `out` made under another key are refused
+  (cache.CacheMismatch) unless `overwrite` deletes them first; without `run` the folder's predictions are trusted."""
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
+  cache.open_run(out, run, overwrite)
   pred_file = out / predictions.PREDICTIONS
   done = predictions.latest(predictions.read(pred_file, predictions.EVAL_FIELDS, who="an eval resume")
                             if pred_file.exists() else [])
@@ -77,7 +82,8 @@ def evaluate(generate: AnswerFn, task: Task, samples: Sequence[Sample], scales: 
       for i in range(0, len(todo), batch_size):
         chunk = todo[i:i + batch_size]
         answer = choose if choose is not None and all(s.options for s in chunk) else generate
-        recs = [predictions.record(s.question_id, scale, p, task.score(s, p), category=s.category)
+        recs = [predictions.record(s.question_id, scale, p, task.score(s, p), category=s.category,
+                                   prompt=s.prompt, answers=s.answers)
                 for s, p in zip(chunk, answer(chunk, scale))]
         done.update(predictions.latest(recs))
         appender.write(recs)

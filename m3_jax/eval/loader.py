@@ -1,54 +1,24 @@
 """`m3_jax.load(ckpt)`: a checkpoint as a model object that answers prompts about images at any scale.
 
     model = m3_jax.load("ckpt/llava15-m3")
-    model.generate(["cat.jpg"], ["What is this?"], scale=9)   # -> [{"text", "token_ids", "scale", "visual_tokens"}]
+    model.generate("cat.jpg", "What is this?", scale=9)        # -> {"text", "token_ids", "scale", "visual_tokens",
+                                                               #     "finish_reason", "seconds"}
+    model.generate(["cat.jpg", None], ["What is this?", "Hi"])  # -> a list of such dicts, one per prompt
 
 CKPT is an m3 checkpoint directory (`m3 convert`) or a training workdir (its latest step, or `step=N`).
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import pathlib
 import string
+import time
 from typing import Any, Sequence
 
 import numpy as np
 
+from m3_jax.checkpoint.reader import Checkpoint, read_checkpoint
 from m3_jax.data import conversation, image as image_lib
 from m3_jax.eval.generate import Engine, Sampling
-from m3_jax.models.config import ModelConfig
-
-
-@dataclasses.dataclass
-class Checkpoint:
-  config: ModelConfig
-  params: Any
-  template: str
-  tokenizer_dir: str
-  preprocessor: dict | None
-  aspect: str  # LLaVA-1.5 "pad" (original LLaVA eval) or "crop" (transformers' processor)
-
-
-def read_checkpoint(ckpt: str | pathlib.Path, step: int | None = None, shardings=None) -> Checkpoint:
-  path = pathlib.Path(ckpt)
-  if (path / "m3_config.json").exists():
-    from m3_jax.convert.ckpt import load_checkpoint
-    cfg, params, extras = load_checkpoint(path, shardings)
-    template = extras.get("template", "llava_hf")
-    return Checkpoint(cfg, params, template, extras["tokenizer_dir"], extras.get("preprocessor_config"),
-                      "pad" if template == "vicuna_v1" else "crop")
-  if (path / "config.json").exists() and (path / "checkpoints").exists():
-    import ml_collections
-    from m3_jax.train.checkpoint import load_params
-    run = ml_collections.ConfigDict(json.loads((path / "config.json").read_text()))
-    cfg = ModelConfig.from_config(run.model)
-    params = load_params(path, target_shardings=shardings, step=step)
-    pre = path / "preprocessor_config.json"
-    return Checkpoint(cfg, params, run.data.template, str(path / "tokenizer"),
-                      json.loads(pre.read_text()) if pre.exists() else None, run.data.get("image_aspect", "pad"))
-  raise FileNotFoundError(f"{path} is neither an m3 checkpoint directory (m3_config.json, written by `m3 convert`) "
-                          "nor a training workdir (config.json + checkpoints/, written by `m3 train`)")
 
 
 class M3Model:
@@ -98,11 +68,19 @@ class M3Model:
     return conversation.tokenize_prompt(self.template, prompt, self.tokenizer, self.config.image_token_id,
                                         image=has_image)
 
-  def generate(self, images: Sequence[Any], prompts: Sequence[str], scale: int | Sequence[int] | None = None,
-               max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-               batch_size: int = 16, grid: tuple[int, int] | None = None) -> list[dict]:
-    """One answer per (image, prompt). `scale`: one for all, one per sample, or None (the full grid); for
-    LLaVA-NeXT it is the tokens per crop. `visual_tokens` in the result: the sequence positions the image took."""
+  def generate(self, images: Sequence[Any] | Any, prompts: Sequence[str] | str,
+               scale: int | Sequence[int] | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int = 0, batch_size: int = 16, grid: tuple[int, int] | None = None
+               ) -> list[dict] | dict:
+    """One answer per (image, prompt); a plain-string prompt (with one image, path / bytes / PIL / None) gives one
+    result dict, sequences give a list. `scale`: one for all, one per sample, or None (the full grid); for
+    LLaVA-NeXT it is the tokens per crop.
+
+    A result: `text`, `token_ids` (generated, without the stop token), `scale`, `visual_tokens` (the sequence
+    positions the image took), `finish_reason` ("stop": a stop token ended it; "length": `max_new_tokens` did) and
+    `seconds` (wall time of the batch that answered it: image encoding and generation)."""
+    if isinstance(prompts, str):
+      return self.generate([images], [prompts], scale, max_new_tokens, temperature, top_p, seed, batch_size, grid)[0]
     if len(images) != len(prompts):
       raise ValueError(f"{len(images)} images for {len(prompts)} prompts: give one image (or None) per prompt")
     n = len(prompts)
@@ -115,6 +93,7 @@ class M3Model:
     sampling = Sampling(max_new_tokens, temperature, top_p, seed)
     results: list[dict] = []
     for start in range(0, n, batch_size):
+      clock = time.perf_counter()
       sl = slice(start, start + batch_size)
       rows = range(start, min(start + batch_size, n))
       visual = [None] * len(rows)
@@ -124,10 +103,14 @@ class M3Model:
         for i, v in zip(with_image, vis):
           visual[i - start] = v
       out = self.engine.generate(ids[sl], visual, sampling)
+      seconds = time.perf_counter() - clock
       for i, tokens in zip(rows, out):
         results.append({"text": self.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
                         "token_ids": [int(t) for t in tokens], "scale": scales[i],
-                        "visual_tokens": 0 if visual[i - start] is None else len(visual[i - start])})
+                        "visual_tokens": 0 if visual[i - start] is None else len(visual[i - start]),
+                        # the engine cuts at the first stop token, so a stopped answer is shorter than the limit
+                        "finish_reason": "stop" if len(tokens) < max_new_tokens else "length",
+                        "seconds": seconds})
     return results
 
   def choose(self, images: Sequence[Any], prompts: Sequence[str], num_options: Sequence[int], scale: int,

@@ -1,14 +1,18 @@
-"""The files of an eval output directory: `predictions.jsonl` (read and appended), `summary.json` and `summary.csv`.
+"""The files of an eval output directory: `predictions.jsonl` (read and appended), `summary.json` and `summary.csv`
+(and `run.json`, the cache key, which `m3_jax.eval.cache` reads and writes).
 
 The only code that reads or writes them; `m3 eval` writes them, `m3 score` and `m3 analyze` read them.
 
 predictions.jsonl: one JSON object per line, per sample and scale. `m3 eval` writes `question_id`, `scale`,
-`prediction`, `score` and `category`; `m3 score` needs only `question_id` and `prediction` (LLaVA answer files'
-`text` is read as `prediction`), so any model's answers can be scored. Ids compare as strings. A later line for the
-same (question_id, scale) replaces an earlier one (a resumed eval). Every line ends with a newline, so an
-unterminated last line that is not valid JSON is a write cut by a crash: readers skip it and the appender drops it.
+`prediction`, `score`, `category`, `prompt` (the task's question, without the chat template) and `answers` (the
+task's reference answers: a list of strings, a string or an option letter); `m3 score` needs only `question_id`
+and `prediction` (LLaVA answer files' `text` is read as `prediction`), so any model's answers can be scored. Ids
+compare as strings. A later line for the same (question_id, scale) replaces an earlier one (a resumed eval). Every
+line ends with a newline, so an unterminated last line that is not valid JSON is a write cut by a crash: readers
+skip it and the appender drops it.
 
-summary.json: `{"task", "num_samples", "scales": {scale: {metric: value}}, ...}` (`m3 eval` adds `ckpt`, `pool`);
+summary.json: `{"task", "num_samples", "scales": {scale: {metric: value}}, ...}` (`m3 eval` adds `ckpt`, `pool`,
+`ckpt_identity`);
 summary.csv: one row per scale, one column per metric.
 """
 from __future__ import annotations
@@ -23,6 +27,7 @@ from m3_jax.eval.tasks.common import iter_jsonl
 PREDICTIONS = "predictions.jsonl"
 SUMMARY = "summary.json"
 SUMMARY_CSV = "summary.csv"
+RUN = "run.json"
 
 SCORE_FIELDS = ("question_id", "prediction")           # what `m3 score` needs of a line
 EVAL_FIELDS = ("question_id", "scale", "prediction")   # what an eval resume needs

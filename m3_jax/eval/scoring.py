@@ -54,15 +54,17 @@ def match(samples: Sequence[Sample], records: Sequence[dict], allow_missing: boo
 
 def score(task: Task, samples: Sequence[Sample], records: Sequence[dict], allow_missing: bool = False
           ) -> tuple[dict[str, float], list[dict]]:
-  """(the task's summary metrics, one predictions record with its `score` per scored sample) for records of one
-  scale; with `allow_missing` the summary adds `missing`, the count of samples without a prediction."""
+  """(the task's summary metrics, one predictions record with its `score`, `prompt` and reference `answers` per
+  scored sample) for records of one scale; with `allow_missing` the summary adds `missing`, the count of samples
+  without a prediction."""
   scored, preds, missing = match(samples, records, allow_missing)
   summary = task.summarize(scored, preds)
   if allow_missing:
     summary["missing"] = float(len(missing))
   scale = records[0]["scale"]
   per_sample = [predictions_lib.record(s.question_id, scale, preds[s.question_id],
-                                       task.score(s, preds[s.question_id])) for s in scored]
+                                       task.score(s, preds[s.question_id]), prompt=s.prompt, answers=s.answers)
+                for s in scored]
   return summary, per_sample
 
 

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from m3_jax import cli
+from m3_jax.checkpoint import m3dir, reader
 from m3_jax.configs import base as m3_config
-from m3_jax.convert.ckpt import save_checkpoint
 from m3_jax.data.tokenizer import probe_tokenizer
 from m3_jax.eval import evaluator, predictions
 from m3_jax.eval.loader import M3Model, load
@@ -23,8 +23,8 @@ from m3_jax.models.config import ModelConfig
 def setup(tmp_path_factory):
   cfg = ModelConfig.from_config(m3_config.load("configs/tiny.py").model)
   ckpt = tmp_path_factory.mktemp("ckpt") / "tiny"
-  save_checkpoint(ckpt, cfg, llava.init_params(cfg, jax.random.key(0)), tokenizer_src=probe_tokenizer(),
-                  template="vicuna_v1")
+  m3dir.save(ckpt, cfg, llava.init_params(cfg, jax.random.key(0)), tokenizer_src=probe_tokenizer(),
+             template="vicuna_v1")
   data = tmp_path_factory.mktemp("data")
   rng = np.random.default_rng(0)
   lines = []
@@ -121,5 +121,6 @@ def test_pool_flag_overrides_the_checkpoint_pooling(setup, tmp_path, monkeypatch
   run_eval("--ckpt", str(ckpt), "--task", "llava_jsonl", "--data", str(questions), "--out", str(tmp_path),
            "--pool", "spatial")
   assert seen == {"pool": "spatial", "engine_pool": "spatial", "scales": [144, 36, 9, 1],
-                  "extra": {"ckpt": str(ckpt), "pool": "spatial"}, "answers": ["x", "x"]}
+                  "extra": {"ckpt": str(ckpt), "pool": "spatial", "ckpt_identity": reader.identity(ckpt)},
+                  "answers": ["x", "x"]}
   assert load(ckpt).config.m3.pool == "avg"
