@@ -21,6 +21,7 @@ from typing import Iterable
 
 from m3_jax.eval import predictions
 from m3_jax.eval.metrics import mean
+from m3_jax.eval.stats import bootstrap_ci
 
 DEFAULT_THRESHOLD = 0.5
 UNANSWERED_TOKENS = 1  # the oracle spends the fewest tokens on a sample that no scale answers
@@ -64,41 +65,39 @@ def _task(folder: pathlib.Path) -> str:
   return predictions.read_summary(folder).get("task", folder.name)
 
 
-def per_scale(run: Run, qids: Iterable[str] | None = None) -> dict[int, dict[str, float]]:
-  """scale -> {"score": mean score, "count": samples} over `qids` (default all)."""
+def per_scale(run: Run, qids: Iterable[str] | None = None) -> dict[int, dict]:
+  """scale -> {"score": mean score, "count": samples, "ci": [lo, hi] its 95% bootstrap interval over questions}
+  over `qids` (default all)."""
   qids = list(run.scores) if qids is None else list(qids)
   out = {}
   for s in run.scales:
     vals = [run.scores[q][s] for q in qids if s in run.scores[q]]
     if vals:
-      out[s] = {"score": mean(vals), "count": len(vals)}
+      out[s] = {"score": mean(vals), "count": len(vals), "ci": list(bootstrap_ci(vals))}
   return out
 
 
 def oracle(run: Run, threshold: float = DEFAULT_THRESHOLD, qids: Iterable[str] | None = None) -> dict:
   """The per-sample cheapest answering scale.
 
-  Returns {"score": fraction answered at any scale, "mean_tokens": mean oracle tokens, "count": samples used,
-  "incomplete": samples left out for lacking some scale, "chosen": {question_id: tokens},
-  "histogram": {tokens: samples}}.
+  Returns {"score": fraction answered at any scale, "ci": [lo, hi] its 95% bootstrap interval over questions,
+  "mean_tokens": mean oracle tokens, "count": samples used, "incomplete": samples left out for lacking some scale,
+  "chosen": {question_id: tokens}, "histogram": {tokens: samples}}.
   """
   scales = run.scales
   qids = list(run.scores) if qids is None else list(qids)
-  chosen, answered, incomplete = {}, 0, 0
+  chosen, answered, incomplete = {}, [], 0
   for q in qids:
     per = run.scores[q]
     if any(s not in per for s in scales):
       incomplete += 1
       continue
     good = [s for s in scales if per[s] >= threshold]
-    if good:
-      answered += 1
-      chosen[q] = min(good)
-    else:
-      chosen[q] = UNANSWERED_TOKENS
+    answered.append(float(bool(good)))
+    chosen[q] = min(good) if good else UNANSWERED_TOKENS
   n = len(chosen)
   hist = collections.Counter(chosen.values())
-  return {"score": answered / n if n else float("nan"),
+  return {"score": mean(answered) if n else float("nan"), "ci": list(bootstrap_ci(answered)),
           "mean_tokens": mean(chosen.values()) if n else float("nan"),
           "count": n, "incomplete": incomplete, "chosen": chosen,
           "histogram": {int(k): hist[k] for k in sorted(hist, reverse=True)}}
@@ -114,7 +113,7 @@ def analyze(runs: list[Run], threshold: float = DEFAULT_THRESHOLD) -> dict:
       qids = [q for q in run.scores if run.categories.get(q) == c]
       o = oracle(run, threshold, qids)
       by_cat[c] = {"per_scale": per_scale(run, qids),
-                   "oracle": {k: o[k] for k in ("score", "mean_tokens", "count")}}
+                   "oracle": {k: o[k] for k in ("score", "ci", "mean_tokens", "count")}}
     o = oracle(run, threshold)
     out["runs"].append({
         "name": run.name, "task": run.task, "path": run.path, "scales": run.scales,
@@ -154,53 +153,70 @@ def report_markdown(result: dict) -> str:
     if o["incomplete"]:
       lines.append(f"{o['incomplete']} sample(s) lack a prediction at some scale and are left out of the oracle.")
     lines.append("")
-  lines += ["![score vs visual tokens](score_vs_tokens.png)", ""]
+  lines += [f"![score vs visual tokens]({PLOT}.png) (also [PDF]({PLOT}.pdf), [SVG]({PLOT}.svg); bands: 95% "
+            "bootstrap intervals over questions)", ""]
   return "\n".join(lines)
 
 
-def plot_score_vs_tokens(result: dict, path: str | pathlib.Path) -> None:
-  """Paper Figure 2 style: score (%) against visual tokens on a log axis, one panel per task; each run's fixed
-  scales as a curve and its oracle as a star of the same colour."""
+PLOT = "score_vs_tokens"
+PLOT_FORMATS = ("png", "pdf", "svg")
+
+
+def plot_score_vs_tokens(result: dict, out: str | pathlib.Path) -> list[pathlib.Path]:
+  """Paper Figure 2 style: score (%) against visual tokens on a log axis, one panel per task. Per run: the overall
+  score at each fixed scale (thick line) and one thinner dashed curve per category, each with its 95% bootstrap
+  band over questions, and the oracle as a star (with its interval) in the overall curve's colour. Curves are
+  named in a legend beside the panel, so no label overlaps another. Written as score_vs_tokens.png / .pdf / .svg
+  (vector text in the PDF and SVG) into `out`; -> the paths."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   tasks = list(dict.fromkeys(r["task"] for r in result["runs"]))
-  fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.2), squeeze=False)
-  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-  for ax, task in zip(axes[0], tasks):
-    runs = [r for r in result["runs"] if r["task"] == task]
-    ticks = set()
-    for i, r in enumerate(runs):
-      color = colors[i % len(colors)]
-      xs = sorted(r["per_scale"])
-      ys = [100 * r["per_scale"][s]["score"] for s in xs]
-      ticks.update(xs)
-      ax.plot(xs, ys, "o-", color=color, label=f"{r['name']} (fixed scale)")
-      for x, y in zip(xs, ys):
-        ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
-      o = r["oracle"]
-      if o["count"]:
-        ax.plot([o["mean_tokens"]], [100 * o["score"]], "*", color=color, markersize=16,
-                markeredgecolor="black", label=f"{r['name']} oracle ({o['mean_tokens']:.1f} tok)")
-        ax.annotate(f"{100 * o['score']:.1f}", (o["mean_tokens"], 100 * o["score"]), textcoords="offset points",
-                    xytext=(0, 9), ha="center", fontsize=8)
-    ax.set_xscale("log")
-    ticks = sorted(ticks)
-    ax.set_xticks(ticks)
-    ax.set_xticklabels([str(t) for t in ticks])
-    ax.minorticks_off()
-    lo, hi = min(ticks), max(ticks)
-    ax.set_xlim(lo / 1.6, hi * 1.6)
-    ax.set_ylim(bottom=min(0.0, ax.get_ylim()[0]), top=max(ax.get_ylim()[1], 100.0) + 8)  # room for labels
-    ax.set_xlabel("# visual tokens")
-    ax.set_ylabel("score (%)")
-    ax.set_title(task)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  colors = plt.get_cmap("tab10").colors
+  with plt.rc_context({"svg.fonttype": "none", "pdf.fonttype": 42}):
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.4 * len(tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+      runs = [r for r in result["runs"] if r["task"] == task]
+      ticks, k = set(), 0
+      for r in runs:
+        curves = [(r["name"], r["per_scale"], True)] + [(f"{r['name']}: {c}", d["per_scale"], False)
+                                                        for c, d in r["categories"].items()]
+        for label, ps, overall in curves:
+          color = colors[k % len(colors)]
+          k += 1
+          xs = sorted(ps)
+          ticks.update(xs)
+          ys = [100 * ps[x]["score"] for x in xs]
+          ax.fill_between(xs, [100 * ps[x]["ci"][0] for x in xs], [100 * ps[x]["ci"][1] for x in xs], color=color,
+                          alpha=0.18 if overall else 0.08, linewidth=0)
+          ax.plot(xs, ys, "o-" if overall else ".--", color=color, linewidth=2.2 if overall else 1.1,
+                  label=f"{label} (all)" if overall and r["categories"] else label)
+          if overall and r["oracle"]["count"]:
+            o = r["oracle"]
+            y, (lo, hi) = 100 * o["score"], o["ci"]
+            ax.errorbar([o["mean_tokens"]], [y], yerr=[[y - 100 * lo], [100 * hi - y]], fmt="*", color=color,
+                        markersize=15, markeredgecolor="black", capsize=3,
+                        label=f"{r['name']} oracle: {y:.1f} at {o['mean_tokens']:.1f} tokens")
+      ax.set_xscale("log")
+      ticks = sorted(ticks)
+      ax.set_xticks(ticks)
+      ax.set_xticklabels([str(t) for t in ticks])
+      ax.minorticks_off()
+      ax.set_xlim(min(ticks) / 1.6, max(ticks) * 1.6)
+      ax.set_ylim(bottom=min(0.0, ax.get_ylim()[0]), top=max(ax.get_ylim()[1], 100.0) + 2)
+      ax.set_xlabel("# visual tokens")
+      ax.set_ylabel("score (%)")
+      ax.set_title(task)
+      ax.grid(True, alpha=0.3)
+      ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
+    fig.tight_layout()
+    out = pathlib.Path(out)
+    paths = [out / f"{PLOT}.{fmt}" for fmt in PLOT_FORMATS]
+    for path in paths:
+      fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+  return paths
 
 
 def run_names(paths: list[str]) -> list[str]:
@@ -212,7 +228,8 @@ def run_names(paths: list[str]) -> list[str]:
 
 
 def write_report(paths: list[str], out: str | pathlib.Path, threshold: float = DEFAULT_THRESHOLD) -> dict:
-  """Reads the runs, writes report.md, analysis.json and score_vs_tokens.png into `out`; returns the result."""
+  """Reads the runs, writes report.md, analysis.json and score_vs_tokens.png / .pdf / .svg into `out`; returns the
+  result."""
   if not 0.0 <= threshold <= 1.0 or math.isnan(threshold):
     raise ValueError(f"--correct-threshold {threshold} is outside [0, 1] (per-sample scores are in [0, 1])")
   runs = [read_run(p, n) for p, n in zip(paths, run_names(paths))]
@@ -221,5 +238,5 @@ def write_report(paths: list[str], out: str | pathlib.Path, threshold: float = D
   out.mkdir(parents=True, exist_ok=True)
   (out / "report.md").write_text(report_markdown(result))
   (out / "analysis.json").write_text(json.dumps(result, indent=2))
-  plot_score_vs_tokens(result, out / "score_vs_tokens.png")
+  plot_score_vs_tokens(result, out)
   return result

@@ -8,6 +8,7 @@ from PIL import Image
 
 from m3_jax import cli
 from m3_jax.eval import analysis
+from m3_jax.eval.stats import bootstrap_ci
 
 # question_id -> (category, {scale: score}); the expected oracle scale is in the comment (threshold 0.5).
 TABLE = {
@@ -67,7 +68,7 @@ def test_categories_resume_and_incomplete(tmp_path):
   r = result["runs"][0]
   assert r["oracle"]["incomplete"] == 1 and r["oracle"]["count"] == 6
   color, ocr = r["categories"]["color"], r["categories"]["ocr"]
-  assert color["oracle"] == {"score": 1.0, "mean_tokens": 5.0, "count": 2}
+  assert color["oracle"] == {"score": 1.0, "ci": [1.0, 1.0], "mean_tokens": 5.0, "count": 2}
   # ocr: q3 now answered at 36, q4 unanswered (1), q5 at 9
   assert ocr["oracle"]["score"] == pytest.approx(2 / 3)
   assert ocr["oracle"]["mean_tokens"] == pytest.approx((36 + 1 + 9) / 3)
@@ -100,4 +101,22 @@ def test_cli_writes_report_and_plot(tmp_path, capsys):
   assert data["runs"][1]["oracle"]["mean_tokens"] == 36.0
   img = Image.open(out / "score_vs_tokens.png")
   assert img.size[0] > 400 and img.size[1] > 300
+  assert (out / "score_vs_tokens.pdf").read_bytes().startswith(b"%PDF")
+  svg = (out / "score_vs_tokens.svg").read_text()
+  # one curve per category as well as overall, named in the legend (SVG text stays text)
+  for label in ("m3 (all)", "m3: color", "m3: ocr", "baseline (all)", "baseline: color", "m3 oracle: 83.3 at 33.3"):
+    assert label in svg
   assert "wrote" in capsys.readouterr().out
+
+
+def test_intervals_are_bootstrap_over_questions(tmp_path):
+  """Per-scale and oracle intervals are `stats.bootstrap_ci` of the per-question values they average."""
+  result = analysis.analyze([analysis.read_run(write_run(tmp_path / "a", TABLE))])
+  r = result["runs"][0]
+  scores_at_36 = [TABLE[q][1][36] for q in sorted(TABLE)]
+  assert r["per_scale"][36]["ci"] == list(bootstrap_ci(scores_at_36))
+  assert r["oracle"]["ci"] == list(bootstrap_ci([1, 1, 1, 0, 1, 1]))  # q4 alone is unanswered
+  # color: q1 and q2 are right at 144, so the band there has zero width
+  assert r["categories"]["color"]["per_scale"][144]["ci"] == [1.0, 1.0]
+  lo, hi = r["per_scale"][9]["ci"]
+  assert lo < r["per_scale"][9]["score"] < hi
