@@ -11,9 +11,11 @@ def add_arguments(p: argparse.ArgumentParser):
       "transformers 4.5x-5.x layout) or an original LLaVA / M3 checkpoint (LlavaLlamaForCausalLM with mm_* config "
       "keys) into an m3 checkpoint directory. Weights are read tensor by tensor from safetensors (single file or "
       "sharded with an index).")
-  p.add_argument("src", metavar="SRC", help="source checkpoint directory (config.json + weights)")
+  p.add_argument("src", metavar="SRC",
+                 help="source checkpoint directory (config.json + weights), or a HuggingFace hub id (e.g. "
+                      "llava-hf/llava-1.5-7b-hf) already in the local HuggingFace cache (never downloaded)")
   p.add_argument("out", metavar="OUT", help="new m3 checkpoint directory (must not exist or be empty)")
-  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                  help="stored parameter dtype")
   p.add_argument("--vision-from", metavar="DIR", default=None,
                  help="CLIP vision directory (CLIPVisionModel/CLIPModel config.json + safetensors) for original "
@@ -22,15 +24,17 @@ def add_arguments(p: argparse.ArgumentParser):
   p.add_argument("--allow-pickle", action="store_true",
                  help="accept PyTorch .bin weights (loaded with torch.load(weights_only=True); needs torch)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
-  p.epilog = "example:\n  m3 convert llava-hf/llava-1.5-7b-hf ckpt/llava15   # a local llava-hf directory"
+  p.epilog = ("example:\n  m3 convert llava-hf/llava-1.5-7b-hf ckpt/llava15   # a hub id in the HF cache, or a "
+              "directory")
 
 
 def run(args) -> int:
+  from m3_jax.convert import hub
   from m3_jax.convert.convert import convert
   from m3_jax.convert.hf import ConversionError
   from m3_jax.convert.reader import ReaderError
   try:
-    cfg = convert(args.src, args.out, dtype=args.dtype, vision_from=args.vision_from,
+    cfg = convert(hub.resolve(args.src), args.out, dtype=args.dtype, vision_from=args.vision_from,
                   allow_pickle=args.allow_pickle, progress=not args.no_progress)
   except (ConversionError, ReaderError) as e:
     print(f"m3 convert: error: {e}", file=sys.stderr)
