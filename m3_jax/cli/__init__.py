@@ -21,6 +21,8 @@ COMMANDS = {
     "data": ("m3_jax.cli.data", "data tools: `check` a LLaVA JSON file, build the granularity `probe`"),
     "demo": ("m3_jax.cli.demo", "the main job on the embedded tiny default, no downloads"),
     "serve": ("m3_jax.cli.serve", "OpenAI-compatible chat server; each request chooses its visual tokens"),
+    "info": ("m3_jax.cli.info", "what a checkpoint is: model, scales, parameters, dtype, source, template, identity, "
+             "router"),
     "cost": ("m3_jax.cli.cost", "analytic FLOPs, parameter, KV-cache and activation bytes per scale (Table 9)"),
 }
 
