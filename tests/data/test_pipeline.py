@@ -112,12 +112,12 @@ def test_bad_records_raise_or_skip(word_tokenizer, tmp_path, caplog):
   assert sum("skipping bad record" in m for m in caplog.messages) == 3  # each id logged once
 
 
-def test_global_batch_on_a_mesh(word_tokenizer, llava_json):
-  from jax.sharding import Mesh
-  mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2, 1), ("data", "fsdp", "tensor"))
+def test_a_pipeline_batch_shards_over_the_mesh(word_tokenizer, llava_json):
+  from m3_jax import sharding
+  mesh = sharding.make_mesh((4, 2, 1), jax.devices()[:8])
   b = next(iter(pipeline.make_dataset(sources.LlavaJson(llava_json), _pre(word_tokenizer), batch_size=8,
                                       pad_id=3, prefetch=0)))
-  g = pipeline.global_batch(b, mesh)
+  g = sharding.shard_batch(b, mesh)
   assert g["pixels"].shape == (8, 48, 48, 3) and g["input_ids"].sharding.spec[0] == ("data", "fsdp")
   assert len(g["labels"].addressable_shards) == 8
   np.testing.assert_array_equal(np.asarray(g["labels"]), b["labels"])

@@ -116,7 +116,7 @@ def test_sharded_parameters_give_the_single_device_results(tiny):
   assert jax.device_count() == 8
   single = Engine(cfg, params, stop_ids=(EOS,))
   mesh = sharding.make_mesh((2, 2, 2))
-  sharded_params = shard_params(params, cfg, mesh, m3_config.DEFAULT_RULES)
+  sharded_params = shard_params(params, cfg, mesh, sharding.DEFAULT_RULES)
   assert any(len(x.sharding.device_set) > 1 and not x.sharding.is_fully_replicated
              for x in jax.tree.leaves(sharded_params))
   sharded = Engine(cfg, sharded_params, stop_ids=(EOS,))
@@ -212,7 +212,7 @@ def test_m3_generate_rejects_a_scale_outside_the_chain(hf_checkpoint):
 
 def test_llava_next_generation_packs_tokens_per_grid_like_the_anyres_forward(fixtures_dir, tmp_path):
   """NeXT through m3_jax.load: every crop pooled to `scale`, unpadded, newlines; greedy tokens equal a greedy loop
-  over `models.anyres.forward` (itself parity-tested against transformers' LlavaNext)."""
+  over the full NeXT forward (`LlavaM3` with `anyres_index`, parity-tested against transformers' LlavaNext)."""
   from m3_jax.data.anyres import anyres_crops
   from m3_jax.eval.loader import load
   from m3_jax.models import anyres
@@ -227,9 +227,11 @@ def test_llava_next_generation_packs_tokens_per_grid_like_the_anyres_forward(fix
                            model.config.anyres.pinpoint_order)
   assert got["visual_tokens"] == anyres.visual_tokens(model.config, hw, 36)
   ids = list(model.prompt_ids(prompt, True))
+  index = anyres.pack_indices(model.config, hw, 36, n_crops=len(crops))
   want = []
   for _ in range(3):
-    logits = anyres.forward(model.engine.model, model.engine.params, np.array([ids]), jnp.asarray(crops), hw, 36)
+    logits = model.engine.model.apply({"params": model.engine.params}, jnp.asarray([ids], jnp.int32),
+                                      jnp.asarray(crops)[None], 36, anyres_index=index[None])
     tok = int(jnp.argmax(logits[0, -1]))
     if tok in model.engine.stop_ids:
       break
