@@ -240,6 +240,31 @@ def builder(data_dir: str, *, seed: int = 0, sizes: dict | None = None, family_s
   return Probe(data_dir=str(data_dir), config=config, file_format="array_record")
 
 
+def built(data_dir: str) -> dict[str, str]:
+  """{config name: its folder} for every probe built in `data_dir` (`m3 data probe --out data_dir`), any seed and
+  sizes ("default" is seed 0 with DEFAULT_SIZES; others are named family_set_sSEED_TRAIN_VALIDATION_TEST)."""
+  import pathlib
+  root = pathlib.Path(data_dir) / Probe.name
+  folders = sorted(root.glob(f"*/{Probe.VERSION}/dataset_info.json")) if root.is_dir() else []
+  return {f.parent.parent.name: str(f.parent) for f in folders}
+
+
+def open_built(data_dir: str, config: str | None = None):
+  """The probe built in `data_dir`, read as built (its seed and sizes included; nothing is generated): a read-only
+  TFDS builder. `config` names one when the folder holds several; FileNotFoundError / ValueError otherwise."""
+  found = built(data_dir)
+  if not found:
+    raise FileNotFoundError(f"{data_dir}: no granularity probe built there (expected {Probe.name}/CONFIG/"
+                            f"{Probe.VERSION}/); build one with `m3 data probe --out {data_dir}`")
+  if config is None and len(found) > 1:
+    raise ValueError(f"{data_dir} holds {len(found)} probes ({', '.join(found)}); choose one with "
+                     f"--task-option config=NAME")
+  name = config if config is not None else next(iter(found))
+  if name not in found:
+    raise ValueError(f"{data_dir}: no probe {name!r} built there; it holds {', '.join(found)}")
+  return tfds.builder_from_directory(found[name])
+
+
 def build(data_dir: str, *, seed: int = 0, sizes: dict | None = None, family_set: str = "binding"):
   """Generates the probe (idempotent) and returns its builder; `builder.as_data_source(split)` reads it."""
   b = builder(data_dir, seed=seed, sizes=sizes, family_set=family_set)

@@ -12,23 +12,32 @@ from m3_jax.eval.tasks.common import TaskDataError, iter_jsonl
 
 @register("probe")
 class ProbeTask(Task):
-  """The granularity probe (`m3 data probe --out DIR`): --data is that DIR, its `test` split is evaluated.
+  """The granularity probe (`m3 data probe --out DIR`): --data is that DIR, read as built (its seed and sizes; a DIR
+  without a probe is an error, nothing is generated); its `split` (default `test`) is evaluated. `config` names the
+  probe when DIR holds several (`m3 data probe` names them family_set_sSEED_TRAIN_VALIDATION_TEST).
 
   The model is trained to restate the key and then name its value ("black green"); a prediction is correct when
   its last word is the answer. Each sample's category is its question family.
   """
   kind = "generate"
 
-  def __init__(self, split: str = "test", **options):
+  def __init__(self, split: str = "test", config: str | None = None, **options):
     super().__init__(**options)
-    self.split = split
+    from m3_jax.data.probe import SPLITS
+    if split not in SPLITS:
+      raise ValueError(f"probe split {split!r} is not one of {', '.join(SPLITS)}")
+    self.split, self.config = split, config
 
   def samples(self, path: str) -> Iterator[Sample]:
     from PIL import Image
-    from m3_jax.data import sources
-    source = sources.Probe(path, self.split)
+    from m3_jax.data import probe, sources
+    try:
+      source = probe.open_built(path, self.config).as_data_source(self.split)
+    except (FileNotFoundError, ValueError) as e:
+      raise TaskDataError(str(e)) from None
     # In example order (index % 4 is the family), so that --limit keeps the families balanced.
-    records = sorted((source[i] for i in range(len(source))), key=lambda r: int(r["id"].rsplit("-", 1)[-1]))
+    records = sorted((sources.from_tfds_record(source[i], f"probe/{self.split}#{i}") for i in range(len(source))),
+                     key=lambda r: int(r["id"].rsplit("-", 1)[-1]))
     for rec in records:
       buf = io.BytesIO()
       Image.fromarray(rec["image"]).save(buf, format="PNG")
