@@ -80,13 +80,12 @@ def _device_checksums(leaves: list[jax.Array]) -> list:
 
 
 def _host_words(x: np.ndarray) -> np.ndarray:
-  """uint32[N]: the array's words in flat C order, 16- and 8-bit values widened."""
+  """The array's words in flat C order as a view (uint8, uint16 or uint32: no copy of a contiguous array; the
+  caller widens them a block at a time, so a large bfloat16 leaf never exists twice)."""
   x = np.ascontiguousarray(x).reshape(-1)
-  if x.dtype == np.bool_:
-    return x.astype(np.uint32)
   size = x.dtype.itemsize
-  if size < 4:
-    return x.view({1: np.uint8, 2: np.uint16}[size]).astype(np.uint32)
+  if x.dtype == np.bool_ or size < 4:
+    return x.view({1: np.uint8, 2: np.uint16}[size])
   if size in (4, 8):
     return x.view(np.uint32)
   raise TypeError(f"cannot checksum an array of dtype {x.dtype}")
@@ -104,13 +103,12 @@ def _host_checksum(x: np.ndarray) -> list:
   fixed size (one compilation serves every array; numpy would take ~20x longer)."""
   words = _host_words(np.asarray(x))
   if words.size <= _SMALL:
-    return [int(v) for v in _lanes(words, np.arange(words.size, dtype=np.uint32), xs=np)]
+    return [int(v) for v in _lanes(words.astype(np.uint32), np.arange(words.size, dtype=np.uint32), xs=np)]
   sums = [0, 0]
   for start in range(0, words.size, _BLOCK):
-    block = words[start:start + _BLOCK]
-    n = block.size
-    if n < _BLOCK:
-      block = np.concatenate([block, np.zeros(_BLOCK - n, np.uint32)])
+    n = min(_BLOCK, words.size - start)
+    block = np.zeros(_BLOCK, np.uint32)
+    block[:n] = words[start:start + n]
     lanes = _block_lanes(block, np.uint32(start & 0xFFFFFFFF), np.uint32(n))
     sums = [(a + int(b)) & 0xFFFFFFFF for a, b in zip(sums, jax.device_get(lanes))]
   return sums

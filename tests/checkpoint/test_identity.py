@@ -85,3 +85,5 @@ def test_a_host_array_hashed_in_several_blocks_matches_the_device(monkeypatch):
   assert 100_003 > identity._SMALL
   x = np.random.default_rng(1).normal(size=(7, 14_286)).astype(np.float32).reshape(-1)[:100_003]
   assert identity.checksums({"x": x}) == identity.checksums({"x": jnp.asarray(x)})
+  half = x.astype(ml_dtypes.bfloat16)               # widened to 32-bit words one block at a time
+  assert identity.checksums({"x": half}) == identity.checksums({"x": jnp.asarray(half)})
