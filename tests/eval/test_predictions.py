@@ -35,7 +35,7 @@ def test_read_normalises_and_names_bad_lines(tmp_path):
                      match=r"p.jsonl, line 2: record lacks \['prediction'\]; m3 score needs question_id, prediction"):
     predictions.read(f, who="m3 score")
   f.write_text('{"question_id": 1, "prediction": "a", "scale": "big"}\n')
-  with pytest.raises(predictions.PredictionError, match=r"line 1: 'scale' must be an integer, got 'big'"):
+  with pytest.raises(predictions.PredictionError, match=r"line 1: 'scale' must be an integer or 'auto', got 'big'"):
     predictions.read(f)
 
 
@@ -75,7 +75,8 @@ def test_evaluate_with_fake_functions_writes_the_contract(tmp_path):
   assert calls == [("generate", 9, ["q0", "q1"]), ("choose", 9, ["q2"]),
                    ("generate", 1, ["q0", "q1"]), ("choose", 1, ["q2"])]
   lines = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
-  assert lines[0] == {"question_id": "q0", "scale": 9, "prediction": "cat", "score": 1.0, "category": "animal"}
+  assert lines[0] == {"question_id": "q0", "scale": 9, "prediction": "cat", "score": 1.0, "category": "animal",
+                      "prompt": "free", "answers": "cat"}
   assert [(r["question_id"], r["scale"], r["score"]) for r in lines] == [
       ("q0", 9, 1.0), ("q1", 9, 0.0), ("q2", 9, 1.0), ("q0", 1, 0.0), ("q1", 1, 0.0), ("q2", 1, 1.0)]
   assert summary == json.loads((tmp_path / "summary.json").read_text())
