@@ -55,8 +55,6 @@ def _lanes(words, index, valid=None, xs=jnp) -> list:
 
 
 def _device_words(x: jax.Array) -> jax.Array:
-  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-    x = jax.random.key_data(x)
   if x.dtype == jnp.bool_:
     return x.astype(jnp.uint32)
   size = jnp.dtype(x.dtype).itemsize
@@ -119,6 +117,8 @@ def checksums(tree: Any) -> dict[str, str]:
   "['llm']['embed']['embedding']"): {path: "float32:0123456789abcdef"}."""
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   keys = [jax.tree_util.keystr(p) for p, _ in flat]
+  dtypes = [str(x.dtype) for _, x in flat]
+  flat = [(p, jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x) for p, x in flat]
   # Large or multi-host arrays are hashed where they live, in one computation per set of devices (a jitted
   # computation takes arrays of one device set); the rest are fetched and hashed in blocks, which compiles once
   # per process rather than once per tree.
@@ -133,11 +133,8 @@ def checksums(tree: Any) -> dict[str, str]:
   for i, (_, x) in enumerate(flat):
     if i not in lanes:
       lanes[i] = _host_checksum(np.asarray(x))
-  out = {}
-  for i, (_, x) in enumerate(flat):
-    dtype = str(x.dtype)
-    out[keys[i]] = f"{dtype}:{int(lanes[i][0]):08x}{int(lanes[i][1]):08x}"
-  return out
+  return {key: f"{dtype}:{int(lanes[i][0]):08x}{int(lanes[i][1]):08x}"
+          for i, (key, dtype) in enumerate(zip(keys, dtypes))}
 
 
 def verify(tree: Any, expected: dict[str, str], where: str, prefix: str = "") -> None:

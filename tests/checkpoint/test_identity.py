@@ -50,6 +50,9 @@ def test_checksums_follow_the_formula_on_device_and_host(monkeypatch):
   mixed = identity.checksums({"x": sharded, "y": jax.device_put(jnp.asarray(f32), jax.devices()[1])})
   assert mixed == {"['x']": host["['x']"], "['y']": want["['f']"]}
   assert identity.checksums(jax.tree.map(jnp.asarray, tree)) == want
+  key = jax.random.key(3)                           # a typed PRNG key: the words of its key data
+  assert identity.checksums({"k": key}) == {
+      "['k']": "key<fry>:" + reference([int(w) for w in np.asarray(jax.random.key_data(key))])}
 
 
 def test_every_single_flipped_bit_changes_the_checksum():
