@@ -154,3 +154,21 @@ def pack_indices(image_hw, scale: int, grid_pinpoints, order: str, crop: int, gr
   idx = idx[top:bottom, left:right]
   idx = np.concatenate([idx, np.full((idx.shape[0], 1), crops * scale)], axis=1)
   return np.concatenate([np.arange(scale), idx.reshape(-1)]).astype(np.int32)
+
+
+def crop_counts(grid_pinpoints, order: str, crop: int) -> tuple[int, ...]:
+  """The distinct crop counts (base included, 1 + rows * cols) the pinpoints can give, ascending: the default
+  crop buckets of a training batch (one compiled program per bucket and text length)."""
+  return tuple(sorted({1 + (h // crop) * (w // crop) for h, w in pinpoints_hw(grid_pinpoints, order, crop)}))
+
+
+def bucket_tokens(crops: int, scale: int, grid_pinpoints, order: str, crop: int) -> int:
+  """The visual positions a training batch reserves per image at `scale` when it holds `crops` crops per image:
+  the most any pinpoint grid of at most `crops` crops can take (nothing unpadded). A function of (crops, scale)
+  only, so the batch's shapes, and the programs compiled for them, are few."""
+  grids = [(h // crop, w // crop) for h, w in pinpoints_hw(grid_pinpoints, order, crop)]
+  fits = [most_visual_tokens(g, scale) for g in grids if 1 + g[0] * g[1] <= crops]
+  if not fits:
+    raise AnyresError(f"{crops} crops per image hold no pinpoint grid (the smallest needs "
+                      f"{min(crop_counts(grid_pinpoints, order, crop))} with the base)")
+  return max(fits)

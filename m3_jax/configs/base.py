@@ -36,6 +36,8 @@ def base() -> ml_collections.ConfigDict:
       seed=0,
       probe_families="binding",  # probe family set: "binding" | "presence" (m3_jax/data/probe.py)
       probe_size=0,              # probe train examples (validation/test: a tenth); 0 = 4000
+      probe_aspects="1:1",       # probe image aspects W:H, e.g. "1:1,2:1,1:2" (non-square: LLaVA-NeXT crop grids)
+      crop_buckets=(),           # LLaVA-NeXT: crops per image a batch pads to (() = every count the pinpoints give)
   ))
 
   c.train = ml_collections.ConfigDict(dict(
@@ -44,7 +46,7 @@ def base() -> ml_collections.ConfigDict:
       warmup_ratio=0.03, weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.999,
       freeze=(),                 # any of "vision", "projector", "llm"
       scale_loss="loop",         # "loop" | "vmap"
-      scale_sampling="all",      # "all" | "random"
+      scale_sampling="all",      # "all" | "random" (per step) | "random_per_sample" (paper Table 8)
       finest_first_steps=0.0,    # the finest scale alone first: N steps, or a fraction < 1 of num_steps (curriculum.py)
       scales=(),                 # () = model.m3.scales
       grad_accum=1,

@@ -66,3 +66,20 @@ def anyres_crops(img: Image.Image, pcfg: ImageProcessorConfig, grid_pinpoints, o
   crops += [preprocess(Image.fromarray(t), pcfg, aspect="crop") for t in tiles]
   return np.stack(crops), image_hw
 
+
+
+def training_index(image_hw, scale: int, crops: int, length: int, grid_pinpoints, order: str, crop: int
+                   ) -> np.ndarray:
+  """int32[length]: one training row's packing plan at `scale` for `models.anyres.anyres_embeds`, its padding
+  first (-1, masked out): the image's own `geometry.pack_indices` (crops = the batch's crop bucket) right-aligned,
+  so its last visual token sits just before the text that follows, as at inference. `image_hw` None (a text-only
+  row): all padding."""
+  out = np.full((length,), -1, np.int32)
+  if image_hw is None:
+    return out
+  idx = geometry.pack_indices(image_hw, scale, grid_pinpoints, order, crop, crops=crops)
+  if len(idx) > length:
+    raise geometry.AnyresError(f"image size (h, w) = {tuple(image_hw)} takes {len(idx)} visual tokens at scale "
+                               f"{scale}, the batch reserves {length}")
+  out[length - len(idx):] = idx
+  return out

@@ -2,8 +2,8 @@
 
 Two settings decide it:
 - `train.scale_sampling`: "all" trains every scale each step (the M3 objective, paper Eq. 3.2); "random" draws
-  one scale per step (the same objective in expectation at 1/M of the decoder cost; paper Table 8 draws per
-  sample).
+  one scale per step (the same objective in expectation at 1/M of the decoder cost); "random_per_sample" (paper
+  Table 8) gives each sample one scale, exactly B/M samples per scale (`groups`; objective.per_sample_ce).
 - `train.finest_first_steps` (with "all"): the finest scale alone for the first N steps, then every scale. A lookup
   that coarse scales cannot support is learned at the finest scale first, and the M3 objective then keeps it
   where the pooled tokens still hold it (benchmarks/probe_learnability.py). N >= 1 is a step count; 0 < N < 1 is a
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-SAMPLINGS = ("all", "random")
+SAMPLINGS = ("all", "random", "random_per_sample")
 
 
 def finest_first_steps(train: ml_collections.ConfigDict) -> int:
@@ -70,6 +70,8 @@ class Curriculum:
         what = f"scale {scales[0]} only (train.finest_first_steps)"
       elif self.sampling == "random":
         what = f"one scale drawn per step from {', '.join(map(str, scales))}"
+      elif self.sampling == "random_per_sample":
+        what = f"one scale per sample, an equal share of each batch for each of {', '.join(map(str, scales))}"
       else:
         what = f"scales {', '.join(map(str, scales))} (the loss averaged over them)"
       parts.append(f"steps {start}-{end - 1} train {what}")
@@ -83,6 +85,8 @@ class Curriculum:
     finest_only: bool[] true in the finest-first phase, or None; trained: float32[M] 1 where a scale's loss counts).
     """
     m = len(self.scales)
+    if self.sampling == "random_per_sample":
+      return None, None, jnp.ones((m,), jnp.float32)
     if self.sampling == "random":
       index = jax.random.randint(jax.random.PRNGKey(0) if rng is None else rng, (), 0, m)
       return index, None, jax.nn.one_hot(index, m, dtype=jnp.float32)
@@ -91,6 +95,20 @@ class Curriculum:
       return None, None, trained
     finest_only = step < self.finest_first
     return None, finest_only, jnp.where(finest_only, jax.nn.one_hot(self.finest, m, dtype=jnp.float32), trained)
+
+
+def check_groups(sampling: str, rows: int, num_scales: int, what: str = "train.batch_size / train.grad_accum"):
+  """random_per_sample splits every (micro-)batch into equal groups, one per scale."""
+  if sampling == "random_per_sample" and rows % num_scales:
+    raise ValueError(f"train.scale_sampling='random_per_sample' splits each batch into {num_scales} equal groups "
+                     f"(one per scale), but {what} = {rows} rows is not a multiple of {num_scales}")
+
+
+def groups(rng, rows: int, num_scales: int) -> jax.Array:
+  """int32[M, rows / M]: a uniformly random partition of a batch's rows into M equal groups; group i trains scale
+  i. Each row's scale is uniform over the M scales."""
+  check_groups("random_per_sample", rows, num_scales, "the batch")
+  return jax.random.permutation(rng, rows).astype(jnp.int32).reshape(num_scales, rows // num_scales)
 
 
 def schedule(peak: float, train: ml_collections.ConfigDict) -> optax.Schedule:

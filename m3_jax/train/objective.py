@@ -12,8 +12,20 @@ Cost structure (DESIGN.md "Training design"):
     loop: a Python loop, each scale's decoder pass at its own length T + scale - 1 (exact FLOPs);
     vmap: every scale's visual tokens padded to the largest scale (padding masked out of attention and of the
           RoPE positions, so the numbers are the loop's) and `jax.vmap` over the scale axis.
-- `scale_sampling="random"` draws one scale per step (`jax.lax.switch`: only that scale's decoder runs). The paper
-  (Table 8) draws per sample; per step is the same objective in expectation at 1/M of the decoder cost.
+- `scale_sampling="random"` draws one scale per step (`jax.lax.switch`: only that scale's decoder runs).
+- `scale_sampling="random_per_sample"` (paper Table 8) gives each sample one scale: the batch is split by a random
+  permutation into M fixed-size groups of B/M rows, group i is decoded at scale i only (`per_sample_ce`), so the
+  decoder processes sum_i B/M * (T + n_i - 1) positions: the mean single-scale step, not M passes with masking.
+  Every sample's scale is uniform over the M (stratified: exactly B/M per scale), so the expectation over draws
+  of sum_b CE_{s_b}(b) / num_targets is the `all` loss; `per_sample_ce` returns M * a group's CE (an unbiased
+  estimate of that scale's whole-batch CE), which `m3_loss` then averages.
+
+LLaVA-NeXT batches (`pixels` float32[B, C, S, S, 3]: each row's base crop, its grid crops, then padding crops up to
+the batch's crop bucket C; `anyres_index_{scale}` int32[B, N_scale] per trained scale, `data.anyres.training_index`:
+padding -1 first, then the image's packing plan): every crop is encoded once (B*C crops), each scale pools each
+crop from that output and packs it with `models.anyres.anyres_embeds`, the packing inference uses. The N_scale
+slots of the placeholder hold the padding first (masked out of attention and RoPE positions), so the last visual
+token precedes the text as at inference. NeXT takes the `loop` implementation.
 
 The cross-entropy is summed here and divided by `num_targets`, the labelled-token count of the whole global batch
 (the caller passes it), so k micro-batches of b accumulate exactly to one batch of k*b. Every scale sees the same
@@ -30,8 +42,14 @@ import jax.numpy as jnp
 
 from m3_jax.labels import IGNORE
 from m3_jax.models import llava
+from m3_jax.models.anyres import anyres_embeds
 
 SCALE_LOSSES = ("loop", "vmap")   # train.scale_loss: the two implementations of the sum over scales
+
+
+def index_key(scale: int) -> str:
+  """The batch key of a NeXT batch's packing plan at `scale`."""
+  return f"anyres_index_{int(scale)}"
 
 
 def targets_of(labels: jax.Array) -> jax.Array:
@@ -77,27 +95,55 @@ class Objective:
     self.scales = tuple(self.config.check_scale(s) for s in scales)
     self.impl = impl
     self.max_label_tokens = int(max_label_tokens)
+    self.anyres = self.config.type == "llava_next"
+    if self.anyres and impl != "loop":
+      raise ValueError(f"train.scale_loss={impl!r}: LLaVA-NeXT trains with 'loop' (each scale's packed length "
+                       "differs per image)")
 
   def _apply(self, params, *args, method, **kw):
     return self.model.apply({"params": params}, *args, method=method, **kw)
 
   def encode(self, params, batch) -> tuple[jax.Array, jax.Array]:
-    """Runs once per step: -> (feats float[B, N, C], text embeddings float[B, T, D])."""
-    feats = self._apply(params, batch["pixels"], method=llava.LlavaM3.encode)
+    """Runs once per step: -> (feats float[B, N, C] (NeXT: float[B, C_crops, N, C], every crop), text embeddings
+    float[B, T, D])."""
+    pixels = batch["pixels"]
+    if self.anyres:
+      b, c = pixels.shape[:2]
+      feats = self._apply(params, pixels.reshape(b * c, *pixels.shape[2:]), method=llava.LlavaM3.encode)
+      feats = feats.reshape(b, c, *feats.shape[1:])
+    else:
+      feats = self._apply(params, pixels, method=llava.LlavaM3.encode)
     text = self._apply(params, batch["input_ids"], method=llava.LlavaM3.embed_text)
     return feats, text
 
   def _budget(self, batch, label_budget: int | None) -> int:
     return int(label_budget or self.max_label_tokens or batch["input_ids"].shape[1])
 
+  def visual(self, params, batch, feats, scale: int) -> tuple[jax.Array, jax.Array | None]:
+    """A scale's visual tokens of each row -> (float[B, n, D], bool[B, n] real slots, or None when all are).
+    LLaVA-1.5: n = scale. NeXT: every crop pooled to `scale`, packed by `anyres_embeds` (n = N_scale)."""
+    if not self.anyres:
+      return self._apply(params, feats, scale, method=llava.LlavaM3.image_embeds), None
+    b, c = feats.shape[:2]
+    per_crop = self._apply(params, feats.reshape(b * c, *feats.shape[2:]), scale, method=llava.LlavaM3.image_embeds)
+    index = batch[index_key(scale)]
+    img = anyres_embeds(per_crop.reshape(b, c, scale, -1), params["image_newline"], jnp.maximum(index, 0))
+    return img, index >= 0
+
   def scale_ce(self, params, batch, feats, text, scale: int, label_budget: int | None = None) -> jax.Array:
-    """Summed CE at one scale, its decoder pass at its own length T + scale - 1."""
+    """Summed CE at one scale, its decoder pass at its own length T + n - 1 (n: the scale's visual slots)."""
     c = self.config
-    img = self._apply(params, feats, scale, method=llava.LlavaM3.image_embeds)
-    ex = llava.expand_image_placeholders(batch["input_ids"], batch["attention_mask"], scale, c.image_token_id,
-                                         labels=batch["labels"])
+    img, real = self.visual(params, batch, feats, scale)
+    ex = llava.expand_image_placeholders(batch["input_ids"], batch["attention_mask"], img.shape[1],
+                                         c.image_token_id, labels=batch["labels"])
     x = llava.merge_embeddings(text, img, ex.source)
-    hidden, _ = self._apply(params, x, ex.positions, ex.mask, method=llava.LlavaM3.decode)
+    mask, positions = ex.mask, ex.positions
+    if real is not None:  # padding slots of the packed image: out of attention and of the RoPE positions
+      t_len = batch["input_ids"].shape[1]
+      slot = jnp.clip(ex.source - t_len, 0, img.shape[1] - 1)
+      mask = mask & ~(ex.is_image & ~jnp.take_along_axis(real, slot, axis=1))
+      positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+    hidden, _ = self._apply(params, x, positions, mask, method=llava.LlavaM3.decode)
     h, t = gather_labelled(hidden, targets_of(ex.labels), self._budget(batch, label_budget))
     return cross_entropy_sum(self._apply(params, h, method=llava.LlavaM3.logits), t)
 
@@ -118,6 +164,20 @@ class Objective:
       return lambda: jax.nn.one_hot(i, m, dtype=jnp.float32) * self.scale_ce(params, batch, feats, text,
                                                                                self.scales[i], label_budget)
     return jax.lax.switch(index, [branch(i) for i in range(m)])
+
+  def per_sample_ce(self, params, batch, groups: jax.Array, label_budget: int | None = None) -> jax.Array:
+    """float32[M]: M * the summed CE of group i's rows at scale i (`scale_sampling="random_per_sample"`).
+    groups int32[M, B/M]: a partition of the batch's rows (`Curriculum.groups`); group i runs scale i's decoder
+    pass alone, on B/M rows."""
+    feats, text = self.encode(params, batch)
+    m = len(self.scales)
+    out = []
+    for i, s in enumerate(self.scales):
+      rows = groups[i]
+      sub = {k: jnp.take(v, rows, axis=0) for k, v in batch.items()}
+      out.append(self.scale_ce(params, sub, jnp.take(feats, rows, axis=0), jnp.take(text, rows, axis=0), s,
+                               label_budget))
+    return m * jnp.stack(out)
 
   def _vmapped_ce(self, params, batch, feats, text, label_budget: int | None) -> jax.Array:
     """All scales padded to the largest one, one vmapped decoder pass over the scale axis."""
