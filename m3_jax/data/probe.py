@@ -32,6 +32,14 @@ Measured on the tiny model (benchmarks/probe_learnability.py): the binding looku
 800 steps of the M3 objective (the coarse scales, where it is impossible, pull towards "average the values"), but
 is learned at 144 tokens alone, and then the M3 objective keeps it exactly where the design says it is possible.
 
+Non-square images (LLaVA-NeXT, `aspects`): a W:H aspect renders a (48*H) x (48*W) canvas, the same families laid
+out over the whole canvas (whole: one object fills it; blocks: 4 of the 3x3 cells of every 48 px square; tiles and
+patches: the quadrants of one 16 / 8 px cell anywhere). The tiny NeXT pinpoints (48x48, 48x96, 96x48, 96x96) cut
+such a canvas into 48 px crops along those squares, so objects within one crop share a pooled token one scale
+coarser than their family needs (tiles and patches always: their four objects lie in one cell; blocks' four may
+spread over two crops); the base crop sees the whole canvas squashed. Example i's aspect is
+aspects[(i // #families) % #aspects], so families and aspects are balanced together.
+
 Everything is deterministic from (seed, split, index); families are balanced exactly (index % #families).
 The TFDS builder (`Probe`) uses only Tensor/Text features so it builds array_record files without TensorFlow.
 """
@@ -95,28 +103,48 @@ def vocabulary() -> list[str]:
   return [w for w in dict.fromkeys(words + list(COLOURS)) if w != "{key}"]
 
 
-def _quadrant_cells(rng, side: int) -> list[tuple[int, int]]:
-  """The four quadrant cells (row, col in units of `side`) of one random cell of side 2 * side."""
-  n_outer = IMAGE_SIZE // (2 * side)
-  oy, ox = divmod(int(rng.integers(n_outer * n_outer)), n_outer)
+def parse_aspects(aspects) -> tuple[tuple[int, int], ...]:
+  """"1:1,2:1,1:2" (or a sequence of "W:H") -> ((1, 1), (2, 1), (1, 2)) as (W, H) in units of 48 px."""
+  items = aspects.split(",") if isinstance(aspects, str) else list(aspects)
+  out = []
+  for item in items:
+    try:
+      w, h = (int(x) for x in str(item).strip().split(":"))
+    except ValueError:
+      raise ValueError(f"probe aspect {item!r}: expected W:H in whole numbers, e.g. 2:1 (a 96x48 image)") from None
+    if not (1 <= w <= 4 and 1 <= h <= 4):
+      raise ValueError(f"probe aspect {item!r}: W and H must be 1 to 4 (multiples of the 48 px crop)")
+    out.append((w, h))
+  if not out:
+    raise ValueError("probe aspects: expected at least one W:H, e.g. 1:1")
+  return tuple(out)
+
+
+def _quadrant_cells(rng, side: int, hw: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE)) -> list[tuple[int, int]]:
+  """The four quadrant cells (row, col in units of `side`) of one random cell of side 2 * side in an (h, w) image."""
+  ny, nx = hw[0] // (2 * side), hw[1] // (2 * side)
+  oy, ox = divmod(int(rng.integers(ny * nx)), nx)
   return [(2 * oy + q // 2, 2 * ox + q % 2) for q in range(4)]
 
 
-def render_binding(family: str, rng: np.random.Generator) -> tuple[np.ndarray, str, str]:
-  """(uint8[48, 48, 3], key asked about, its value) for a binding family."""
+def render_binding(family: str, rng: np.random.Generator, aspect: tuple[int, int] = (1, 1)
+                   ) -> tuple[np.ndarray, str, str]:
+  """(uint8[48*H, 48*W, 3], key asked about, its value) for a binding family at aspect (W, H)."""
   _, side = BINDING[family]
-  img = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), WHITE, np.uint8)
+  h, w = IMAGE_SIZE * aspect[1], IMAGE_SIZE * aspect[0]
+  img = np.full((h, w, 3), WHITE, np.uint8)
   if family == "whole":
-    cells = [(0, 0)]
+    cells, side = [(0, 0)], None
   elif family == "blocks":
-    cells = [divmod(int(c), 3) for c in rng.choice(9, size=4, replace=False)]
+    nx = 3 * aspect[0]
+    cells = [divmod(int(c), nx) for c in rng.choice(9 * aspect[0] * aspect[1], size=4, replace=False)]
   else:
-    cells = _quadrant_cells(rng, side)
+    cells = _quadrant_cells(rng, side, (h, w))
   keys = [list(KEYS)[int(i)] for i in rng.permutation(len(KEYS))[:len(cells)]]
   values = [list(VALUES)[int(i)] for i in rng.choice(len(VALUES), size=len(cells), replace=False)]
   for (y, x), k, v in zip(cells, keys, values):
     # 1 px vertical stripes, key then value: every 4 px patch (every token at every scale) holds both halves.
-    obj = img[y * side:(y + 1) * side, x * side:(x + 1) * side]
+    obj = img if side is None else img[y * side:(y + 1) * side, x * side:(x + 1) * side]
     obj[:, 0::2] = KEYS[k]
     obj[:, 1::2] = VALUES[v]
   q = int(rng.integers(len(cells)))
@@ -142,8 +170,9 @@ def render_presence(family: str, colour: str, rng: np.random.Generator) -> np.nd
   return img
 
 
-def example(seed: int, split: str, index: int, family_set: str = "binding") -> dict:
-  """The probe example `index` of `split`: {id, image uint8[48,48,3], question, answer, reply, family, scale}.
+def example(seed: int, split: str, index: int, family_set: str = "binding", aspects="1:1") -> dict:
+  """The probe example `index` of `split`: {id, image uint8[48*H,48*W,3], question, answer, reply, family, scale}
+  (aspect W:H from `aspects`, see the module docstring; 1:1 is 48x48).
 
   `answer` is the one word that is scored; `reply` is what the model is trained to say. For the binding families
   the reply restates the key first ("black green"): copying the key from the question and then looking its value
@@ -156,10 +185,14 @@ def example(seed: int, split: str, index: int, family_set: str = "binding") -> d
   rng = np.random.default_rng([seed, SPLITS[split], index])
   names = FAMILY_SETS[family_set]
   family = names[index % len(names)]
+  shapes = parse_aspects(aspects)
+  aspect = shapes[(index // len(names)) % len(shapes)]
   if family_set == "binding":
-    image, key, answer = render_binding(family, rng)
+    image, key, answer = render_binding(family, rng, aspect)
     question, reply = BINDING_QUESTION.format(key=key), f"{key} {answer}"
   else:
+    if aspect != (1, 1):
+      raise ValueError(f"probe aspects {aspects!r}: the presence families are square only (use binding)")
     answer = tuple(COLOURS)[int(rng.integers(len(COLOURS)))]
     image, question = render_presence(family, answer, rng), PRESENCE[family][2]
     reply = answer
@@ -193,6 +226,7 @@ class ProbeConfig(tfds.core.BuilderConfig):
   num_train: int = DEFAULT_SIZES["train"]
   num_validation: int = DEFAULT_SIZES["validation"]
   num_test: int = DEFAULT_SIZES["test"]
+  aspects: str = "1:1"
 
 
 class Probe(tfds.core.GeneratorBasedBuilder):
@@ -203,10 +237,12 @@ class Probe(tfds.core.GeneratorBasedBuilder):
 
   def _info(self):
     f = tfds.features
+    square = parse_aspects(self.builder_config.aspects) == ((1, 1),)
+    shape = (IMAGE_SIZE, IMAGE_SIZE, 3) if square else (None, None, 3)
     return self.dataset_info_from_configs(
         features=f.FeaturesDict({
             "id": f.Text(),
-            "image": f.Tensor(shape=(IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8),
+            "image": f.Tensor(shape=shape, dtype=np.uint8, **({} if square else {"encoding": "zlib"})),
             "question": f.Text(),
             "answer": f.Text(),
             "reply": f.Text(),
@@ -223,20 +259,26 @@ class Probe(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, split, n):
     for i in range(n):
-      yield i, example(self.builder_config.seed, split, i, self.builder_config.family_set)
+      c = self.builder_config
+      yield i, example(c.seed, split, i, c.family_set, c.aspects)
 
 
-def builder(data_dir: str, *, seed: int = 0, sizes: dict | None = None, family_set: str = "binding"):
-  """The TFDS builder for the probe with this seed and split sizes, storing array_record files in data_dir."""
+def builder(data_dir: str, *, seed: int = 0, sizes: dict | None = None, family_set: str = "binding",
+            aspects="1:1"):
+  """The TFDS builder for the probe with this seed, split sizes and aspects, storing array_record files in
+  data_dir. Non-square aspects add `_a{W}x{H}-...` to the config name."""
   sizes = {**DEFAULT_SIZES, **(sizes or {})}
   if family_set not in FAMILY_SETS:
     raise ValueError(f"probe family set {family_set!r} is not one of {', '.join(FAMILY_SETS)}")
-  if seed == 0 and sizes == DEFAULT_SIZES and family_set == "binding":
+  shapes = parse_aspects(aspects)
+  aspects = ",".join(f"{w}:{h}" for w, h in shapes)
+  suffix = "" if shapes == ((1, 1),) else "_a" + "-".join(f"{w}x{h}" for w, h in shapes)
+  if seed == 0 and sizes == DEFAULT_SIZES and family_set == "binding" and not suffix:
     config = "default"
   else:
-    config = ProbeConfig(name=f"{family_set}_s{seed}_{sizes['train']}_{sizes['validation']}_{sizes['test']}",
+    config = ProbeConfig(name=f"{family_set}_s{seed}_{sizes['train']}_{sizes['validation']}_{sizes['test']}{suffix}",
                          seed=seed, family_set=family_set, num_train=sizes["train"],
-                         num_validation=sizes["validation"], num_test=sizes["test"])
+                         num_validation=sizes["validation"], num_test=sizes["test"], aspects=aspects)
   return Probe(data_dir=str(data_dir), config=config, file_format="array_record")
 
 
@@ -265,9 +307,10 @@ def open_built(data_dir: str, config: str | None = None):
   return tfds.builder_from_directory(found[name])
 
 
-def build(data_dir: str, *, seed: int = 0, sizes: dict | None = None, family_set: str = "binding"):
+def build(data_dir: str, *, seed: int = 0, sizes: dict | None = None, family_set: str = "binding",
+          aspects="1:1"):
   """Generates the probe (idempotent) and returns its builder; `builder.as_data_source(split)` reads it."""
-  b = builder(data_dir, seed=seed, sizes=sizes, family_set=family_set)
+  b = builder(data_dir, seed=seed, sizes=sizes, family_set=family_set, aspects=aspects)
   b.download_and_prepare(download_config=tfds.download.DownloadConfig(
       beam_options=None, try_download_gcs=False))
   return b

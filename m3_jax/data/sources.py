@@ -114,12 +114,12 @@ class Probe:
   """The granularity probe's split, built into `data_dir` with TFDS on first use (see m3_jax/data/probe.py)."""
 
   def __init__(self, data_dir: str | os.PathLike, split: str = "train", *, seed: int = 0,
-               sizes: dict | None = None, family_set: str = "binding"):
+               sizes: dict | None = None, family_set: str = "binding", aspects: str = "1:1"):
     from m3_jax.data import probe
     self.split = split
     # Only the data source is kept: it pickles, so grain workers can read it.
-    self.source = probe.build(str(data_dir), seed=seed, sizes=sizes,
-                              family_set=family_set).as_data_source(split)
+    self.source = probe.build(str(data_dir), seed=seed, sizes=sizes, family_set=family_set,
+                              aspects=aspects).as_data_source(split)
 
   def __len__(self) -> int:
     return len(self.source)
