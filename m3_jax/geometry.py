@@ -27,10 +27,12 @@ import math
 
 import numpy as np
 
+from m3_jax.errors import BadValue
+
 ORDERS = ("hw", "wh")
 
 
-class AnyresError(ValueError):
+class AnyresError(BadValue):
   """An image size, crop count or grid the anyres composition cannot take; the message says what would fit."""
 
 

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m3_jax.errors import BadFile
+
 ALGORITHM = "fmix32x2-sum-v1"
 _GOLDEN = np.uint32(0x9E3779B9)
 _SEEDS = (np.uint32(0x243F6A88), np.uint32(0x85A308D3))
@@ -32,7 +34,7 @@ _BLOCK = 1 << 22   # host words hashed per XLA call (a 16 MB buffer); larger one
 _SMALL = 1 << 16   # host arrays up to this many words are hashed by numpy
 
 
-class ChecksumError(ValueError):
+class ChecksumError(BadFile):
   """A restored array's bytes differ from the bytes that were saved; the message names every such array."""
 
 

@@ -7,6 +7,7 @@ import argparse
 import importlib
 import sys
 
+from m3_jax import errors
 from m3_jax.configs.overrides import split_overrides
 
 # name -> (module, one-line help). docs/design.md lists the commands.
@@ -23,6 +24,7 @@ COMMANDS = {
     "serve": ("m3_jax.cli.serve", "OpenAI-compatible chat server; each request chooses its visual tokens"),
     "info": ("m3_jax.cli.info", "what a checkpoint is: model, scales, parameters, dtype, source, template, identity, "
              "router"),
+    "router": ("m3_jax.cli.router", "fit the scale router that answers `--scale auto` from eval runs at every scale"),
     "cost": ("m3_jax.cli.cost", "analytic FLOPs, parameter, KV-cache and activation bytes per scale (Table 9)"),
 }
 
@@ -42,6 +44,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="m3", description="Matryoshka Multimodal Models in JAX.",
                                    formatter_class=HelpFormatter)
   parser.add_argument("--version", action="version", version=f"m3-jax {__version__}")
+  parser.add_argument("--debug", action="store_true",
+                      help="show the traceback of a user error too (it may stand anywhere on the command line)")
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
   sub.required = True
   wanted = next((a for a in argv if not a.startswith("-")), None)
@@ -53,19 +57,26 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
   return parser
 
 
-def scale_list(text: str) -> tuple[int, ...]:
-  """`--scale` values: one scale or a comma list ("144" or "576,144,36,9,1")."""
+def scale_list(text: str) -> tuple[int | str, ...]:
+  """`--scale` values: one scale or a comma list ("144" or "576,144,36,9,1"); "auto" (the scale router's choice)
+  may be one of them ("auto,576,144")."""
   try:
-    scales = tuple(int(s) for s in text.split(",") if s.strip())
+    scales = tuple(s.strip() if s.strip() == "auto" else int(s) for s in text.split(",") if s.strip())
   except ValueError:
     scales = ()
   if not scales:
-    raise argparse.ArgumentTypeError(f"{text!r} is not a scale or a comma list of scales, e.g. 144 or 576,144,36")
+    raise argparse.ArgumentTypeError(f"{text!r} is not a scale or a comma list of scales, e.g. 144, 576,144,36 or "
+                                     "auto,144")
   return scales
 
 
 def main(argv: list[str] | None = None) -> int:
+  """Runs one subcommand. A user error (m3_jax.errors.is_user_error: a UserError, a path the user named, a check's
+  ValueError/KeyError/TypeError) ends as one `m3 COMMAND: error: MESSAGE` line on stderr and exit status 2; any
+  other exception is a bug and keeps its traceback. `--debug` (anywhere in argv) shows user errors' tracebacks too."""
   argv = sys.argv[1:] if argv is None else argv
+  debug = "--debug" in argv
+  argv = [a for a in argv if a != "--debug"]
   overrides, rest = split_overrides(argv)   # argparse has no wildcard options: see configs/overrides.py
   parser = build_parser(rest)
   args = parser.parse_args(rest)
@@ -73,7 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "overrides"):   # a subcommand that takes overrides sets the `overrides` default
       parser.error(f"m3 {args.command} takes no --config.KEY=VALUE overrides (got --config.{overrides[0]})")
     args.overrides = overrides
-  code = importlib.import_module(args._module).run(args)
+  try:
+    code = importlib.import_module(args._module).run(args)
+  except Exception as e:  # noqa: BLE001 -- sorted by errors.is_user_error; the rest is re-raised
+    if debug or not errors.is_user_error(e):
+      raise
+    name = " ".join(filter(None, (args.command, getattr(args, "data_command", None),
+                                  getattr(args, "router_command", None))))
+    print(f"m3 {name}: error: {errors.message(e)}", file=sys.stderr)
+    return 2
   return int(code or 0)
 
 

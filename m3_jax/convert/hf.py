@@ -29,11 +29,12 @@ from typing import Any, Callable
 
 import numpy as np
 
+from m3_jax.errors import Incompatible
 from m3_jax.models.config import (AnyresConfig, LLMConfig, M3Config, ModelConfig, ProjectorConfig, VisionConfig,
                                   check_scales)
 
 
-class ConversionError(ValueError):
+class ConversionError(Incompatible):
   """A source checkpoint that cannot be converted; the message names what was wrong and what was expected."""
 
 

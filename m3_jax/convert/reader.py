@@ -11,8 +11,10 @@ import pathlib
 
 import numpy as np
 
+from m3_jax.errors import BadFile
 
-class ReaderError(ValueError):
+
+class ReaderError(BadFile):
   """A weights file that cannot be read; the message names the file and what to do."""
 
 

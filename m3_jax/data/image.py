@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from m3_jax.errors import BadFile
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, as HF configs store it
@@ -27,7 +29,7 @@ BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, as HF configs store it
 DEFAULT_MAX_PIXELS = 16384 * 16384
 
 
-class ImageError(ValueError):
+class ImageError(BadFile):
   """An image that cannot be used (unreadable, too large, odd mode). The message names the file."""
 
 

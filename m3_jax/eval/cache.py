@@ -22,6 +22,7 @@ import os
 import pathlib
 from typing import Any, Iterable, Iterator
 
+from m3_jax.errors import Incompatible
 from m3_jax.eval import predictions
 from m3_jax.eval.tasks import Sample
 
@@ -30,7 +31,7 @@ KEY_FIELDS = ("ckpt_identity", "task", "task_options", "data_fingerprint", "temp
               "max_new_tokens", "temperature", "top_p", "seed", "likelihood")
 
 
-class CacheMismatch(ValueError):
+class CacheMismatch(Incompatible):
   """An --out folder holds predictions of another run; the message names every differing key field."""
 
 

@@ -22,6 +22,7 @@ import json
 import pathlib
 from typing import IO, Iterable, Sequence
 
+from m3_jax.errors import BadFile
 from m3_jax.eval.tasks.common import iter_jsonl
 
 PREDICTIONS = "predictions.jsonl"
@@ -33,7 +34,7 @@ SCORE_FIELDS = ("question_id", "prediction")           # what `m3 score` needs o
 EVAL_FIELDS = ("question_id", "scale", "prediction")   # what an eval resume needs
 
 
-class PredictionError(ValueError):
+class PredictionError(BadFile):
   """Predictions that cannot be read or matched to a task; the message names the file, line or ids."""
 
 

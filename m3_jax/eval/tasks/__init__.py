@@ -8,12 +8,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from m3_jax.errors import BadValue
 from m3_jax.eval.tasks.base import TASKS, Sample, Task, register
 
 __all__ = ["TASKS", "Sample", "Task", "UnknownTaskError", "register", "get_task", "task_names"]
 
 
-class UnknownTaskError(KeyError, ValueError):
+class UnknownTaskError(BadValue, KeyError):
   """No task of that name; the message lists the known ones."""
 
   def __str__(self) -> str:  # KeyError would print the message in quotes

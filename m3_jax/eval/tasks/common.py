@@ -9,13 +9,14 @@ import os
 import sys
 from typing import Any, Iterator, Sequence
 
+from m3_jax.errors import BadFile
 from m3_jax.eval.metrics import LETTERS
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 OPTION_LETTER = "Answer with the option's letter from the given choices directly."
 
 
-class TaskDataError(ValueError):
+class TaskDataError(BadFile):
   """A benchmark file is missing or not in its publisher's format; the message names the file and record."""
 
 
