@@ -60,6 +60,17 @@ def model_config(ckpt: str | epath.PathLike) -> ModelConfig | None:
   return None
 
 
+def home(ckpt: str | epath.PathLike, step: int | None = None) -> epath.Path:
+  """The folder of the checkpoint itself, where files fitted for it live (its scale router): an m3 checkpoint
+  directory, or a training workdir's step folder (the latest step when None)."""
+  path = epath.Path(ckpt)
+  if m3dir.is_m3dir(path):
+    return path
+  if workdir.is_workdir(path):
+    return path / workdir.CHECKPOINTS / str(workdir.resolve_step(path, step))
+  raise _neither(path)
+
+
 def identity(ckpt: str | epath.PathLike, step: int | None = None) -> str:
   """The identity string of an m3 checkpoint directory or of a training workdir's step (the latest when None):
   identity.fingerprint of the model config and the params' checksums recorded at save time. The same params

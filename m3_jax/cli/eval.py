@@ -20,7 +20,13 @@ def add_arguments(p: argparse.ArgumentParser):
   p.add_argument("--data", required=True, help="the task's file or folder (README: where to get each)")
   p.add_argument("--image-folder", default=None, help="images / videos folder, where the task reads one")
   p.add_argument("--scale", "--scales", dest="scales", type=scale_list, default=None, metavar="N[,N...]",
-                 help="one scale or a comma list, e.g. 576,144,36,9,1 (default: the checkpoint's model.m3.scales)")
+                 help="one scale or a comma list, e.g. 576,144,36,9,1 (default: the checkpoint's model.m3.scales); "
+                      "auto: the scale router's choice per sample (auto,576,144,...)")
+  p.add_argument("--budget", type=float, default=None, metavar="N",
+                 help="with auto: the router's threshold whose calibration mean visual tokens (routing included) "
+                      "stay within N (default: the router's, which matches the best fixed scale at the fewest tokens)")
+  p.add_argument("--router", default=None, metavar="PATH",
+                 help="with auto: this router folder (default: router/ in the checkpoint's folder)")
   p.add_argument("--out", required=True, help="output directory: predictions.jsonl, summary.json, summary.csv")
   p.add_argument("--batch-size", type=int, default=16, help="samples per generation batch")
   p.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
@@ -91,18 +97,39 @@ def run(args) -> int:
   except cache.CacheMismatch as e:
     print(f"m3 eval: {e}", file=sys.stderr)
     return 2
+  auto = bool(args.scales) and "auto" in args.scales
+  router = None
+  if auto:  # before the params load: a missing or mismatched router, or an unreachable budget, costs nothing
+    from m3_jax.eval.loader import load_router
+    try:
+      router = load_router(args.ckpt, step, args.router)
+      if router is None:
+        raise ValueError(f'--scale auto: {args.ckpt} has no scale router; fit one with `m3 router fit --ckpt '
+                         f'{args.ckpt} --runs EVALDIR...` (EVALDIR: `m3 eval` at every scale on a calibration '
+                         "split), or pass one with --router PATH")
+      threshold = router.threshold(args.budget)
+    except (ValueError, FileNotFoundError) as e:
+      print(f"m3 eval: {e}", file=sys.stderr)
+      return 2
   ckpt = reader.read_checkpoint(args.ckpt, step)
   if args.pool:
     ckpt = dataclasses.replace(ckpt, config=with_overrides(ckpt.config, pool=args.pool))
-  model = M3Model(ckpt, args.template)
+  model = M3Model(ckpt, args.template, router, str(args.ckpt))
   scales = list(args.scales) if args.scales else list(model.scales)
   for s in scales:
-    model.config.check_scale(s)
+    if s != "auto":
+      model.config.check_scale(s)
   generate, choose = evaluator.model_functions(model, max_new_tokens=args.max_new_tokens,
                                                batch_size=args.batch_size, grid=grid, likelihood=args.likelihood)
+  extra = {"ckpt": str(args.ckpt), "pool": ckpt.config.m3.pool, "ckpt_identity": identity}
+  route = None
+  if auto:
+    from m3_jax.eval.router.route import route_function
+    route = route_function(model, args.budget, args.batch_size)
+    extra["router"] = {"path": router.path, "identity": router.identity, "features": router.kind,
+                       "threshold": threshold, "budget": args.budget}
   summary = evaluator.evaluate(generate, task, samples, scales, args.out, choose=choose, batch_size=args.batch_size,
-                               progress=not args.no_progress, run=run,
-                               extra_summary={"ckpt": str(args.ckpt), "pool": ckpt.config.m3.pool,
-                                              "ckpt_identity": identity})
+                               progress=not args.no_progress, run=run, extra_summary=extra, route=route,
+                               router_id=router.identity if router else None)
   print(json.dumps(summary))
   return 0

@@ -16,7 +16,11 @@ def add_arguments(p: argparse.ArgumentParser):
   p.add_argument("--prompt", required=True, help="the question about the image")
   p.add_argument("--scale", type=scale_list, default=None, metavar="N[,N...]",
                  help="visual tokens for the image: one of the checkpoint's model.m3.scales, or a comma list (one "
-                      "answer per scale); default: the full grid")
+                      "answer per scale); auto: the checkpoint's scale router chooses; default: the full grid")
+  p.add_argument("--budget", type=float, default=None, metavar="N",
+                 help="with auto: the router threshold whose calibration mean visual tokens stay within N")
+  p.add_argument("--router", default=None, metavar="PATH",
+                 help="with auto: this router folder (default: router/ in the checkpoint's folder)")
   p.add_argument("--grid", default=None, metavar="RxC",
                  help="LLaVA-NeXT: override the anyres crop grid, e.g. 3x3 (paper Table 5)")
   p.add_argument("--max-new-tokens", type=int, default=32, help="most tokens generated per answer")
@@ -34,13 +38,21 @@ def add_arguments(p: argparse.ArgumentParser):
 
 
 def run(args) -> int:
+  import sys
   from m3_jax.eval.loader import load
-  model = load(args.ckpt, step=args.step, template=args.template)
   scales = args.scale or (None,)
+  try:
+    model = load(args.ckpt, step=args.step, template=args.template, router=args.router)
+    if "auto" in scales:
+      model.route([], [])  # no router: the how-to-fit message, before any work
+      model.router.threshold(args.budget)
+  except ValueError as e:
+    print(f"m3 generate: {e}", file=sys.stderr)
+    return 2
   for scale in scales:
     out = model.generate([args.image], [args.prompt], scale=scale, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                         grid=parse_grid(args.grid))[0]
+                         grid=parse_grid(args.grid), budget=args.budget)[0]
     text = f"[{scale}] {out['text']}" if len(scales) > 1 else out["text"]
     print(json.dumps(out) if args.json else text)
   return 0

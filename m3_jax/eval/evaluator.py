@@ -13,6 +13,7 @@ pooling, grid, generation settings); the summary is always rebuilt from the whol
 """
 from __future__ import annotations
 
+import collections
 import pathlib
 import time
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
   from m3_jax.eval.loader import M3Model
 
 AnswerFn = Callable[[Sequence[Sample], int], list[str]]
+# The scale router (`--scale auto`): per sample {"chosen_scale", "visual_tokens" (chosen + routing pass),
+# "routing_visual_tokens", "routing_flops"}; `router_id` says which router made them (m3_jax.eval.router.route).
+RouteFn = Callable[[Sequence[Sample]], list[dict]]
 
 
 def sample_image(sample: Sample):
@@ -58,33 +62,52 @@ def model_functions(model: M3Model, *, max_new_tokens: int = 32, batch_size: int
 
 def evaluate(generate: AnswerFn, task: Task, samples: Sequence[Sample], scales: Sequence[int],
              out: str | pathlib.Path, *, choose: AnswerFn | None = None, batch_size: int = 16, progress: bool = True,
-             extra_summary: dict | None = None, run: dict | None = None, overwrite: bool = False) -> dict:
+             extra_summary: dict | None = None, run: dict | None = None, overwrite: bool = False,
+             route: RouteFn | None = None, router_id: str | None = None) -> dict:
   """Answers every sample at every scale (a batch of `batch_size` samples per call; multiple-choice batches go
   to `choose` when given), appends each answer to `out`/predictions.jsonl with its per-sample score, category,
   prompt and reference answers, and writes the summary: `{"task", "num_samples", "scales": {scale: task metrics
   (+ samples_per_second when this call answered some)}, **extra_summary}`, which it returns.
 
   `run` (`cache.run_record`) is the cache key: predictions in `out` made under another key are refused
-  (cache.CacheMismatch) unless `overwrite` deletes them first; without `run` the folder's predictions are trusted."""
+  (cache.CacheMismatch) unless `overwrite` deletes them first; without `run` the folder's predictions are trusted.
+
+  The scale `predictions.AUTO` answers each sample at `route`'s choice (so its answer is the one a fixed run at that
+  scale gives); its lines record the router (`router_id`), and only lines of this router are resumed. Its summary
+  adds mean visual tokens (routing included), the routing pass's FLOPs and seconds per sample, and the chosen
+  scales' histogram."""
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   cache.open_run(out, run, overwrite)
   pred_file = out / predictions.PREDICTIONS
   done = predictions.latest(predictions.read(pred_file, predictions.EVAL_FIELDS, who="an eval resume")
                             if pred_file.exists() else [])
-  timing = {}
+  timing, routing_seconds, routed = {}, 0.0, 0
+  if predictions.AUTO in scales and route is None:
+    raise ValueError('scale "auto" needs a scale router (route=...)')
   with predictions.Appender(pred_file) as appender:
     for scale in scales:
-      todo = [s for s in samples if (s.question_id, scale) not in done]
+      todo = [s for s in samples if (s.question_id, scale) not in done or
+              (scale == predictions.AUTO and done[s.question_id, scale].get("router") != router_id)]
       bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc=f"scale {scale}", disable=not progress,
                  unit="sample")
       start = time.perf_counter()
       for i in range(0, len(todo), batch_size):
         chunk = todo[i:i + batch_size]
         answer = choose if choose is not None and all(s.options for s in chunk) else generate
-        recs = [predictions.record(s.question_id, scale, p, task.score(s, p), category=s.category,
-                                   prompt=s.prompt, answers=s.answers)
-                for s, p in zip(chunk, answer(chunk, scale))]
+        if scale == predictions.AUTO:
+          clock = time.perf_counter()
+          routing = route(chunk)
+          routing_seconds += time.perf_counter() - clock
+          routed += len(chunk)
+          texts = _answer_routed(answer, chunk, [r["chosen_scale"] for r in routing])
+          recs = [predictions.record(s.question_id, scale, p, task.score(s, p), category=s.category,
+                                     prompt=s.prompt, answers=s.answers, **r, router=router_id)
+                  for s, p, r in zip(chunk, texts, routing)]
+        else:
+          recs = [predictions.record(s.question_id, scale, p, task.score(s, p), category=s.category,
+                                     prompt=s.prompt, answers=s.answers)
+                  for s, p in zip(chunk, answer(chunk, scale))]
         done.update(predictions.latest(recs))
         appender.write(recs)
         bar.update(len(chunk))
@@ -97,6 +120,31 @@ def evaluate(generate: AnswerFn, task: Task, samples: Sequence[Sample], scales: 
     metrics = task.summarize([s for s in samples if s.question_id in preds], preds)
     if scale in timing:
       metrics["samples_per_second"] = timing[scale]
+    if scale == predictions.AUTO:
+      metrics.update(_auto_summary([rec for (qid, s), rec in done.items() if s == scale], router_id))
+      if routed:
+        metrics["routing_seconds_per_sample"] = routing_seconds / routed
     summary["scales"][str(scale)] = metrics
   predictions.write_summary(out, summary)
   return summary
+
+
+def _answer_routed(answer: AnswerFn, chunk: Sequence[Sample], chosen: Sequence[int]) -> list[str]:
+  """Answers each sample at its own chosen scale (one call per scale present), in chunk order."""
+  texts: list[str] = [""] * len(chunk)
+  for scale in sorted(set(chosen)):
+    rows = [j for j, c in enumerate(chosen) if c == scale]
+    for j, text in zip(rows, answer([chunk[j] for j in rows], scale)):
+      texts[j] = text
+  return texts
+
+
+def _auto_summary(records: list[dict], router_id: str | None) -> dict:
+  """An auto run's cost: mean visual tokens (routing included), mean routing FLOPs, the chosen scales."""
+  if not records:
+    return {}
+  chosen = collections.Counter(int(r["chosen_scale"]) for r in records)
+  return {"mean_visual_tokens": sum(r["visual_tokens"] for r in records) / len(records),
+          "routing_visual_tokens": sum(r["routing_visual_tokens"] for r in records) / len(records),
+          "routing_flops": sum(r["routing_flops"] for r in records) / len(records),
+          "chosen_scales": {str(k): chosen[k] for k in sorted(chosen, reverse=True)}, "router": router_id}

@@ -53,6 +53,7 @@ class Engine:
     self._on_token: Callable[[int, np.ndarray], None] | None = None
     self._stream_lock = threading.Lock()  # one streaming decode at a time: `_on_token` is the engine's
     self._score = jax.jit(self._score_impl)
+    self._state = jax.jit(self._state_impl)
 
   # ---------------------------------------------------------------------------------------------- vision
   def _visual_impl(self, params, pixels, scale: int):
@@ -235,6 +236,25 @@ class Engine:
       cut = next((i for i, t in enumerate(row) if t in self.stop_ids), len(row))
       results.append(row[:cut])
     return results
+
+  # ------------------------------------------------------------------------------------------ prompt state
+  def _state_impl(self, params, ids, mask, img, n_vis):
+    m = self.model
+    x, valid, positions, _ = self._inputs(params, ids, mask, img, n_vis, "left")
+    hidden, _ = m.apply({"params": params}, x, positions, valid, method=m.decode)
+    return hidden[:, -1].astype(jnp.float32)
+
+  def prompt_state(self, prompts: Sequence[np.ndarray], visual: Sequence[np.ndarray | None]) -> np.ndarray:
+    """The decoder's final hidden state at each prompt's last token, float32[B, D]: what the first answer token
+    is predicted from, after one prefill (the scale router's feature). Left-padded as in generation, so padding
+    rows and slots are masked out and a row's state does not depend on its batch."""
+    n = len(prompts)
+    rows = 1 << max(n - 1, 0).bit_length()  # as in generation: a few batch shapes
+    prompts = list(prompts) + [np.array([self.config.bos_token_id], np.int32)] * (rows - n)
+    visual = list(visual) + [None] * (rows - n)
+    ids, mask, img, n_vis = self._pack(prompts, visual, "left")
+    out = self._state(self.params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(img), jnp.asarray(n_vis))
+    return np.asarray(out)[:n]
 
   # ----------------------------------------------------------------------------------------------- scoring
   def _score_impl(self, params, ids, mask, labels, img, n_vis):

@@ -24,9 +24,11 @@ from m3_jax.eval.generate import Engine, Sampling
 class M3Model:
   """A loaded checkpoint: tokenizer, image preprocessing, chat template and the generation engine."""
 
-  def __init__(self, ckpt: Checkpoint, template: str = "auto"):
+  def __init__(self, ckpt: Checkpoint, template: str = "auto", router=None, name: str = "the checkpoint"):
     from transformers import AutoTokenizer
     self.ckpt = ckpt
+    self.router = router  # a fitted scale router (m3_jax.eval.router.store.Router) answering scale="auto", or None
+    self.name = name
     self.config = ckpt.config
     self.template = ckpt.template if template == "auto" else template
     self.tokenizer = AutoTokenizer.from_pretrained(ckpt.tokenizer_dir)
@@ -70,19 +72,28 @@ class M3Model:
 
   def generate(self, images: Sequence[Any] | Any, prompts: Sequence[str] | str,
                scale: int | Sequence[int] | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
-               top_p: float = 1.0, seed: int = 0, batch_size: int = 16, grid: tuple[int, int] | None = None
-               ) -> list[dict] | dict:
+               top_p: float = 1.0, seed: int = 0, batch_size: int = 16, grid: tuple[int, int] | None = None,
+               budget: float | None = None) -> list[dict] | dict:
     """One answer per (image, prompt); a plain-string prompt (with one image, path / bytes / PIL / None) gives one
     result dict, sequences give a list. `scale`: one for all, one per sample, or None (the full grid); for
     LLaVA-NeXT it is the tokens per crop.
 
     A result: `text`, `token_ids` (generated, without the stop token), `scale`, `visual_tokens` (the sequence
     positions the image took), `finish_reason` ("stop": a stop token ended it; "length": `max_new_tokens` did) and
-    `seconds` (wall time of the batch that answered it: image encoding and generation)."""
+    `seconds` (wall time of the batch that answered it: image encoding and generation).
+
+    `scale="auto"`: the checkpoint's router picks each image's scale (the smallest predicted to answer; `budget`:
+    the threshold whose calibration mean visual tokens stay within it); results then have `scale` "auto",
+    `chosen_scale`, `routing_visual_tokens` (the routing pass's, included in `visual_tokens`) and
+    `routing_seconds`."""
     if isinstance(prompts, str):
-      return self.generate([images], [prompts], scale, max_new_tokens, temperature, top_p, seed, batch_size, grid)[0]
+      return self.generate([images], [prompts], scale, max_new_tokens, temperature, top_p, seed, batch_size, grid,
+                           budget)[0]
     if len(images) != len(prompts):
       raise ValueError(f"{len(images)} images for {len(prompts)} prompts: give one image (or None) per prompt")
+    if isinstance(scale, str):
+      return self._generate_auto(images, prompts, scale, max_new_tokens, temperature, top_p, seed, batch_size, grid,
+                                 budget)
     n = len(prompts)
     scales = [self.config.full_scale] * n if scale is None else (
         [int(scale)] * n if isinstance(scale, (int, np.integer)) else [int(s) for s in scale])
@@ -113,6 +124,41 @@ class M3Model:
                         "seconds": seconds})
     return results
 
+  def route(self, images: Sequence[Any], prompts: Sequence[str], budget: float | None = None,
+            batch_size: int = 16) -> list[int | None]:
+    """The router's scale per (image, prompt) (None for a text-only prompt). ValueError saying how to fit a router
+    when the checkpoint has none."""
+    if self.router is None:
+      raise ValueError(f'scale "auto": {self.name} has no scale router; fit one with `m3 router fit --ckpt '
+                       f'{self.name} --runs EVALDIR...` (EVALDIR: `m3 eval` at every scale on a calibration split), '
+                       "or pass one with --router PATH")
+    with_image = [i for i, im in enumerate(images) if im is not None]
+    chosen: list[int | None] = [None] * len(images)
+    if with_image:
+      ids = [self.prompt_ids(prompts[i], True) for i in with_image]
+      pixels = self.pixels([images[i] for i in with_image])
+      threshold = self.router.threshold(budget)
+      for start in range(0, len(with_image), batch_size):
+        sl = slice(start, start + batch_size)
+        for i, s in zip(with_image[sl], self.router.choose(self, pixels[sl], ids[sl], threshold=threshold)):
+          chosen[i] = s
+    return chosen
+
+  def _generate_auto(self, images, prompts, scale, max_new_tokens, temperature, top_p, seed, batch_size, grid,
+                     budget) -> list[dict]:
+    if scale != "auto":
+      raise ValueError(f"scale {scale!r}: expected one of {list(self.scales)} or \"auto\"")
+    clock = time.perf_counter()
+    chosen = self.route(images, prompts, budget, batch_size)
+    routing_seconds = (time.perf_counter() - clock) / max(len(prompts), 1)
+    out = self.generate(images, prompts, [self.config.full_scale if s is None else s for s in chosen],
+                        max_new_tokens, temperature, top_p, seed, batch_size, grid)
+    extra = self.router.routing_tokens
+    for r, s in zip(out, chosen):
+      r.update(scale="auto", chosen_scale=s, routing_visual_tokens=0 if s is None else extra,
+               visual_tokens=r["visual_tokens"] + (0 if s is None else extra), routing_seconds=routing_seconds)
+    return out
+
   def choose(self, images: Sequence[Any], prompts: Sequence[str], num_options: Sequence[int], scale: int,
              grid: tuple[int, int] | None = None) -> list[str]:
     """Multiple choice by likelihood: per sample, the letter among its first `num_options` (A, B, ...) with the
@@ -141,5 +187,21 @@ class M3Model:
     return [best[i][1] for i in range(len(prompts))]
 
 
-def load(ckpt: str | pathlib.Path, step: int | None = None, template: str = "auto") -> M3Model:
-  return M3Model(read_checkpoint(ckpt, step), template)
+def load(ckpt: str | pathlib.Path, step: int | None = None, template: str = "auto",
+         router: str | pathlib.Path | None = None) -> M3Model:
+  """The checkpoint as a model; its scale router (`router/` in the checkpoint's folder, or the one at `router`) is
+  loaded and checked against the checkpoint's identity and scales (RouterMismatch names both)."""
+  return M3Model(read_checkpoint(ckpt, step), template, load_router(ckpt, step, router), str(ckpt))
+
+
+def load_router(ckpt, step: int | None = None, path=None):
+  """The router at `path`, else the checkpoint folder's `router/` (None when it has none), checked against the
+  checkpoint; what `load` attaches as `model.router`."""
+  from m3_jax.checkpoint import reader
+  from m3_jax.eval.router import store
+  folder = pathlib.Path(path) if path is not None else pathlib.Path(str(reader.home(ckpt, step))) / store.FOLDER
+  if path is None and not folder.exists():
+    return None
+  router = store.load(folder)
+  router.check(reader.identity(ckpt, step), reader.model_config(ckpt).m3.scales, str(ckpt))
+  return router

@@ -5,7 +5,9 @@ The only code that reads or writes them; `m3 eval` writes them, `m3 score` and `
 
 predictions.jsonl: one JSON object per line, per sample and scale. `m3 eval` writes `question_id`, `scale`,
 `prediction`, `score`, `category`, `prompt` (the task's question, without the chat template) and `answers` (the
-task's reference answers: a list of strings, a string or an option letter); `m3 score` needs only `question_id`
+task's reference answers: a list of strings, a string or an option letter); with `--scale auto` a line's `scale`
+is "auto" and it adds `chosen_scale` (the router's choice), `visual_tokens` (the chosen scale's plus the routing
+pass's), `routing_visual_tokens`, `routing_flops` and `router` (the router's identity); `m3 score` needs only `question_id`
 and `prediction` (LLaVA answer files' `text` is read as `prediction`), so any model's answers can be scored. Ids
 compare as strings. A later line for the same (question_id, scale) replaces an earlier one (a resumed eval). Every
 line ends with a newline, so an unterminated last line that is not valid JSON is a write cut by a crash: readers
@@ -32,6 +34,7 @@ RUN = "run.json"
 
 SCORE_FIELDS = ("question_id", "prediction")           # what `m3 score` needs of a line
 EVAL_FIELDS = ("question_id", "scale", "prediction")   # what an eval resume needs
+AUTO = "auto"  # the scale of a line answered at the scale router's choice
 
 
 class PredictionError(BadFile):
@@ -46,7 +49,7 @@ def predictions_file(path: str | pathlib.Path) -> pathlib.Path:
 
 def read(path: str | pathlib.Path, require: Sequence[str] = SCORE_FIELDS, *, who: str = "") -> list[dict]:
   """The records of a predictions file in file order, normalised: `question_id` a str, `prediction` a str (from
-  `text` where `prediction` is absent), `scale` an int or None when the line has none. A record lacking a field
+  `text` where `prediction` is absent), `scale` an int, AUTO, or None when the line has none. A record lacking a field
   of `require` (`who` names the reader in the message) or with a wrongly typed field raises PredictionError
   naming the file and line."""
   records = []
@@ -64,14 +67,14 @@ def read(path: str | pathlib.Path, require: Sequence[str] = SCORE_FIELDS, *, who
       rec["question_id"] = str(rec["question_id"])
     scale = rec.get("scale")
     try:
-      rec["scale"] = None if scale is None else int(scale)
+      rec["scale"] = None if scale is None else scale if scale == AUTO else int(scale)
     except (TypeError, ValueError):
-      raise PredictionError(f"{path}, line {n}: 'scale' must be an integer, got {scale!r}") from None
+      raise PredictionError(f"{path}, line {n}: 'scale' must be an integer or {AUTO!r}, got {scale!r}") from None
     records.append(rec)
   return records
 
 
-def latest(records: Iterable[dict]) -> dict[tuple[str, int | None], dict]:
+def latest(records: Iterable[dict]) -> dict[tuple[str, int | str | None], dict]:
   """{(question_id, scale): record}; a later record for the same key wins (a resumed eval)."""
   return {(r["question_id"], r["scale"]): r for r in records}
 

@@ -82,7 +82,7 @@ def score_file(task: Task, samples: Sequence[Sample], path: str, *, scale: int |
     raise PredictionError(f"{path}: no predictions" + (f" with scale {scale}" if scale is not None else ""))
   groups = predictions_lib.by_scale(records)
   results, per_sample = {}, []
-  for s in sorted(groups, key=lambda x: (x is None, x)):
+  for s in sorted(groups, key=lambda x: (x is None, isinstance(x, str), x if isinstance(x, int) else 0)):
     try:
       results[s], rows = score(task, samples, groups[s], allow_missing)
     except PredictionError as e:
