@@ -69,9 +69,12 @@ def test_categories_resume_and_incomplete(tmp_path):
   assert r["oracle"]["incomplete"] == 1 and r["oracle"]["count"] == 6
   color, ocr = r["categories"]["color"], r["categories"]["ocr"]
   assert color["oracle"] == {"score": 1.0, "ci": [1.0, 1.0], "mean_tokens": 5.0, "count": 2}
-  # ocr: q3 now answered at 36, q4 unanswered (1), q5 at 9
-  assert ocr["oracle"]["score"] == pytest.approx(2 / 3)
-  assert ocr["oracle"]["mean_tokens"] == pytest.approx((36 + 1 + 9) / 3)
+  # ocr, threshold variant: q3 now answered at 36, q4 unanswered (1), q5 at 9
+  assert ocr["oracle_threshold"]["score"] == pytest.approx(2 / 3)
+  assert ocr["oracle_threshold"]["mean_tokens"] == pytest.approx((36 + 1 + 9) / 3)
+  # ocr, best score: q3 1 at 36, q4 0 (1 token), q5 its best 0.6 at 36
+  assert ocr["oracle"]["score"] == pytest.approx(1.6 / 3)
+  assert ocr["oracle"]["mean_tokens"] == pytest.approx((36 + 1 + 36) / 3)
   # per-scale means include q7 where it has predictions: 144 over q3,q4,q5,q7 = (1+0+0.3+1)/4
   assert ocr["per_scale"][144]["score"] == pytest.approx(2.3 / 4)
   assert ocr["per_scale"][9]["count"] == 3
@@ -95,8 +98,9 @@ def test_cli_writes_report_and_plot(tmp_path, capsys):
   assert cli.main(["analyze", str(a), str(b), "--out", str(out)]) == 0
   md = (out / "report.md").read_text()
   assert "## m3 (task `probe`)" in md and "## baseline (task `probe`)" in md
-  assert "| **all** (6) | 55.0 | 60.0 | 41.7 | 24.8 | 83.3 | 33.33 |" in md
-  assert "| **all** (6) | 100.0 | 100.0 | 0.0 | 0.0 | 100.0 | 36.00 |" in md
+  # oracle = mean best score (q5: 0.6 at 36) = 4.6 / 6 at (1+9+144+1+36+36)/6 tokens; >= 0.5: 5 / 6 at 200 / 6
+  assert "| **all** (6) | 55.0 | 60.0 | 41.7 | 24.8 | 76.7 | 37.83 | 83.3 | 33.33 |" in md
+  assert "| **all** (6) | 100.0 | 100.0 | 0.0 | 0.0 | 100.0 | 36.00 | 100.0 | 36.00 |" in md
   data = json.loads((out / "analysis.json").read_text())
   assert data["runs"][1]["oracle"]["mean_tokens"] == 36.0
   img = Image.open(out / "score_vs_tokens.png")
@@ -104,7 +108,7 @@ def test_cli_writes_report_and_plot(tmp_path, capsys):
   assert (out / "score_vs_tokens.pdf").read_bytes().startswith(b"%PDF")
   svg = (out / "score_vs_tokens.svg").read_text()
   # one curve per category as well as overall, named in the legend (SVG text stays text)
-  for label in ("m3 (all)", "m3: color", "m3: ocr", "baseline (all)", "baseline: color", "m3 oracle: 83.3 at 33.3"):
+  for label in ("m3 (all)", "m3: color", "m3: ocr", "baseline (all)", "baseline: color", "m3 oracle: 76.7 at 37.8"):
     assert label in svg
   assert "wrote" in capsys.readouterr().out
 
@@ -115,7 +119,8 @@ def test_intervals_are_bootstrap_over_questions(tmp_path):
   r = result["runs"][0]
   scores_at_36 = [TABLE[q][1][36] for q in sorted(TABLE)]
   assert r["per_scale"][36]["ci"] == list(bootstrap_ci(scores_at_36))
-  assert r["oracle"]["ci"] == list(bootstrap_ci([1, 1, 1, 0, 1, 1]))  # q4 alone is unanswered
+  assert r["oracle_threshold"]["ci"] == list(bootstrap_ci([1, 1, 1, 0, 1, 1]))  # q4 alone is unanswered
+  assert r["oracle"]["ci"] == list(bootstrap_ci([1, 1, 1, 0, 0.6, 1]))  # the best score of each question
   # color: q1 and q2 are right at 144, so the band there has zero width
   assert r["categories"]["color"]["per_scale"][144]["ci"] == [1.0, 1.0]
   lo, hi = r["per_scale"][9]["ci"]
