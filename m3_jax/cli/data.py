@@ -5,11 +5,12 @@ import argparse
 import collections
 import json
 import pathlib
-import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser):
-  sub = parser.add_subparsers(dest="data_command", metavar="{check,probe}")
+  parser.epilog = ("examples:\n  m3 data check llava_v1_5_mix665k.json --image-folder data/\n"
+                   "  m3 data probe --out data/probe")
+  sub = parser.add_subparsers(dest="data_command", metavar="{check,probe}", help="check | probe")
   sub.required = True
   c = sub.add_parser("check", help="validate a LLaVA JSON file; non-zero exit when any record is bad",
                      description="Counts records and names every bad one (missing/unreadable image, a path that "
@@ -24,18 +25,23 @@ def add_arguments(parser: argparse.ArgumentParser):
   c.add_argument("--max-scale", type=int, default=0, help="visual tokens of the largest trained scale (default: "
                  "from the checkpoint's m3_config.json, else 576)")
   c.add_argument("--template", default="vicuna_v1", help="vicuna_v1 | llava_hf | plain (with --tokenizer)")
+  c.add_argument("--follow-symlinks", action="store_true",
+                 help="accept images reached through symlinks that leave the image folder (as data.follow_symlinks; "
+                      "absolute and '..' paths stay refused)")
   c.add_argument("--json", action="store_true", help="print one JSON object instead of text")
   c.set_defaults(_data=run_check)
   p = sub.add_parser("probe", help="build the granularity probe dataset (TFDS, array_record)",
                      description="Builds the procedurally generated granularity probe (see m3_jax/data/probe.py) "
                      "as a TFDS dataset under --out; read it with data.source=probe, data.path=OUT.")
   p.add_argument("--out", required=True, help="TFDS data directory to build into")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--train", type=int, default=4000)
-  p.add_argument("--validation", type=int, default=400)
-  p.add_argument("--test", type=int, default=400)
+  p.add_argument("--seed", type=int, default=0, help="generator seed")
+  p.add_argument("--train", type=int, default=4000, help="train examples per family")
+  p.add_argument("--validation", type=int, default=400, help="validation examples per family")
+  p.add_argument("--test", type=int, default=400, help="test examples per family")
   p.add_argument("--families", default="binding", choices=("binding", "presence"),
                  help="binding (default; see m3_jax/data/probe.py) or presence (the first design)")
+  p.add_argument("--aspects", default="1:1", help="image aspects W:H, comma-separated, e.g. 1:1,2:1,1:2 (non-square "
+                 "images give LLaVA-NeXT models real crop grids; binding families only)")
   p.set_defaults(_data=run_probe)
 
 
@@ -44,9 +50,13 @@ def run(args) -> int:
 
 
 def run_probe(args) -> int:
+  from m3_jax.cli import checks
   from m3_jax.data import probe
+  checks.output_dir(args.out, "--out")
+  for flag in ("train", "validation", "test"):
+    checks.at_least(getattr(args, flag), f"--{flag}", 1)
   b = probe.build(args.out, seed=args.seed, sizes=dict(train=args.train, validation=args.validation, test=args.test),
-                  family_set=args.families)
+                  family_set=args.families, aspects=args.aspects)
   counts = {s: len(b.as_data_source(s)) for s in ("train", "validation", "test")}
   print(json.dumps({"data_dir": str(b.data_dir), "config": b.builder_config.name, "splits": counts}))
   return 0
@@ -54,32 +64,28 @@ def run_probe(args) -> int:
 
 def _load_tokenizer(path: str):
   from transformers import AutoTokenizer
+  from m3_jax.checkpoint import m3dir, workdir
   p = pathlib.Path(path)
-  for cand in (p, p / "tokenizer"):
-    if (cand / "tokenizer_config.json").exists() or (cand / "tokenizer.json").exists():
+  for cand in (p, workdir.tokenizer_dir(p)):
+    if m3dir.has_tokenizer(cand):
       return AutoTokenizer.from_pretrained(str(cand))
-  raise FileNotFoundError(f"no tokenizer files in {p} or {p / 'tokenizer'} (expected what transformers "
+  raise FileNotFoundError(f"no tokenizer files in {p} or {workdir.tokenizer_dir(p)} (expected what transformers "
                           "save_pretrained writes)")
 
 
 def _max_scale(path: str) -> int:
-  p = pathlib.Path(path)
-  for cand in (p / "m3_config.json", p / "config.json"):
-    if cand.exists():
-      d = json.loads(cand.read_text())
-      m3 = d.get("m3") or d.get("model", {}).get("m3") or {}
-      if m3.get("scales"):
-        return max(int(s) for s in m3["scales"])
-  return 576
+  from m3_jax.checkpoint import reader
+  cfg = reader.model_config(path)
+  return max(cfg.m3.scales) if cfg is not None else 576
 
 
 def check(json_path: str, image_folder: str = "", *, tokenizer=None, max_length: int = 2048,
-          max_scale: int = 576, template: str = "vicuna_v1") -> dict:
+          max_scale: int = 576, template: str = "vicuna_v1", follow_symlinks: bool = False) -> dict:
   """Validates every record -> {"records", "with_image", "text_only", "turns", "bad", "bad_records": [...]}."""
   from m3_jax.data import conversation as cv
   from m3_jax.data import sources
   from m3_jax.data.errors import BadRecord
-  src = sources.LlavaJson(json_path, image_folder)
+  src = sources.LlavaJson(json_path, image_folder, follow_symlinks=follow_symlinks)
   image_id = -200  # LLaVA's IMAGE_TOKEN_INDEX: any id works for counting
   if tokenizer is not None and "<image>" in tokenizer.get_vocab():
     image_id = tokenizer.convert_tokens_to_ids("<image>")
@@ -113,16 +119,17 @@ def check(json_path: str, image_folder: str = "", *, tokenizer=None, max_length:
 
 
 def run_check(args) -> int:
+  from m3_jax.cli import checks
+  checks.existing(args.json_file, "JSON", "file")
+  checks.existing(args.image_folder or None, "--image-folder", "dir")
+  checks.existing(args.tokenizer or None, "--tokenizer", "dir")
+  checks.at_least(args.max_length, "--max-length", 1)
   tokenizer, max_scale = None, args.max_scale or 576
   if args.tokenizer:
     tokenizer = _load_tokenizer(args.tokenizer)
     max_scale = args.max_scale or _max_scale(args.tokenizer)
-  try:
-    report = check(args.json_file, args.image_folder, tokenizer=tokenizer, max_length=args.max_length,
-                   max_scale=max_scale, template=args.template)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"m3 data check: {e}", file=sys.stderr)
-    return 2
+  report = check(args.json_file, args.image_folder, tokenizer=tokenizer, max_length=args.max_length,
+                 max_scale=max_scale, template=args.template, follow_symlinks=args.follow_symlinks)
   if args.json:
     print(json.dumps(report))
   else:

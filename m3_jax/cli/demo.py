@@ -2,13 +2,19 @@
 
 1. builds the granularity probe (procedural VQA whose question families need 1, 9, 36 or 144 visual tokens),
 2. trains the tiny LLaVA with the M3 objective (the loss averaged over scales 144, 36, 9, 1),
-3. evaluates the checkpoint at every scale, and
-4. analyses which scale each question family needs (granularity table, oracle, report.md, score_vs_tokens.png).
+3. evaluates the checkpoint at every scale on the probe's test split,
+4. fits the scale router (`--scale auto`) on the validation split at every scale, and two baselines that see only
+   the question / only the image, and evaluates each on the test split, and
+5. analyses which scale each question family needs (granularity table, oracle, the routers against the fixed-scale
+   frontier, report.md, score_vs_tokens.png).
 
 Every step resumes: run it again and finished work is skipped. The same steps by hand:
   m3 train --config configs/tiny.py --workdir DIR/train
   m3 eval --ckpt DIR/train --task probe --data DIR/train/probe --out DIR/eval
-  m3 analyze DIR/eval
+  m3 eval --ckpt DIR/train --task probe --data DIR/train/probe --task-option split=validation --out DIR/eval_validation
+  m3 router fit --ckpt DIR/train --runs DIR/eval_validation        (+ --features text|image --out DIR/routers/...)
+  m3 eval --ckpt DIR/train --task probe --data DIR/train/probe --scale auto --out DIR/eval
+  m3 analyze DIR/eval DIR/eval_auto_text DIR/eval_auto_image --out DIR/eval
 """
 from __future__ import annotations
 
@@ -21,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser):
   p.add_argument("--workdir", default="runs/demo", help="where the run goes (default: runs/demo)")
   p.add_argument("--steps", type=int, default=None, help="training steps (default: configs/tiny.py's)")
   p.add_argument("--eval-limit", type=int, default=200, help="probe test questions evaluated per scale")
-  p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  p.epilog = "example:\n  m3 demo --workdir runs/demo --steps 2 --eval-limit 4   # a smoke run in about a minute"
 
 
 def run(args) -> int:
@@ -40,23 +47,53 @@ def run(args) -> int:
     print(f"training stopped at step {done} of {wanted}; run the same command again to resume", flush=True)
     return 1
   trained = time.perf_counter()
-  print(f"[3/4] evaluating every scale -> {evaldir}", flush=True)
-  code = cli.main(["eval", "--ckpt", str(train), "--task", "probe", "--data", str(train / "probe"),
-                   "--out", str(evaldir), "--limit", str(args.eval_limit), "--max-new-tokens", "4", *quiet])
+  print(f"[3/5] evaluating every scale -> {evaldir}", flush=True)
+  probe_eval = ["eval", "--ckpt", str(train), "--task", "probe", "--data", str(train / "probe"),
+                "--limit", str(args.eval_limit), "--max-new-tokens", "4", *quiet]
+  code = cli.main([*probe_eval, "--out", str(evaldir)])
   if code:
     return code
-  print(f"[4/4] granularity analysis -> {evaldir}/report.md, {evaldir}/score_vs_tokens.png", flush=True)
-  code = cli.main(["analyze", str(evaldir)])
+  code = _routers(cli, work, train, probe_eval)
+  if code:
+    return code
+  print(f"[5/5] granularity analysis -> {evaldir}/report.md, {evaldir}/score_vs_tokens.png", flush=True)
+  code = cli.main(["analyze", str(evaldir), *(str(work / f"eval_auto_{b}") for b in BASELINES), "--out",
+                   str(evaldir)])
   print(f"demo done in {time.perf_counter() - clock:.0f} s (training {trained - clock:.0f} s)")
+  return code
+
+
+BASELINES = ("text", "image")  # routers that see only the question / only the image
+
+
+def _routers(cli, work: pathlib.Path, train: pathlib.Path, probe_eval: list[str]) -> int:
+  """The scale router fitted on the validation split (saved in the step's folder; the baselines under
+  work/routers/), each evaluated with --scale auto on the test split (the router beside the fixed scales in
+  work/eval, the baselines in work/eval_auto_text and work/eval_auto_image). A router already fitted is kept."""
+  from m3_jax.checkpoint import reader
+  from m3_jax.eval.router import store
+  calibration = work / "eval_validation"
+  print(f"[4/5] scale router: every scale on the validation split -> {calibration}, fit, auto on test", flush=True)
+  code = cli.main([*probe_eval, "--task-option", "split=validation", "--out", str(calibration)])
+  fits = [("joint", pathlib.Path(str(reader.home(train))) / store.FOLDER, work / "eval")]
+  fits += [(b, work / "routers" / b, work / f"eval_auto_{b}") for b in BASELINES]
+  for features, folder, out in fits:
+    if code:
+      return code
+    if not (folder / store.META).exists():
+      code = cli.main(["router", "fit", "--ckpt", str(train), "--runs", str(calibration), "--features", features,
+                       "--out", str(folder)])
+    # With the fixed scales (already answered, so resumed) in work/eval: its summary keeps every scale.
+    scales = "auto" if features in BASELINES else ",".join(["auto", *map(str, reader.model_config(train).m3.scales)])
+    code = code or cli.main([*probe_eval, "--scale", scales, "--router", str(folder), "--out", str(out)])
   return code
 
 
 def _trained_steps(workdir: pathlib.Path) -> tuple[int, int]:
   """(latest checkpointed step, train.num_steps) of a training workdir."""
-  import json
-  wanted = int(json.loads((workdir / "config.json").read_text())["train"]["num_steps"])
-  steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
-  return max(steps, default=0), wanted
+  from m3_jax.checkpoint import workdir as workdir_lib
+  wanted = int(workdir_lib.read_config(workdir)["train"]["num_steps"])
+  return workdir_lib.latest_step(workdir) or 0, wanted
 
 
 def _config() -> pathlib.Path:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 
 from m3_jax.cli import scale_list
 from m3_jax.cli.score import make_task, task_option
@@ -47,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser):
   p.add_argument("--overwrite", action="store_true",
                  help="delete the predictions in --out and start afresh (by default a folder holding another "
                       "run's predictions is refused, and one holding this run's is resumed)")
+  p.add_argument("--allow-outside-images", action="store_true",
+                 help="read image paths of the task's records that leave its image folder (absolute paths, '..', "
+                      "symlinks out); refused by default")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.epilog = ("example:\n  m3 eval --ckpt runs/demo/train --task probe --data runs/demo/train/probe --scale 144,36,9,1 "
               "--out runs/demo/eval")
@@ -61,30 +63,39 @@ def _stored_template(path: str) -> str:
 
 
 def run(args) -> int:
-  from m3_jax.eval import cache, evaluator
-  from m3_jax.cli.generate import parse_grid
   from m3_jax.checkpoint import reader, workdir
+  from m3_jax.cli import checks
+  from m3_jax.cli.generate import parse_grid
+  from m3_jax.errors import BadValue
+  from m3_jax.eval import cache, evaluator
   from m3_jax.eval.loader import M3Model
+  from m3_jax.eval.tasks.common import outside_images
   from m3_jax.models.llava import with_overrides
 
+  # Cheap checks first: a wrong flag costs no data read and no params load.
+  checks.checkpoint(args.ckpt)
+  checks.existing(args.data, "--data")
+  checks.existing(args.image_folder, "--image-folder", "dir")
+  checks.output_dir(args.out, "--out")
+  checks.at_least(args.batch_size, "--batch-size", 1)
+  checks.at_least(args.max_new_tokens, "--max-new-tokens", 1)
+  checks.at_least(args.limit, "--limit", 0)
+  grid = parse_grid(args.grid)
+  config = reader.model_config(args.ckpt)
+  checks.scales(config, args.scales)
   options = dict(sorted(args.task_option))
   if args.image_folder:
     options["image_folder"] = args.image_folder
-  try:
-    task = make_task(args.task, options)
-  except ValueError as e:
-    print(f"m3 eval: {e}", file=sys.stderr)
-    return 2
+  task = make_task(args.task, options)
   # The step is resolved once, so the identity and the params evaluated are the same step's.
   step = workdir.resolve_step(args.ckpt, args.step) if workdir.is_workdir(args.ckpt) else args.step
   fingerprint = cache.Fingerprint(args.data)
   samples = []
-  for s in fingerprint.feed(task.samples(args.data)):  # the whole file goes into the fingerprint, not --limit
-    if args.limit is None or len(samples) < args.limit:
-      samples.append(s)
-  grid = parse_grid(args.grid)
+  with outside_images(args.allow_outside_images):
+    for s in fingerprint.feed(task.samples(args.data)):  # the whole file goes into the fingerprint, not --limit
+      if args.limit is None or len(samples) < args.limit:
+        samples.append(s)
   identity = reader.identity(args.ckpt, step)
-  config = reader.model_config(args.ckpt)
   pool = args.pool or config.m3.pool
   run = cache.run_record(
       ckpt=args.ckpt, step=step, data=args.data, ckpt_identity=identity, task=args.task,
@@ -92,33 +103,22 @@ def run(args) -> int:
       template=_stored_template(args.ckpt) if args.template == "auto" else args.template, pool=pool,
       grid=list(grid) if grid else None, max_new_tokens=args.max_new_tokens, temperature=0.0, top_p=1.0, seed=0,
       likelihood=args.likelihood)
-  try:
-    cache.open_run(args.out, run, args.overwrite)  # before the params load: a refusal costs nothing
-  except cache.CacheMismatch as e:
-    print(f"m3 eval: {e}", file=sys.stderr)
-    return 2
+  cache.open_run(args.out, run, args.overwrite)  # before the params load: a refusal costs nothing
   auto = bool(args.scales) and "auto" in args.scales
   router = None
   if auto:  # before the params load: a missing or mismatched router, or an unreachable budget, costs nothing
     from m3_jax.eval.loader import load_router
-    try:
-      router = load_router(args.ckpt, step, args.router)
-      if router is None:
-        raise ValueError(f'--scale auto: {args.ckpt} has no scale router; fit one with `m3 router fit --ckpt '
-                         f'{args.ckpt} --runs EVALDIR...` (EVALDIR: `m3 eval` at every scale on a calibration '
-                         "split), or pass one with --router PATH")
-      threshold = router.threshold(args.budget)
-    except (ValueError, FileNotFoundError) as e:
-      print(f"m3 eval: {e}", file=sys.stderr)
-      return 2
+    router = load_router(args.ckpt, step, args.router)
+    if router is None:
+      raise BadValue(f'--scale auto: {args.ckpt} has no scale router; fit one with `m3 router fit --ckpt '
+                     f'{args.ckpt} --runs EVALDIR...` (EVALDIR: `m3 eval` at every scale on a calibration '
+                     "split), or pass one with --router PATH")
+    threshold = router.threshold(args.budget)
   ckpt = reader.read_checkpoint(args.ckpt, step)
   if args.pool:
     ckpt = dataclasses.replace(ckpt, config=with_overrides(ckpt.config, pool=args.pool))
   model = M3Model(ckpt, args.template, router, str(args.ckpt))
   scales = list(args.scales) if args.scales else list(model.scales)
-  for s in scales:
-    if s != "auto":
-      model.config.check_scale(s)
   generate, choose = evaluator.model_functions(model, max_new_tokens=args.max_new_tokens,
                                                batch_size=args.batch_size, grid=grid, likelihood=args.likelihood)
   extra = {"ckpt": str(args.ckpt), "pool": ckpt.config.m3.pool, "ckpt_identity": identity}

@@ -172,7 +172,7 @@ def load_source(src, vision_from=None, allow_pickle: bool = False
   if layout != "original":
     if vision_from is not None:
       print(f"note: --vision-from {vision_from} is ignored: {src} is a llava-hf checkpoint with its own vision tower")
-    return hf.model_config(config, layout), layout, sources, config
+    return hf.model_config(config, layout, where=str(src / "config.json")), layout, sources, config
   tower = config.get("mm_vision_tower")
   vision = None
   if vision_from is not None:

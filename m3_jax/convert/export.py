@@ -16,8 +16,8 @@ import struct
 
 import numpy as np
 
+from m3_jax.checkpoint import m3dir
 from m3_jax.convert import hf
-from m3_jax.convert.ckpt import load_checkpoint
 from m3_jax.convert.convert import flatten
 
 ST_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
@@ -85,7 +85,7 @@ def write_safetensors(out_dir: pathlib.Path, cfg, flat_params: dict, shard_bytes
 def export(ckpt_dir, out_dir, shard_bytes: int = 4 << 30) -> pathlib.Path:
   """`m3 export CKPT OUT`."""
   from transformers import LlavaConfig, LlavaNextConfig
-  cfg, params, extras = load_checkpoint(ckpt_dir)
+  cfg, params, extras = m3dir.load(ckpt_dir)
   out = pathlib.Path(out_dir)
   if out.exists() and any(out.iterdir()):
     raise ValueError(f"output directory {out} exists and is not empty: choose a new directory")
@@ -106,8 +106,7 @@ def export(ckpt_dir, out_dir, shard_bytes: int = 4 << 30) -> pathlib.Path:
       pre.update(image_processor_type="LlavaNextImageProcessor",
                  image_grid_pinpoints=[list(p) for p in hf.hf_pinpoints(cfg)])
     (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2, sort_keys=True) + "\n")
-  ckpt = pathlib.Path(ckpt_dir)
-  if (ckpt / "tokenizer_config.json").exists() or (ckpt / "tokenizer.json").exists():
+  if m3dir.has_tokenizer(ckpt_dir):
     from transformers import AutoTokenizer
-    AutoTokenizer.from_pretrained(str(ckpt)).save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(extras["tokenizer_dir"]).save_pretrained(str(out))
   return out

@@ -11,10 +11,18 @@ Batch (host-local rows = global batch / process_count):
   pixels    float32[B, H, W, 3]   CLIP-normalised (zeros for text-only samples; workers ship uint8, the batcher
                                   normalises)
   has_image bool[B]
+LLaVA-NeXT (model.type="llava_next": `Preprocess.grid_pinpoints` set) instead:
+  pixels    float32[B, C, H, W, 3]  each row's anyres crops (m3_jax.data.anyres, inference's preprocessing): the
+                                  base, the grid crops, then zero crops up to C, the smallest crop bucket holding
+                                  the batch's most crops (`crop_buckets`, default every count the pinpoints give)
+  anyres_index_{s} int32[B, N_s]  per trained scale s: the packing plan (data.anyres.training_index), N_s =
+                                  geometry.bucket_tokens(C, s): a function of C, so the programs compiled are
+                                  (text buckets) x (crop buckets) x (label budgets)
+Truncation counts a NeXT sample's own visual tokens at its largest scale (base, unpadded grid, newlines).
 Record ids stay out of the batch (strings are not device arrays); `Example.id` carries them to the batcher's log.
 
 The iterator is grain's `DatasetIterator`: `get_state()` / `set_state()` make a resumed run see exactly the batches
-it would have seen. `global_batch(batch, mesh)` assembles the jax.Arrays of the global batch on a mesh.
+it would have seen. `m3_jax.sharding.shard_batch(batch, mesh)` assembles the global batch's jax.Arrays on a mesh.
 """
 from __future__ import annotations
 
@@ -27,6 +35,8 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
+from m3_jax import geometry
+from m3_jax.data import anyres as anyres_lib
 from m3_jax.data import conversation as cv
 from m3_jax.data import image as image_lib
 from m3_jax.data import sources
@@ -44,9 +54,23 @@ class Preprocess:
   template: str = "vicuna_v1"
   max_length: int | None = None
   max_scale: int = 1
+  scales: tuple[int, ...] = ()   # the trained scales (NeXT: a packing plan per scale)
   aspect: str = "pad"
   labels: str = "exact"
   max_pixels: int = image_lib.DEFAULT_MAX_PIXELS
+  grid_pinpoints: tuple = ()          # LLaVA-NeXT: anyres crops when set (model.anyres.grid_pinpoints)
+  pinpoint_order: str = "hw"
+  crop_buckets: tuple[int, ...] = ()  # NeXT: crop counts a batch pads to (() = every count the pinpoints give)
+
+  def __post_init__(self):
+    if self.grid_pinpoints:
+      crop = self.image_cfg.output_size[0]
+      try:
+        counts = geometry.crop_counts(self.grid_pinpoints, self.pinpoint_order, crop)
+      except geometry.AnyresError as e:
+        raise geometry.AnyresError(f"model.anyres.grid_pinpoints={[list(p) for p in self.grid_pinpoints]}: "
+                                   f"{e}") from None
+      self.crop_buckets = tuple(sorted(int(c) for c in self.crop_buckets)) or counts
 
   def __call__(self, rec: dict) -> dict:
     try:
@@ -60,22 +84,51 @@ class Preprocess:
       raise BadRecord(rid, rec["_problem"])
     img = rec.get("image")
     has_image = img is not None
+    if self.grid_pinpoints:
+      return self.next_example(rec, rid, img)
     tok = cv.tokenize_conversation(rec.get("conversations"), self.tokenizer, template=self.template,
                                    image_token_id=self.image_token_id, has_image=has_image,
                                    max_length=self.max_length, max_scale=self.max_scale, labels=self.labels,
                                    record_id=rid)
     h, w = self.image_cfg.output_size
     if has_image:
-      try:
-        pil = image_lib.to_rgb(_as_pil(img)) if isinstance(img, np.ndarray) else \
-            image_lib.load_image(img, max_pixels=self.max_pixels, name=str(img) if isinstance(img, str) else rid)
-      except image_lib.ImageError as e:
-        raise BadRecord(rid, str(e)) from None
-      pixels = image_lib.resize_crop(pil, self.image_cfg, aspect=self.aspect)   # uint8: normalised by Collate
+      pixels = image_lib.resize_crop(self.load(img, rid), self.image_cfg, aspect=self.aspect)   # uint8: Collate
     else:
       pixels = np.zeros((h, w, 3), np.uint8)
     return {"id": rid, "input_ids": tok.input_ids, "labels": tok.labels, "pixels": pixels,
             "has_image": np.bool_(has_image)}
+
+
+  def load(self, img, rid: str):
+    try:
+      return image_lib.to_rgb(_as_pil(img)) if isinstance(img, np.ndarray) else \
+          image_lib.load_image(img, max_pixels=self.max_pixels, name=str(img) if isinstance(img, str) else rid)
+    except image_lib.ImageError as e:
+      raise BadRecord(rid, str(e)) from None
+
+  def next_example(self, rec: dict, rid: str, img) -> dict:
+    """A LLaVA-NeXT example: its anyres crops (float32[1 + rows*cols, S, S, 3]) and image size; the text is
+    truncated counting the image's own visual tokens at the largest scale."""
+    h, w = self.image_cfg.output_size
+    crops, hw, visual = np.zeros((1, h, w, 3), np.float32), (0, 0), 1
+    if img is not None:
+      crops, hw = anyres_lib.anyres_crops(self.load(img, rid), self.image_cfg, self.grid_pinpoints,
+                                          self.pinpoint_order)
+      rows, cols = geometry.grid_shape(hw, self.grid_pinpoints, self.pinpoint_order, h)
+      if len(crops) > self.crop_buckets[-1]:
+        raise BadRecord(rid, f"image (h, w) = {hw} gives {len(crops)} crops (a {rows}x{cols} grid and the base), "
+                        f"more than the largest crop bucket {self.crop_buckets[-1]} (data.crop_buckets="
+                        f"{list(self.crop_buckets)})")
+      visual = geometry.visual_tokens(hw, self.max_scale, self.grid_pinpoints, self.pinpoint_order, h)
+      if self.max_length is not None and visual > self.max_length:
+        raise BadRecord(rid, f"image (h, w) = {hw} ({rows}x{cols} crops) takes {visual} visual tokens at scale "
+                        f"{self.max_scale}, more than data.max_length {self.max_length} before any text")
+    tok = cv.tokenize_conversation(rec.get("conversations"), self.tokenizer, template=self.template,
+                                   image_token_id=self.image_token_id, has_image=img is not None,
+                                   max_length=self.max_length, max_scale=visual, labels=self.labels,
+                                   record_id=rid)
+    return {"id": rid, "input_ids": tok.input_ids, "labels": tok.labels, "crops": crops.astype(np.float32),
+            "image_hw": np.asarray(hw, np.int32), "has_image": np.bool_(img is not None)}
 
 
 def _as_pil(a: np.ndarray):
@@ -93,6 +146,7 @@ class Collate:
   pad_id: int
   image_cfg: image_lib.ImageProcessorConfig
   keep_ids: bool = False   # adds "id": str[B] (for tests and reports; not a device array)
+  anyres: dict | None = None   # NeXT: grid_pinpoints, order, crop, scales, crop_buckets (see `next_pixels`)
 
   def __call__(self, examples: Sequence[dict]) -> dict:
     longest = max(len(e["input_ids"]) for e in examples)
@@ -108,10 +162,35 @@ class Collate:
       n = len(e["input_ids"])
       ids[i, :n], labels[i, :n], mask[i, :n] = e["input_ids"], e["labels"], 1
     has_image = np.array([bool(e["has_image"]) for e in examples])
-    pixels = image_lib.normalize(np.stack([e["pixels"] for e in examples]), self.image_cfg)
-    pixels[~has_image] = 0.0
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixels": pixels, "has_image": has_image,
+    if self.anyres:
+      visual = next_pixels(examples, **self.anyres)
+    else:
+      pixels = image_lib.normalize(np.stack([e["pixels"] for e in examples]), self.image_cfg)
+      pixels[~has_image] = 0.0
+      visual = {"pixels": pixels}
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, **visual, "has_image": has_image,
             **({"id": np.array([e["id"] for e in examples])} if self.keep_ids else {})}
+
+
+def next_pixels(examples: Sequence[dict], *, grid_pinpoints, order: str, crop: int, scales, crop_buckets
+                ) -> dict[str, np.ndarray]:
+  """NeXT examples -> {"pixels": float32[B, C, S, S, 3], "anyres_index_{s}": int32[B, N_s] per scale}."""
+  most = max(len(e["crops"]) for e in examples)
+  c = next((b for b in crop_buckets if b >= most), None)
+  if c is None:
+    raise ValueError(f"an example of {most} crops exceeds the largest crop bucket {crop_buckets[-1]} "
+                     "(the preprocessing should have rejected it)")
+  pixels = np.zeros((len(examples), c, *examples[0]["crops"].shape[1:]), np.float32)
+  for i, e in enumerate(examples):
+    if e["has_image"]:
+      pixels[i, :len(e["crops"])] = e["crops"]
+  out = {"pixels": pixels}
+  for s in scales:
+    n = geometry.bucket_tokens(c, s, grid_pinpoints, order, crop)
+    out[f"anyres_index_{s}"] = np.stack([
+        anyres_lib.training_index(tuple(e["image_hw"]) if e["has_image"] else None, s, c, n, grid_pinpoints,
+                                  order, crop) for e in examples])
+  return out
 
 
 class BadRecords:
@@ -166,10 +245,15 @@ def make_dataset(source, preprocess: Preprocess, *, batch_size: int, seed: int =
       flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2))
   it = it.filter(bad_records or BadRecords(on_bad_record))
+  anyres = None
+  if preprocess.grid_pinpoints:   # NeXT: a sample's text may fill what its image leaves of max_length
+    anyres = dict(grid_pinpoints=preprocess.grid_pinpoints, order=preprocess.pinpoint_order,
+                  crop=preprocess.image_cfg.output_size[0], scales=preprocess.scales,
+                  crop_buckets=preprocess.crop_buckets)
   if buckets is None:
-    text = (preprocess.max_length or 2048) - (preprocess.max_scale - 1)
-    buckets = default_buckets(text)
-  collate = Collate(tuple(sorted(buckets)), pad_id, preprocess.image_cfg, keep_ids)
+    text = (preprocess.max_length or 2048) - (0 if anyres else preprocess.max_scale - 1)
+    buckets = default_buckets(text, n=5 if anyres else 3)   # NeXT: text is what the image leaves, often short
+  collate = Collate(tuple(sorted(buckets)), pad_id, preprocess.image_cfg, keep_ids, anyres)
   it = it.batch(batch_size, drop_remainder=drop_remainder, batch_fn=collate)
   if prefetch:
     it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch)
@@ -197,9 +281,9 @@ def source_for(config, workdir: str | pathlib.Path | None = None, split: str = "
     n = int(d.get("probe_size", 0) or 0)   # train examples (validation, test: n // 10); 0 = the default 4000
     sizes = dict(train=n, validation=max(1, n // 10), test=max(1, n // 10)) if n else None
     return sources.Probe(path, split, seed=int(d.get("seed", 0)), sizes=sizes,
-                         family_set=d.get("probe_families", "binding"))
+                         family_set=d.get("probe_families", "binding"), aspects=d.get("probe_aspects", "1:1"))
   if d.source == "llava_json":
-    return sources.LlavaJson(d.path, d.image_folder)
+    return sources.LlavaJson(d.path, d.image_folder, follow_symlinks=bool(d.get("follow_symlinks", False)))
   if d.source == "tfds":
     name, _, data_dir = d.path.partition("@")  # "name[:version]@data_dir"
     return sources.Tfds(name, split, data_dir or None)
@@ -208,10 +292,15 @@ def source_for(config, workdir: str | pathlib.Path | None = None, split: str = "
 
 def preprocess_for(config, tokenizer) -> Preprocess:
   m, d = config.model, config.data
-  scales = tuple(config.train.get("scales", ()) or m.m3.scales)
+  scales = tuple(int(s) for s in (config.train.get("scales", ()) or m.m3.scales))
+  anyres = {}
+  if m.type == "llava_next":
+    anyres = dict(grid_pinpoints=tuple(tuple(int(x) for x in p) for p in m.anyres.grid_pinpoints),
+                  pinpoint_order=str(m.anyres.pinpoint_order),
+                  crop_buckets=tuple(int(c) for c in d.get("crop_buckets", ()) or ()))
   return Preprocess(tokenizer=tokenizer, image_cfg=image_lib.ImageProcessorConfig.for_size(int(m.vision.image_size)),
                     image_token_id=int(m.image_token_id), template=d.template, max_length=int(d.max_length),
-                    max_scale=max(scales), aspect=d.get("image_aspect", "pad"))
+                    max_scale=max(scales), scales=scales, aspect=d.get("image_aspect", "pad"), **anyres)
 
 
 def train_iterator(config, workdir: str | pathlib.Path | None = None, *, split: str = "train"):
@@ -223,11 +312,8 @@ def train_iterator(config, workdir: str | pathlib.Path | None = None, *, split: 
   tokenizer = tokenizer_for(config)
   pre = preprocess_for(config, tokenizer)
   if workdir is not None and jax.process_index() == 0:
-    wd = pathlib.Path(workdir)
-    wd.mkdir(parents=True, exist_ok=True)
-    if not (wd / "preprocessor_config.json").exists():
-      pre.image_cfg.to_json(wd / "preprocessor_config.json")
-      tokenizer.save_pretrained(str(wd / "tokenizer"))
+    from m3_jax.checkpoint import workdir as workdir_lib
+    workdir_lib.write_processor(workdir, tokenizer, pre.image_cfg.to_dict())
   bs = int(config.train.batch_size)
   if bs % jax.process_count():
     raise ValueError(f"train.batch_size {bs} does not split over {jax.process_count()} processes")
@@ -238,14 +324,3 @@ def train_iterator(config, workdir: str | pathlib.Path | None = None, *, split: 
                     on_bad_record=config.data.get("on_bad_record", "raise"))
   return iter(ds)
 
-
-def global_batch(batch: dict, mesh, batch_axes=("data", "fsdp")) -> dict:
-  """Host-local numpy batch -> global jax.Arrays sharded over `batch_axes` on the leading dimension."""
-  import jax
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-  out = {}
-  for k, v in batch.items():
-    spec = P(axes, *([None] * (np.ndim(v) - 1)))
-    out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), np.asarray(v))
-  return out

@@ -19,10 +19,10 @@ import ml_collections
 import numpy as np
 
 from m3_jax import sharding as shd
-from m3_jax.train import checkpoint as ckpt_lib
+from m3_jax.checkpoint import workdir as workdir_lib
 from m3_jax.train import objective as obj
 from m3_jax.train.metrics import MetricsWriter
-from m3_jax.train.state import BATCH_KEYS, TrainStep
+from m3_jax.train.state import TrainStep
 
 log = logging.getLogger(__name__)
 ON_NONFINITE = ("raise", "skip")   # train.on_nonfinite: stop at a non-finite step, or log it and go on
@@ -43,11 +43,10 @@ def fit(trainer: TrainStep, workdir: str | pathlib.Path, batches: Iterator[dict]
     raise ValueError(f"train.on_nonfinite={train.on_nonfinite!r}: expected one of {', '.join(ON_NONFINITE)}")
   primary = jax.process_index() == 0
   if primary:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    workdir_lib.write_config(workdir, config.to_json_best_effort(indent=2, sort_keys=True))
   batches = batches if batches is not None else make_batches(config, workdir)
-  ckpts = ckpt_lib.Checkpoints(workdir, keep=int(config.checkpoint.keep),
-                               async_save=bool(config.checkpoint.get("async_save", True)))
+  ckpts = workdir_lib.Checkpoints(workdir, keep=int(config.checkpoint.keep),
+                                  async_save=bool(config.checkpoint.get("async_save", True)))
   restored = ckpts.restore(trainer.abstract_state())
   data_state = None
   if restored is None:
@@ -55,7 +54,7 @@ def fit(trainer: TrainStep, workdir: str | pathlib.Path, batches: Iterator[dict]
   else:
     start, state, data_state = restored
     if data_state is not None and hasattr(batches, "set_state"):
-      ckpt_lib.set_iterator_state(batches, data_state)
+      workdir_lib.set_iterator_state(batches, data_state)
     log.info("resumed from %s at step %d", ckpts.directory, start)
 
   log.info("scale curriculum: %s", trainer.curriculum.describe(int(train.num_steps)))
@@ -72,11 +71,11 @@ def fit(trainer: TrainStep, workdir: str | pathlib.Path, batches: Iterator[dict]
       if stopper.agreed():
         stopped = "SIGTERM"
         break
-      host_batch = {k: v for k, v in next(batches).items() if k in BATCH_KEYS}
+      host_batch = {k: v for k, v in next(batches).items() if k in trainer.batch_ndim}
       budget = obj.label_budget(host_batch["labels"], trainer.objective.max_label_tokens,
                                 worst=_max_over_hosts(np.sum(host_batch["labels"] != obj.IGNORE, axis=1).max()))
-      data_state = ckpt_lib.iterator_state(batches) if hasattr(batches, "get_state") else None
-      batch = shd.shard_batch(host_batch, trainer.mesh)
+      data_state = workdir_lib.iterator_state(batches) if hasattr(batches, "get_state") else None
+      batch = shd.shard_batch(host_batch, trainer.mesh, trainer.rules)
       state, metrics = trainer.compiled_step(batch, budget)(state, batch)
       clock.add(_tokens(trainer, host_batch))
       # Metrics are read one step late, so the host queues step n+1 before waiting for step n.
@@ -108,13 +107,16 @@ def fit(trainer: TrainStep, workdir: str | pathlib.Path, batches: Iterator[dict]
 
 
 def _tokens(trainer: TrainStep, host_batch: dict) -> int:
-  """Decoder tokens this step processes: text tokens at every trained scale plus each scale's visual tokens."""
-  text = int(np.asarray(host_batch["attention_mask"]).sum()) * jax.process_count()
-  images = int(np.asarray(host_batch["has_image"]).sum()) * jax.process_count()
-  scales = trainer.scales
-  if trainer.curriculum.sampling == "random":
-    scales = (sum(scales) / len(scales),)
-  return int(sum(text + images * s for s in scales))
+  """Decoder tokens this step processes: text tokens at every trained scale plus each scale's visual tokens (a
+  NeXT image's own packed count); one scale's worth, the mean, when scales are sampled."""
+  text = int(np.asarray(host_batch["attention_mask"]).sum())
+  images = int(np.asarray(host_batch["has_image"]).sum())
+  visual = [int((np.asarray(host_batch[obj.index_key(s)]) >= 0).sum()) if obj.index_key(s) in host_batch
+            else images * s for s in trainer.scales]
+  per_scale = [text + v for v in visual]
+  if trainer.curriculum.sampling != "all":
+    return int(sum(per_scale) / len(per_scale) * jax.process_count())
+  return int(sum(per_scale) * jax.process_count())
 
 
 def _report(trainer: TrainStep, done, writer: MetricsWriter, bar, clock: _Clock, force_log: bool = False) -> float:

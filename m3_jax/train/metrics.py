@@ -10,18 +10,20 @@ import json
 import math
 import pathlib
 
+from m3_jax.checkpoint import workdir as workdir_lib
+
 
 class MetricsWriter:
   def __init__(self, workdir: str | pathlib.Path, enabled: bool = True, tensorboard: bool = True):
     self.enabled = enabled
-    self.path = pathlib.Path(workdir) / "metrics.jsonl"
+    self.path = workdir_lib.metrics_path(workdir)
     self._tb = None
     if enabled:
       self.path.parent.mkdir(parents=True, exist_ok=True)
       self._file = self.path.open("a")
       if tensorboard:
         from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tb"))
+        self._tb = SummaryWriter(str(workdir_lib.tensorboard_dir(workdir)))
 
   def write(self, step: int, scalars: dict[str, float]):
     if not self.enabled:
@@ -53,7 +55,7 @@ def _jsonable(v):
 def read_metrics(workdir: str | pathlib.Path) -> dict[int, dict]:
   """step -> the last record written for that step."""
   out = {}
-  path = pathlib.Path(workdir) / "metrics.jsonl"
+  path = workdir_lib.metrics_path(workdir)
   for line in path.read_text().splitlines():
     if line.strip():
       record = json.loads(line)

@@ -23,11 +23,12 @@ import numpy as np
 import optax
 
 from m3_jax import sharding as shd
+from m3_jax.checkpoint import m3dir
 from m3_jax.models import llava
 from m3_jax.models.config import ModelConfig
-from m3_jax.train import checkpoint as ckpt_lib
 from m3_jax.train import objective as obj
 from m3_jax.train import optim
+from m3_jax.train import curriculum
 from m3_jax.train.curriculum import Curriculum
 
 log = logging.getLogger(__name__)
@@ -35,13 +36,17 @@ BATCH_NDIM = {"input_ids": 2, "labels": 2, "attention_mask": 2, "pixels": 4, "ha
 BATCH_KEYS = tuple(BATCH_NDIM)
 
 
+def batch_ndim(model_config: ModelConfig, scales) -> dict[str, int]:
+  """The train batch's keys and ranks: LLaVA-1.5's, or LLaVA-NeXT's crops float32[B, C, S, S, 3] and a packing
+  plan per trained scale (objective.index_key)."""
+  if model_config.type != "llava_next":
+    return dict(BATCH_NDIM)
+  return {**BATCH_NDIM, "pixels": 5, **{obj.index_key(s): 2 for s in scales}}
+
+
 def model_config_of(config: ml_collections.ConfigDict) -> ModelConfig:
   """The model config with the run's compute choices (`train.dtype`, `train.remat`) applied."""
   mc = ModelConfig.from_config(config.model)
-  if mc.type != "llava15":
-    raise ValueError(f"model.type={mc.type!r}: the trainer takes LLaVA-1.5-style single-crop images; training with "
-                     "LLaVA-NeXT anyres crops (a variable number of visual tokens per sample) is not implemented. "
-                     "LLaVA-NeXT checkpoints convert, generate and evaluate at every scale (m3 convert / eval).")
   return mc.replace(dtype=str(config.train.get("dtype", mc.dtype)), remat=str(config.train.get("remat", mc.remat)))
 
 
@@ -64,9 +69,11 @@ class TrainStep:
     self.grad_accum = int(train.grad_accum)
     if self.grad_accum < 1:
       raise ValueError(f"train.grad_accum={self.grad_accum} must be >= 1")
+    curriculum.check_groups(self.curriculum.sampling, int(train.batch_size) // self.grad_accum, len(self.scales))
+    self.batch_ndim = batch_ndim(self.model_config, self.scales)
 
     self.mesh = mesh or shd.make_mesh(config.mesh.shape)
-    rules = shd.rules_of(config.mesh.rules)
+    self.rules = rules = shd.rules_of(config.mesh.rules)
     boxed = llava.abstract_params(self.model_config)
     self.param_shardings = shd.logical_shardings(boxed, self.mesh, rules)
     self.abstract_params = nn.unbox(boxed)
@@ -80,7 +87,7 @@ class TrainStep:
                             "rng": repl}
     self._compiled: dict[Any, Any] = {}
     self._init = None
-    batch_sh = {k: shd.batch_sharding(self.mesh, n) for k, n in BATCH_NDIM.items()}
+    batch_sh = {k: shd.batch_sharding(self.mesh, n, rules) for k, n in self.batch_ndim.items()}
     self._jitted = jax.jit(self.train_step, in_shardings=(self.state_shardings, batch_sh),
                            out_shardings=(self.state_shardings, repl), donate_argnums=0, static_argnums=2)
 
@@ -114,8 +121,8 @@ class TrainStep:
         self._init = jax.jit(self._fresh_state, out_shardings=self.state_shardings).lower(rng).compile(
             compiler_options=self.compiler_options or None)
       return self._init(rng)
-    ckpt_lib.check_init_from(init_from, self.model_config)
-    params = ckpt_lib.load_params(init_from, target_shardings=self.param_shardings, abstract=self.abstract_params)
+    m3dir.check_init_from(init_from, self.model_config)
+    params = m3dir.load_params(init_from, target_shardings=self.param_shardings, abstract=self.abstract_params)
     log.info("initialised params from %s", init_from)
     state_rng = jax.random.split(rng)[1]
     return jax.jit(self._state_from_params, out_shardings=self.state_shardings)(params, state_rng)
@@ -132,16 +139,23 @@ class TrainStep:
     index, finest_only, trained = self.curriculum.trained(step, rng)
     finest = self.curriculum.finest
 
-    def loss_fn(trainable, micro):
+    per_sample = self.curriculum.sampling == "random_per_sample"
+    group_rng = jax.random.PRNGKey(0) if rng is None else rng
+
+    def loss_fn(trainable, micro, micro_rng=group_rng):
       p = optim.merge(trainable, frozen)
-      if index is not None:
-        ce = self.objective.one_scale_ce(p, micro, index, label_budget)
-      elif finest_only is not None:  # lax.cond runs only the branch taken: the finest phase costs one decoder pass
-        ce = jax.lax.cond(finest_only,
-                          lambda: self.objective.one_scale_ce(p, micro, jnp.int32(finest), label_budget),
-                          lambda: self.objective.all_scales_ce(p, micro, label_budget))
-      else:
-        ce = self.objective.all_scales_ce(p, micro, label_budget)
+      with shd.activation_layout(self.mesh, self.rules):  # the blocks pin their activations (sharding.constrain)
+        if per_sample:  # one scale per row: M groups of B/M rows, each decoded at its scale only
+          groups = curriculum.groups(micro_rng, micro["input_ids"].shape[0], m)
+          ce = self.objective.per_sample_ce(p, micro, groups, label_budget)
+        elif index is not None:
+          ce = self.objective.one_scale_ce(p, micro, index, label_budget)
+        elif finest_only is not None:  # lax.cond runs only the branch taken: the finest phase costs one decoder pass
+          ce = jax.lax.cond(finest_only,
+                            lambda: self.objective.one_scale_ce(p, micro, jnp.int32(finest), label_budget),
+                            lambda: self.objective.all_scales_ce(p, micro, label_budget))
+        else:
+          ce = self.objective.all_scales_ce(p, micro, label_budget)
       loss, _ = obj.m3_loss(ce, num_targets, trained)
       return loss, ce
 
@@ -151,13 +165,15 @@ class TrainStep:
     else:
       micro = jax.tree_util.tree_map(self._micro_batches, batch)
 
-      def body(acc, mb):
-        mb = {k: jax.lax.with_sharding_constraint(v, shd.batch_sharding(self.mesh, v.ndim)) for k, v in mb.items()}
-        (l, c), g = grad_fn(trainable, mb)
+      def body(acc, xs):
+        mb, micro_rng = xs
+        mb = {k: jax.lax.with_sharding_constraint(v, shd.batch_sharding(self.mesh, v.ndim, self.rules))
+              for k, v in mb.items()}
+        (l, c), g = grad_fn(trainable, mb, micro_rng)
         return jax.tree_util.tree_map(jnp.add, acc, (l, c, g)), None
 
       zeros = (jnp.zeros(()), jnp.zeros((m,)), jax.tree_util.tree_map(jnp.zeros_like, trainable))
-      (loss, ce, grads), _ = jax.lax.scan(body, zeros, micro)
+      (loss, ce, grads), _ = jax.lax.scan(body, zeros, (micro, jax.random.split(group_rng, self.grad_accum)))
     _, per_scale = obj.m3_loss(ce, num_targets, trained)
     return loss, {"per_scale": per_scale, "trained": trained, "num_targets": num_targets}, grads
 
@@ -190,7 +206,7 @@ class TrainStep:
     return new_state, metrics
 
   def batch_shardings(self, batch: dict) -> dict:
-    return {k: shd.batch_sharding(self.mesh, np.ndim(v)) for k, v in batch.items()}
+    return {k: shd.batch_sharding(self.mesh, np.ndim(v), self.rules) for k, v in batch.items()}
 
   def compiled_step(self, batch: dict, label_budget: int | None = None):
     """The step compiled ahead of time for `batch`'s shapes and the label budget (cached per pair); logs XLA's

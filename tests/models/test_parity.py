@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers as tf
 
-from m3_jax.convert.ckpt import load_checkpoint
+from m3_jax.checkpoint import m3dir
 from m3_jax.convert.convert import convert
 from m3_jax.models import llava
 
@@ -33,7 +33,7 @@ def pair(tmp_path_factory):
   src, out = tmp_path_factory.mktemp("hf"), tmp_path_factory.mktemp("m3") / "ckpt"
   hf.save_pretrained(src)
   convert(src, out, progress=False)
-  cfg, params, _ = load_checkpoint(out)
+  cfg, params, _ = m3dir.load(out)
   rng = np.random.default_rng(0)
   pixels = rng.normal(size=(2, 3, 48, 48)).astype(np.float32)
   return hf, cfg, params, pixels

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m3_jax.train import checkpoint as ckpt_lib
+from m3_jax.checkpoint import m3dir, workdir as workdir_lib
 from m3_jax import sharding as shd
 from m3_jax.train.metrics import read_metrics
 from m3_jax.data.synthetic import SyntheticBatches
@@ -61,7 +61,7 @@ def test_sigkill_and_sigterm_then_resume_match_an_uninterrupted_run(tmp_path, co
   assert proc.wait(timeout=120) == 0, (tmp_path / "broken.log").read_text()[-3000:]
   stopped_at = max(read_metrics(broken))
   assert stopped_at < STEPS
-  assert ckpt_lib.Checkpoints(broken).latest_step() == stopped_at   # the SIGTERM checkpoint
+  assert workdir_lib.Checkpoints(broken).latest_step() == stopped_at   # the SIGTERM checkpoint
   run = subprocess.run(train_command(broken, overrides), env=env, capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stderr[-3000:]
   assert reference.wait(timeout=300) == 0, (tmp_path / "straight.log").read_text()[-3000:]
@@ -73,7 +73,7 @@ def test_sigkill_and_sigterm_then_resume_match_an_uninterrupted_run(tmp_path, co
     assert "loss/scale_9" in b[step] and "loss/scale_1" in b[step]
   assert a[STEPS]["loss"] < 0.7 * a[1]["loss"]   # and it learned something
   assert (straight / "config.json").exists() and any((straight / "tb").iterdir())
-  assert ckpt_lib.Checkpoints(straight).steps() == [8, 12, 16]   # checkpoint.keep=3
+  assert workdir_lib.Checkpoints(straight).steps() == [8, 12, 16]   # checkpoint.keep=3
 
 
 def toy_state(scale: float):
@@ -83,7 +83,7 @@ def toy_state(scale: float):
 
 
 def test_partial_and_corrupt_latest_checkpoints_fall_back(tmp_path):
-  ckpts = ckpt_lib.Checkpoints(tmp_path, keep=5)
+  ckpts = workdir_lib.Checkpoints(tmp_path, keep=5)
   for step in (2, 4, 6):
     ckpts.save(step, toy_state(step), {"index": step})
   ckpts.wait()
@@ -98,7 +98,7 @@ def test_partial_and_corrupt_latest_checkpoints_fall_back(tmp_path):
       f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
   abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                     toy_state(1))
-  ckpts = ckpt_lib.Checkpoints(tmp_path, keep=5)
+  ckpts = workdir_lib.Checkpoints(tmp_path, keep=5)
   assert ckpts.steps() == [2, 4, 6]
   step, state, data = ckpts.restore(abstract)
   assert step == 2 and data == {"index": 2}
@@ -134,7 +134,7 @@ def test_nonfinite_step_stops_or_skips_and_never_reaches_a_checkpoint(tmp_path):
   trainer = TrainStep(config, mesh=shd.make_mesh((1, 1, 1), jax.devices()[:1]), compiler_options=FAST_COMPILE)
   with pytest.raises(NonFiniteError, match="at step 3"):
     loop.fit(trainer, tmp_path / "raise", PoisonedBatches(config, poison_index=2), progress=False)
-  assert ckpt_lib.Checkpoints(tmp_path / "raise").steps() == [1, 2]
+  assert workdir_lib.Checkpoints(tmp_path / "raise").steps() == [1, 2]
   assert max(read_metrics(tmp_path / "raise")) == 2
 
   config.train.on_nonfinite = "skip"         # read by the host loop: the compiled step is reused
@@ -143,7 +143,7 @@ def test_nonfinite_step_stops_or_skips_and_never_reaches_a_checkpoint(tmp_path):
   records = read_metrics(tmp_path / "skip")
   assert records[3]["skipped"] == 1 and records[3]["loss"] == "nan"
   assert records[2]["skipped"] == records[4]["skipped"] == 0
-  step, state, _ = ckpt_lib.Checkpoints(tmp_path / "skip").restore(trainer.abstract_state())
+  step, state, _ = workdir_lib.Checkpoints(tmp_path / "skip").restore(trainer.abstract_state())
   assert step == 4
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state))
   # The frozen vision tower never moved; the LLM did.
@@ -159,7 +159,7 @@ def test_init_from_checks_the_model_config(tmp_path):
   good = tmp_path / "good"
   good.mkdir()
   (good / "m3_config.json").write_text(json.dumps({"model": mc.to_dict(), "template": "vicuna_v1"}))
-  ckpt_lib.check_init_from(good, mc.replace(dtype="bfloat16"))   # compute choices may differ
+  m3dir.check_init_from(good, mc.replace(dtype="bfloat16"))   # compute choices may differ
   bad = tmp_path / "bad"
   bad.mkdir()
   wrong = mc.to_dict()
@@ -167,11 +167,11 @@ def test_init_from_checks_the_model_config(tmp_path):
   wrong["image_token_id"] = 7
   (bad / "m3_config.json").write_text(json.dumps(wrong))
   with pytest.raises(ValueError) as err:
-    ckpt_lib.check_init_from(bad, mc)
+    m3dir.check_init_from(bad, mc)
   assert "model.llm.width: checkpoint 256, run config 128" in str(err.value)
   assert "model.image_token_id: checkpoint 7, run config 4" in str(err.value)
   with pytest.raises(FileNotFoundError, match="m3_config.json"):
-    ckpt_lib.check_init_from(tmp_path, mc)
+    m3dir.check_init_from(tmp_path, mc)
 
 
 def test_init_from_loads_the_params_into_their_shards(tmp_path):
@@ -180,7 +180,7 @@ def test_init_from_loads_the_params_into_their_shards(tmp_path):
   rng = np.random.default_rng(0)
   trainer = TrainStep(config)
   params = jax.tree_util.tree_map(lambda a: rng.normal(size=a.shape).astype(np.float32), trainer.abstract_params)
-  ckpt_lib.save_params(tmp_path / "init", params)
+  m3dir.save_params(tmp_path / "init", params)
   (tmp_path / "init" / "m3_config.json").write_text(json.dumps(mc.to_dict()))
   config.checkpoint.init_from = str(tmp_path / "init")
   state = TrainStep(config).init_state()
