@@ -5,8 +5,9 @@ not fit. `m3` prints it as one line, `m3 <command>: error: <message>`, and exits
 The message names the offending value (the file and line, the record, the key) and what was expected.
 
 What counts as a user error (`is_user_error`):
-  * a `UserError` (one subclass per kind below; the domain errors such as `data.errors.BadRecord`,
-    `convert.hf.ConversionError` or `geometry.AnyresError` derive from them);
+  * a `UserError`: one subclass per kind below (a value, a path, a file's content, a checkpoint that does not fit);
+    the domain errors such as `data.errors.BadRecord`, `convert.hf.ConversionError` or `geometry.AnyresError`
+    derive from them;
   * an OSError about a path the user named (missing, a directory, not a directory, no permission, exists): the
     error carries the path;
   * a ValueError, KeyError or TypeError raised by a `raise` statement in m3_jax's own code: a deliberate check,
@@ -30,8 +31,9 @@ class BadValue(UserError, ValueError):
   size the devices do not divide, an input longer than the model's context)."""
 
 
-class MissingPath(UserError, FileNotFoundError):
-  """A path that does not exist or is the wrong kind (a file where a folder was expected, or the reverse)."""
+class BadPath(UserError, OSError):
+  """A path that does not exist or is the wrong kind (a file where a folder was expected, or the reverse), or that
+  leaves the folder it must stay in."""
 
 
 class BadFile(UserError, ValueError):

@@ -19,6 +19,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+  from m3_jax.cli import checks
+  for d in args.dirs:
+    checks.existing(d, "DIR")
+  if args.out is not None:
+    checks.output_dir(args.out, "--out")
   out = args.out
   if out is None:
     only = pathlib.Path(args.dirs[0])

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -29,16 +28,13 @@ def add_arguments(p: argparse.ArgumentParser):
 
 
 def run(args) -> int:
+  from m3_jax.cli import checks
   from m3_jax.convert import hub
   from m3_jax.convert.convert import convert
-  from m3_jax.convert.hf import ConversionError
-  from m3_jax.convert.reader import ReaderError
-  try:
-    cfg = convert(hub.resolve(args.src), args.out, dtype=args.dtype, vision_from=args.vision_from,
-                  allow_pickle=args.allow_pickle, progress=not args.no_progress)
-  except (ConversionError, ReaderError) as e:
-    print(f"m3 convert: error: {e}", file=sys.stderr)
-    return 2
+  checks.existing(args.vision_from, "--vision-from", "dir")
+  checks.output_dir(args.out, "OUT")
+  cfg = convert(hub.resolve(args.src), args.out, dtype=args.dtype, vision_from=args.vision_from,
+                allow_pickle=args.allow_pickle, progress=not args.no_progress)
   from m3_jax.convert import hf
   print(f"wrote {args.out}: {cfg.type}, {hf.count(cfg):,} parameters ({args.dtype}), scales "
         f"{', '.join(map(str, cfg.m3.scales))}")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -18,18 +17,18 @@ def add_arguments(p: argparse.ArgumentParser):
 
 
 def run(args) -> int:
+  from m3_jax.errors import BadValue
   if args.ckpt and args.ckpt_positional and args.ckpt != args.ckpt_positional:
-    print(f"m3 export: error: two checkpoints given (--ckpt {args.ckpt} and {args.ckpt_positional})", file=sys.stderr)
-    return 2
+    raise BadValue(f"two checkpoints given (--ckpt {args.ckpt} and {args.ckpt_positional})")
   args.ckpt = args.ckpt or args.ckpt_positional
   if not args.ckpt:
-    print("m3 export: error: name the checkpoint: m3 export --ckpt CKPT OUT", file=sys.stderr)
-    return 2
+    raise BadValue("name the checkpoint: m3 export --ckpt CKPT OUT")
+  from m3_jax.cli import checks
   from m3_jax.convert.export import export
-  try:
-    out = export(args.ckpt, args.out, shard_bytes=int(args.shard_size_gb * (1 << 30)))
-  except (ValueError, FileNotFoundError) as e:
-    print(f"m3 export: error: {e}", file=sys.stderr)
-    return 2
+  checks.checkpoint(args.ckpt)
+  checks.output_dir(args.out, "OUT")
+  if not args.shard_size_gb > 0:
+    raise BadValue(f"--shard-size-gb {args.shard_size_gb}: expected a size > 0")
+  out = export(args.ckpt, args.out, shard_bytes=int(args.shard_size_gb * (1 << 30)))
   print(f"wrote {out} (llava-hf layout; transformers runs it at full scale only)")
   return 0

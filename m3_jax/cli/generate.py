@@ -38,21 +38,24 @@ def add_arguments(p: argparse.ArgumentParser):
 
 
 def run(args) -> int:
-  import sys
+  from m3_jax.checkpoint import reader
+  from m3_jax.cli import checks
   from m3_jax.eval.loader import load
+  # Cheap checks first: a wrong flag costs no params load.
+  checks.checkpoint(args.ckpt)
+  checks.existing(args.image, "--image", "file")
+  checks.at_least(args.max_new_tokens, "--max-new-tokens", 1)
+  checks.scales(reader.model_config(args.ckpt), args.scale)
+  grid = parse_grid(args.grid)
   scales = args.scale or (None,)
-  try:
-    model = load(args.ckpt, step=args.step, template=args.template, router=args.router)
-    if "auto" in scales:
-      model.route([], [])  # no router: the how-to-fit message, before any work
-      model.router.threshold(args.budget)
-  except ValueError as e:
-    print(f"m3 generate: {e}", file=sys.stderr)
-    return 2
+  model = load(args.ckpt, step=args.step, template=args.template, router=args.router)
+  if "auto" in scales:
+    model.route([], [])  # no router: the how-to-fit message, before any work
+    model.router.threshold(args.budget)
   for scale in scales:
     out = model.generate([args.image], [args.prompt], scale=scale, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                         grid=parse_grid(args.grid), budget=args.budget)[0]
+                         grid=grid, budget=args.budget)[0]
     text = f"[{scale}] {out['text']}" if len(scales) > 1 else out["text"]
     print(json.dumps(out) if args.json else text)
   return 0

@@ -62,11 +62,12 @@ def _router(folder) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-  import sys
+  from m3_jax.cli import checks
+  from m3_jax.errors import BadValue
   ckpt = args.ckpt or args.ckpt_pos
   if ckpt is None:
-    print("m3 info: give the checkpoint: m3 info --ckpt CKPT", file=sys.stderr)
-    return 2
+    raise BadValue("give the checkpoint: m3 info --ckpt CKPT")
+  checks.checkpoint(ckpt)
   info = describe(ckpt, args.step)
   if args.json:
     print(json.dumps(info, indent=2))

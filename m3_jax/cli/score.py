@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import os
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,14 +51,18 @@ def make_task(name: str, options: dict[str, str]):
 
 
 def run(args: argparse.Namespace) -> int:
+  from m3_jax.cli import checks
   from m3_jax.eval import predictions, scoring
-  try:
-    task = make_task(args.task, dict(args.task_option))
-    result, per_sample = scoring.score_file(task, list(task.samples(args.data)), args.predictions, scale=args.scale,
-                                            allow_missing=args.allow_missing)
-  except (ValueError, OSError) as e:  # unknown task, bad task data, bad or unmatched predictions, unreadable file
-    print(f"m3 score: {e}", file=sys.stderr)
-    return 2
+  from m3_jax.eval.tasks.common import outside_images
+  task = make_task(args.task, dict(args.task_option))
+  checks.existing(args.data, "--data")
+  checks.existing(args.predictions, "--predictions", "file")
+  if args.per_sample:
+    checks.output_dir(os.path.dirname(args.per_sample) or ".", "--per-sample")
+  with outside_images(True):  # scoring never opens an image, so where one lies does not matter
+    samples = list(task.samples(args.data))
+  result, per_sample = scoring.score_file(task, samples, args.predictions, scale=args.scale,
+                                          allow_missing=args.allow_missing)
   if args.per_sample:
     predictions.write(args.per_sample, per_sample)
   print(json.dumps(result))

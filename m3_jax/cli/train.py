@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 
@@ -64,11 +65,8 @@ def run(args) -> int:
   from m3_jax.configs import base as m3_config
   from m3_jax.train import loop
   from m3_jax.train.state import TrainStep
-  try:
-    config = m3_config.load(args.config, args.overrides)
-  except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
-    print(f"m3 train: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
-    return 2
+  config = m3_config.load(args.config, args.overrides)  # a bad key or type: one line from cli.main
+  check_batch(config)
   try:
     summary = loop.fit(TrainStep(config), args.workdir, progress=not args.no_progress)
   except loop.NonFiniteError as e:
@@ -76,6 +74,26 @@ def run(args) -> int:
     return 3
   logging.getLogger("m3.train").info("done: %s", summary)
   return 0
+
+
+def check_batch(config) -> None:
+  """Before any model is built: train.batch_size must split into train.grad_accum micro-batches, and each
+  micro-batch over the processes and over the mesh axes that the "batch" rule shards it by."""
+  import jax
+  from m3_jax import sharding
+  from m3_jax.errors import BadValue
+  batch, accum = int(config.train.batch_size), int(config.train.grad_accum)
+  if batch < 1 or accum < 1 or batch % accum:
+    raise BadValue(f"train.batch_size={batch} does not split into train.grad_accum={accum} equal micro-batches")
+  shape = dict(zip(sharding.AXES, sharding.mesh_shape(config.mesh.shape, jax.device_count())))
+  axes = sharding.logical_to_mesh_axes((sharding.BATCH,), sharding.rules_of(config.mesh.rules))[0]
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  ways = math.prod(shape[a] for a in axes)
+  if (batch // accum) % ways or (batch // accum) % jax.process_count():
+    raise BadValue(f"train.batch_size={batch} (micro-batch {batch // accum} with train.grad_accum={accum}) does not "
+                   f"split over {jax.device_count()} devices: the batch is sharded {ways} ways over mesh axes "
+                   f"{'x'.join(axes) or '(none)'} (mesh.shape={tuple(config.mesh.shape)} -> {tuple(shape.values())}) "
+                   f"and {jax.process_count()} processes; use a multiple of {math.lcm(ways, jax.process_count())}")
 
 
 def main(argv: list[str] | None = None) -> int:

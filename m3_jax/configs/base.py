@@ -27,6 +27,7 @@ def base() -> ml_collections.ConfigDict:
       source="probe",            # "probe" | "llava_json" | "tfds"
       path="",                   # LLaVA JSON file, TFDS data dir, or probe dataset dir ("" = build in workdir)
       image_folder="",
+      follow_symlinks=False,     # llava_json: allow symlinks out of image_folder (data/coco -> /mnt/coco)
       tokenizer="",              # directory transformers loads; "" = the tiny word-level probe tokenizer
       template="vicuna_v1",
       max_length=2048,

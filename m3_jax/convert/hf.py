@@ -219,7 +219,18 @@ def _get(d: dict, *names, default=None):
   return default
 
 
-def vision_config(v: dict, feature_layer: int, select: str) -> VisionConfig:
+# The vision fields that decide parameter shapes or the token grid: a source must give them (CLIPVisionConfig's
+# defaults, e.g. patch_size 32, describe another model and would build a wrong one silently).
+VISION_SHAPE_FIELDS = ("hidden_size", "image_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
+                       "patch_size")
+
+
+def vision_config(v: dict, feature_layer: int, select: str, where: str = "config.json vision_config") -> VisionConfig:
+  """`where` names the source of `v` in errors (the file and key)."""
+  missing = [k for k in VISION_SHAPE_FIELDS if v.get(k) is None]
+  if missing:
+    raise ConversionError(f"{where} has no {', '.join(missing)}: these decide the vision tower's shapes, so they "
+                          "are not filled with defaults; add them as the source model has them")
   from transformers import CLIPVisionConfig  # fills the defaults a minimal llava-hf vision_config leaves out
   c = CLIPVisionConfig(**{k: x for k, x in v.items() if k not in ("model_type", "architectures", "transformers_version")})
   if c.hidden_act != "quick_gelu":
@@ -249,10 +260,10 @@ def llm_config(t: dict) -> LLMConfig:
 SELECT = {"default": "patch", "full": "cls_patch", "patch": "patch", "cls_patch": "cls_patch"}
 
 
-def model_config(config: dict, layout: str, vision: dict | None = None, image_token_id: int | None = None
-                 ) -> ModelConfig:
-  """ModelConfig from config.json. `vision`: the CLIP vision config dict (original layout; from --vision-from or a
-  known tower name)."""
+def model_config(config: dict, layout: str, vision: dict | None = None, image_token_id: int | None = None,
+                 where: str = "config.json") -> ModelConfig:
+  """ModelConfig from config.json (`where` names it in errors). `vision`: the CLIP vision config dict (original
+  layout; from --vision-from or a known tower name)."""
   if layout == "original":
     return _original_config(config, vision, image_token_id)
   text = config.get("text_config") or {}
@@ -267,7 +278,7 @@ def model_config(config: dict, layout: str, vision: dict | None = None, image_to
     raise ConversionError(f"projector_hidden_act={act!r}: the m3 projector is mlp2x_gelu (exact GELU)")
   if config.get("multimodal_projector_bias", True) is False:
     raise ConversionError("multimodal_projector_bias=false is not supported (the m3 projector has biases)")
-  v = vision_config(config.get("vision_config") or {}, layer, SELECT[select])
+  v = vision_config(config.get("vision_config") or {}, layer, SELECT[select], f"{where} vision_config")
   llm = llm_config(text)
   is_next = config.get("model_type") == "llava_next"
   anyres = AnyresConfig()
@@ -300,7 +311,8 @@ def _original_config(config: dict, vision: dict | None, image_token_id: int | No
   select = config.get("mm_vision_select_feature", "patch")
   if select not in SELECT:
     raise ConversionError(f"mm_vision_select_feature={select!r}: expected 'patch' or 'cls_patch'")
-  v = vision_config(vision, config.get("mm_vision_select_layer", -2), SELECT[select])
+  v = vision_config(vision, config.get("mm_vision_select_layer", -2), SELECT[select],
+                    f"the CLIP vision config of {config.get('mm_vision_tower')!r} (--vision-from config.json)")
   llm = llm_config({k: x for k, x in config.items() if not k.startswith("mm_")})
   aspect = str(config.get("image_aspect_ratio", "pad"))
   is_next = "anyres" in aspect

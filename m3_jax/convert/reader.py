@@ -34,6 +34,11 @@ def weight_files(directory: pathlib.Path, allow_pickle: bool) -> tuple[str, list
         weight_map = json.loads(index.read_text())["weight_map"]
       except (json.JSONDecodeError, KeyError) as e:
         raise ReaderError(f"{index}: not a valid shard index ({e}); expected JSON with a 'weight_map'") from None
+      outside = sorted({f for f in weight_map.values() if not isinstance(f, str) or pathlib.PurePath(f).is_absolute()
+                        or ".." in pathlib.PurePath(f).parts})
+      if outside:
+        raise ReaderError(f"{index} names shard files outside {d}: {outside[:5]}; expected file names inside "
+                          "the checkpoint directory")
       files = sorted({d / f for f in weight_map.values()})
       missing = [f.name for f in files if not f.exists()]
       if missing:

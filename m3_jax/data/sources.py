@@ -17,23 +17,30 @@ import numpy as np
 
 from m3_jax.data import conversation as cv
 from m3_jax.data.errors import BadRecord
+from m3_jax.errors import BadFile, BadPath, read_text
 
 
 class LlavaJson:
   """`llava_v1_5_mix665k.json`-style list of {id, image?, conversations} with images under `image_folder`."""
 
-  def __init__(self, path: str | os.PathLike, image_folder: str | os.PathLike = ""):
+  def __init__(self, path: str | os.PathLike, image_folder: str | os.PathLike = "", *, follow_symlinks: bool = False):
     self.path = pathlib.Path(path)
+    if not self.path.is_file():
+      raise BadPath(f"LLaVA JSON {self.path} " + ("is a folder; expected the JSON file" if self.path.is_dir()
+                                                   else "does not exist"))
     try:
-      data = json.loads(self.path.read_text())
-    except FileNotFoundError:
-      raise FileNotFoundError(f"LLaVA JSON {self.path} does not exist") from None
+      data = json.loads(read_text(self.path))
     except json.JSONDecodeError as e:
-      raise ValueError(f"{self.path} is not valid JSON ({e})") from None
+      raise BadFile(f"{self.path}, line {e.lineno}: not valid JSON ({e.msg})") from None
     if not isinstance(data, list):
-      raise ValueError(f"{self.path}: expected a JSON list of records, got {type(data).__name__}")
+      raise BadFile(f"{self.path}: expected a JSON list of records, got {type(data).__name__}")
+    if not data:
+      raise BadFile(f"{self.path}: no records (an empty list); expected a JSON list of {{id, image?, conversations}}")
     self.records = data
     self.image_folder = pathlib.Path(image_folder) if image_folder else self.path.parent
+    if not self.image_folder.is_dir():
+      raise BadPath(f"image folder {self.image_folder} is not a folder")
+    self.follow_symlinks = follow_symlinks
 
   def __len__(self) -> int:
     return len(self.records)
@@ -45,21 +52,38 @@ class LlavaJson:
     out = {"id": str(rec.get("id", f"#{i}")), "conversations": rec.get("conversations"), "image": None}
     if rec.get("image") is not None:
       try:
-        out["image"] = str(resolve_image(self.image_folder, rec["image"], out["id"]))
+        out["image"] = str(resolve_image(self.image_folder, rec["image"], out["id"], self.follow_symlinks))
       except BadRecord as e:
         out["_problem"] = e.problem
     return out
 
 
-def resolve_image(folder: pathlib.Path, rel: Any, record_id: str) -> pathlib.Path:
-  """`folder / rel`, refusing paths that leave the folder (absolute paths, `..`, symlinks out)."""
+def resolve_image(folder: pathlib.Path, rel: Any, record_id: str, follow_symlinks: bool = False) -> pathlib.Path:
+  """`folder / rel`, refusing paths that leave the folder: an absolute path or a `..` part always, a symlink that
+  resolves outside it unless `follow_symlinks` (`data.follow_symlinks`: the user's own links, such as
+  `data/coco -> /mnt/coco`)."""
+  problem = outside_problem(folder, rel, follow_symlinks, "set data.follow_symlinks=True to allow links you made")
+  if problem:
+    raise BadRecord(record_id, problem)
+  return folder / rel if follow_symlinks else (folder / rel).resolve()
+
+
+def outside_problem(folder: pathlib.Path | str, rel: Any, follow_symlinks: bool = False,
+                    symlink_hint: str = "") -> str | None:
+  """Why the record path `rel` leaves `folder` (None when it stays inside): not a relative path string, an absolute
+  path, a `..` part, or (unless `follow_symlinks`) a symlink resolving outside the folder (`symlink_hint` then says
+  how to allow it)."""
   if not isinstance(rel, str) or not rel:
-    raise BadRecord(record_id, f"'image' must be a relative path string, got {rel!r}")
-  root = folder.resolve()
-  path = (root / rel).resolve()
-  if not path.is_relative_to(root):
-    raise BadRecord(record_id, f"image path {rel!r} escapes the image folder {folder}")
-  return path
+    return f"'image' must be a relative path string, got {rel!r}"
+  parts = pathlib.PurePath(rel).parts
+  if pathlib.PurePath(rel).is_absolute() or ".." in parts:
+    return f"image path {rel!r} escapes the image folder {folder} (an absolute path or a '..' part)"
+  if not follow_symlinks:
+    root = pathlib.Path(folder).resolve()
+    if not (root / rel).resolve().is_relative_to(root):
+      return (f"image path {rel!r} escapes the image folder {folder} through a symlink (to "
+              f"{(root / rel).resolve()})" + (f"; {symlink_hint}" if symlink_hint else ""))
+  return None
 
 
 class Tfds:

@@ -20,6 +20,7 @@ import numpy as np
 from jax.experimental import io_callback
 
 from m3_jax import sharding
+from m3_jax.errors import InputTooLong
 from m3_jax.models import anyres, llama, llava
 from m3_jax.models.config import ModelConfig
 
@@ -91,6 +92,18 @@ class Engine:
     return np.asarray(anyres.anyres_embeds(per_crop[None], self.params["image_newline"], idx[None])[0])
 
   # -------------------------------------------------------------------------------------------- batching
+  def check_context(self, prompts: Sequence[np.ndarray], visual: Sequence[np.ndarray | None], max_new: int = 0):
+    """Each sequence (its visual tokens in place of its placeholder) plus `max_new` tokens to generate must fit the
+    model's context (model.llm.max_len): past it the answer is garbage, so it is an InputTooLong naming the lengths."""
+    limit = self.config.llm.max_len
+    for i, (s, v) in enumerate(zip(prompts, visual)):
+      text, n_visual = len(s) - (v is not None), 0 if v is None else len(v)
+      if text + n_visual + max_new > limit:
+        raise InputTooLong(f"prompt {i} of the batch is {text + n_visual} tokens ({text} text + {n_visual} visual) "
+                           f"+ {max_new} to generate = {text + n_visual + max_new}, over the model's context of "
+                           f"{limit} tokens (model.llm.max_len); shorten the prompt, lower --max-new-tokens or use a "
+                           "smaller scale")
+
   def _pack(self, prompts: Sequence[np.ndarray], visual: Sequence[np.ndarray | None], side: str,
             extra: Sequence[np.ndarray] | None = None):
     """Pads prompts (+ optional continuations) to a bucketed length on `side` and visual tokens to a bucket."""
@@ -101,6 +114,7 @@ class Engine:
     if extra is not None:
       seqs = [np.concatenate([p, np.asarray(e, np.int32)]) for p, e in zip(seqs, extra)]
     llava.check_placeholders(seqs, [int(v is not None) for v in visual], c.image_token_id)
+    self.check_context(seqs, visual)
     t = bucket(max(len(s) for s in seqs), self.length_step)
     n_vis = np.array([0 if v is None else len(v) for v in visual], np.int32)
     n = bucket(max(int(n_vis.max()), 1), self.length_step) if n_vis.max() > 1 else 1
@@ -191,6 +205,7 @@ class Engine:
                sampling: Sampling = Sampling()) -> list[list[int]]:
     """Prompt ids (one placeholder where a sample has visual tokens) + per-sample visual tokens float[n_b, D]
     (or None for text-only) -> generated ids per sample, up to and excluding the first stop token."""
+    self.check_context(prompts, visual, int(sampling.max_new_tokens))
     return self._run(prompts, visual, jax.random.key(sampling.seed), jnp.float32(sampling.temperature),
                      jnp.float32(sampling.top_p), max_new=int(sampling.max_new_tokens),
                      greedy=sampling.temperature <= 0)
@@ -200,8 +215,10 @@ class Engine:
                     on_token: Callable[[int, np.ndarray], None] | None = None) -> list[list[int]]:
     """`generate` with a temperature, top_p and seed per row (a server's requests): each row samples from its
     own key, so row i's tokens equal `generate([prompts[i]], [visual[i]], Sampling(max_new_tokens, temperature[i],
-    top_p[i], seeds[i]))` whatever it is batched with. `on_token(step, int32[B])`, when given, is called from
-    inside the decode loop with every step's tokens as they are picked (pad once a row has stopped)."""
+    top_p[i], seeds[i]))` whatever it is batched with. Only the prompts are checked against the context here: a
+    server checks each request's own max_tokens (serve.chat.check_context), below the batch's bucketed count.
+    `on_token(step, int32[B])`, when given, is called from inside the decode loop with every step's tokens as they
+    are picked (pad once a row has stopped)."""
     n = len(prompts)
     rows = 1 << max(n - 1, 0).bit_length()
     fill = rows - n  # the padding rows _run adds: greedy

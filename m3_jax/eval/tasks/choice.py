@@ -14,8 +14,8 @@ from m3_jax.eval import metrics
 from m3_jax.eval.metrics import LETTERS
 from m3_jax.eval.tasks.base import Sample, Task, register
 from m3_jax.eval.tasks.common import (OPTION_LETTER, SHORT_ANSWER, TaskDataError, choice_prompt, field, find_file,
-                                      is_missing, iter_numbered, load_delimited, load_json, load_json_or_jsonl,
-                                      load_parquet)
+                                      image_path, is_missing, iter_numbered, load_delimited, load_json,
+                                      load_json_or_jsonl, load_parquet)
 
 
 class _ChoiceTask(Task):
@@ -35,11 +35,11 @@ def _image_field(value: Any, base: str, where: str) -> tuple[str | None, bytes |
     if value.get("bytes"):
       return None, value["bytes"]
     if value.get("path"):
-      return os.path.join(base, value["path"]), None
+      return image_path(base, value["path"], where), None
   elif isinstance(value, (bytes, bytearray)):
     return None, bytes(value)
   elif isinstance(value, str) and value:
-    return os.path.join(base, value), None
+    return image_path(base, value, where), None
   raise TaskDataError(f"{where}: no usable image (expected {{'bytes': ...}} or a path), got {type(value).__name__}")
 
 
@@ -182,7 +182,7 @@ class ScienceQAImg(_ChoiceTask):
         question = f"Context: {hint}\n{p['question']}" if hint else field(p, "question", where)
         prompt = choice_prompt(question, choices)
       yield Sample(question_id=str(pid), prompt=prompt, answers=LETTERS[answer],
-                   image=os.path.join(images, str(pid), p["image"]), options=list(choices),
+                   image=image_path(images, f"{pid}/{p['image']}", where), options=list(choices),
                    category=p.get("subject"), meta={"grade": p.get("grade")})
 
   def _llava_prompts(self, path: str) -> dict[str, str]:
@@ -231,7 +231,7 @@ class SEEDBenchImage(_ChoiceTask):
         raise TaskDataError(f"{where}: answer {answer!r} is not one of A, B, C, D")
       qtype = q.get("question_type_id")
       yield Sample(question_id=str(field(q, "question_id", where)), prompt=choice_prompt(q["question"], options),
-                   answers=answer, image=os.path.join(images, field(q, "data_id", where)), options=options,
+                   answers=answer, image=image_path(images, field(q, "data_id", where), where), options=options,
                    category=type_names.get(qtype, None if qtype is None else str(qtype)))
 
   def score(self, sample: Sample, prediction: str) -> float:

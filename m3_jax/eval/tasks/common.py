@@ -3,13 +3,16 @@ parquet with errors that name the file and the line or record, the LLaVA instruc
 prompt layout."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import csv
+import io
 import json
 import os
 import sys
 from typing import Any, Iterator, Sequence
 
-from m3_jax.errors import BadFile
+from m3_jax.errors import BadFile, BadPath, read_text
 from m3_jax.eval.metrics import LETTERS
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
@@ -41,10 +44,20 @@ def find_file(path: str, names: Sequence[str], what: str) -> str:
 
 def load_json(path: str) -> Any:
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    return json.loads(read_text(path))
   except json.JSONDecodeError as e:
     raise TaskDataError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+
+
+def _lines(path) -> Iterator[tuple[int, str]]:
+  """(1-based line number, text) of a UTF-8 file; a line that is not UTF-8 is a BadFile naming the file and line."""
+  with open(path, "rb") as f:
+    for n, raw in enumerate(f, 1):
+      try:
+        yield n, raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise BadFile(f"{path}, line {n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                      "expected a UTF-8 file") from None
 
 
 def iter_jsonl(path, error: type[Exception] | None = None, *, cut_tail: bool = False) -> Iterator[tuple[int, dict]]:
@@ -52,19 +65,18 @@ def iter_jsonl(path, error: type[Exception] | None = None, *, cut_tail: bool = F
   object raises `error` (default TaskDataError) naming the file and line. With `cut_tail`, an unterminated last
   line that is not valid JSON is skipped: it is a write cut by a crash (every writer ends its lines with a newline)."""
   error = error or TaskDataError
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        if cut_tail and not line.endswith("\n"):
-          return
-        raise error(f"{path}, line {n}: not valid JSON ({e.msg})") from None
-      if not isinstance(row, dict):
-        raise error(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
-      yield n, row
+  for n, line in _lines(path):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      if cut_tail and not line.endswith("\n"):
+        return
+      raise error(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+      raise error(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
+    yield n, row
 
 
 def load_jsonl(path: str) -> list[dict]:
@@ -74,9 +86,9 @@ def load_jsonl(path: str) -> list[dict]:
 
 def load_json_or_jsonl(path: str) -> list[dict]:
   """A JSON list of records or JSON lines (POPE's coco_pope_*.json are JSON lines despite the suffix)."""
-  with open(path, encoding="utf-8") as f:
+  with open(path, "rb") as f:
     head = f.read(1 << 16).lstrip()
-  if head.startswith("["):
+  if head.startswith(b"["):
     data = load_json(path)
     if not all(isinstance(r, dict) for r in data):
       raise TaskDataError(f"{path}: expected a list of JSON objects")
@@ -87,7 +99,7 @@ def load_json_or_jsonl(path: str) -> list[dict]:
 def load_delimited(path: str, delimiter: str) -> list[dict]:
   """CSV/TSV with a header row; a row with the wrong number of fields names its line."""
   csv.field_size_limit(sys.maxsize)  # MMBench's base64 image column exceeds the default limit
-  with open(path, encoding="utf-8", newline="") as f:
+  with io.StringIO(read_text(path), newline="") as f:
     reader = csv.reader(f, delimiter=delimiter)
     try:
       header = next(reader)
@@ -117,6 +129,32 @@ def field(record: dict, key: str, where: str) -> Any:
   if key not in record:
     raise TaskDataError(f"{where}: missing field {key!r} (has {', '.join(map(str, record))})")
   return record[key]
+
+
+_OUTSIDE_IMAGES = contextvars.ContextVar("m3_allow_outside_images", default=False)
+
+
+@contextlib.contextmanager
+def outside_images(allowed: bool) -> Iterator[None]:
+  """While active with `allowed`, `image_path` accepts record paths that leave the image folder (`m3 eval
+  --allow-outside-images`: absolute paths, `..`, symlinks out)."""
+  token = _OUTSIDE_IMAGES.set(bool(allowed))
+  try:
+    yield
+  finally:
+    _OUTSIDE_IMAGES.reset(token)
+
+
+def image_path(folder: str, rel: Any, where: str) -> str:
+  """A record's image (or video) path `rel` under the task's image `folder`. A path that leaves the folder (absolute,
+  a `..` part, a symlink resolving outside it) is a BadPath naming the record, unless `outside_images(True)`."""
+  from m3_jax.data.sources import outside_problem
+  if not isinstance(rel, str) or not rel:
+    raise TaskDataError(f"{where}: the image path must be a non-empty string, got {rel!r}")
+  problem = None if _OUTSIDE_IMAGES.get() else outside_problem(folder, rel)
+  if problem:
+    raise BadPath(f"{where}: {problem}; pass --allow-outside-images to read it anyway")
+  return os.path.join(folder, rel)
 
 
 def choice_prompt(question: str, options: Sequence[str], instruction: str | None = OPTION_LETTER) -> str:

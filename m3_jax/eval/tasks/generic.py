@@ -7,7 +7,7 @@ from typing import Iterator
 
 from m3_jax.eval import metrics
 from m3_jax.eval.tasks.base import Sample, Task, register
-from m3_jax.eval.tasks.common import TaskDataError, iter_jsonl
+from m3_jax.eval.tasks.common import TaskDataError, image_path, iter_jsonl
 
 
 @register("probe")
@@ -76,7 +76,7 @@ class LlavaJsonl(Task):
       if answers is None:
         raise TaskDataError(f"{file}, line {lineno}: question {qid!r} has no answer (give `answer` in the line or "
                             f"an answers.jsonl beside {file.name})")
-      image = str(folder / rec["image"]) if rec.get("image") else None
+      image = image_path(str(folder), rec["image"], f"{file}, line {lineno}") if rec.get("image") else None
       yield Sample(question_id=qid, prompt=rec["text"].replace("<image>", "").strip(), answers=answers, image=image,
                    category=rec.get("category"))
 

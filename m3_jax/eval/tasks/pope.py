@@ -7,8 +7,8 @@ from typing import Iterator
 
 from m3_jax.eval import metrics
 from m3_jax.eval.tasks.base import Sample, Task, register
-from m3_jax.eval.tasks.common import (SHORT_ANSWER, TaskDataError, field, iter_numbered, load_json_or_jsonl,
-                                      load_jsonl)
+from m3_jax.eval.tasks.common import (SHORT_ANSWER, TaskDataError, field, image_path, iter_numbered,
+                                      load_json_or_jsonl, load_jsonl)
 
 _PREFIX = "coco_pope_"
 
@@ -67,7 +67,7 @@ class POPE(Task):
           qid = f"{category}/{qid}"
         yield Sample(question_id=qid,
                      prompt=f"{field(r, 'text', where)}\n{SHORT_ANSWER}", answers=label,
-                     image=os.path.join(images, field(r, "image", where)), category=category)
+                     image=image_path(images, field(r, "image", where), where), category=category)
 
   def score(self, sample: Sample, prediction: str) -> float:
     return float(metrics.pope_answer(prediction) == sample.answers)

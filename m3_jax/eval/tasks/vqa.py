@@ -6,8 +6,8 @@ from typing import Iterable, Iterator
 
 from m3_jax.eval import metrics
 from m3_jax.eval.tasks.base import Sample, Task, register
-from m3_jax.eval.tasks.common import (SHORT_ANSWER, TaskDataError, field, find_file, iter_numbered, load_json,
-                                      load_jsonl)
+from m3_jax.eval.tasks.common import (SHORT_ANSWER, TaskDataError, field, find_file, image_path, iter_numbered,
+                                      load_json, load_jsonl)
 
 
 def _image_dir(anchor_file: str, candidates: Iterable[str], override: str | None) -> str:
@@ -87,7 +87,7 @@ class TextVQA(_VQAAccuracy):
                               f"{_TEXTVQA_OCR} or {_TEXTVQA_LLAVA} beside {ann})")
         prompt = f"{question}\nReference OCR token: {', '.join(tokens)}\n{SHORT_ANSWER}"
       yield Sample(question_id=qid, prompt=prompt, answers=_answers_list(r, where),
-                   image=os.path.join(images, f"{image_id}.jpg"), category=None,
+                   image=image_path(images, f"{image_id}.jpg", where), category=None,
                    meta={"image_id": image_id})
 
   def _llava_prompts(self, path: str, ann: str, records: list[dict]) -> dict[str, str] | None:
@@ -153,7 +153,7 @@ class VizWiz(_VQAAccuracy):
     for i, r, where in iter_numbered(records, ann):
       question = field(r, "question", where)
       yield Sample(question_id=str(i), prompt=f"{question}\n{_VIZWIZ_INSTRUCTION}\n{SHORT_ANSWER}",
-                   answers=_answers_list(r, where), image=os.path.join(images, field(r, "image", where)),
+                   answers=_answers_list(r, where), image=image_path(images, field(r, "image", where), where),
                    category=r.get("answer_type"), meta={"answerable": r.get("answerable")})
 
 
@@ -183,7 +183,7 @@ class GQA(_ImageTask):
       types = q.get("types") or {}
       yield Sample(question_id=str(qid), prompt=f"{field(q, 'question', where)}\n{SHORT_ANSWER}",
                    answers=field(q, "answer", where),
-                   image=os.path.join(images, f"{field(q, 'imageId', where)}.jpg"),
+                   image=image_path(images, f"{field(q, 'imageId', where)}.jpg", where),
                    category=types.get("structural"), meta={"semantic": types.get("semantic")})
 
   def score(self, sample: Sample, prediction: str) -> float:
@@ -212,7 +212,7 @@ class DocVQA(_ImageTask):
       types = r.get("question_types") or [None]
       yield Sample(question_id=str(field(r, "questionId", where)),
                    prompt=f"{field(r, 'question', where)}\n{SHORT_ANSWER}", answers=_answers_list(r, where),
-                   image=os.path.join(images, field(r, "image", where)), category=types[0],
+                   image=image_path(images, field(r, "image", where), where), category=types[0],
                    meta={"docId": r.get("docId")})
 
   def score(self, sample: Sample, prediction: str) -> float:
@@ -253,7 +253,7 @@ class ChartQA(_ImageTask):
         yield Sample(question_id=f"{split}/{i}" if prefix else str(i),
                      prompt=f"{field(r, 'query', where)}\n{_CHARTQA_INSTRUCTION}",
                      answers=str(field(r, "label", where)),
-                     image=os.path.join(images, field(r, "imgname", where)), category=split)
+                     image=image_path(images, field(r, "imgname", where), where), category=split)
 
   def score(self, sample: Sample, prediction: str) -> float:
     return float(metrics.relaxed_correctness(prediction, sample.answers))
