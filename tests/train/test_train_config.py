@@ -5,9 +5,13 @@ from m3_jax.configs import base as m3_config
 from m3_jax.train.state import model_config_of
 
 
-def test_llava_next_training_is_refused_clearly():
-  with pytest.raises(ValueError, match="training with LLaVA-NeXT anyres crops .* is not implemented"):
-    model_config_of(m3_config.load("configs/llava_next_7b_m3.py"))
+def test_random_per_sample_needs_batches_that_split_into_equal_groups():
+  from m3_jax.train.curriculum import check_groups
+  check_groups("random_per_sample", 16, 4)
+  with pytest.raises(ValueError, match=r"splits each batch into 5 equal groups \(one per scale\), but "
+                                       r"train.batch_size / train.grad_accum = 8 rows is not a multiple of 5"):
+    check_groups("random_per_sample", 8, 5)
+  assert model_config_of(m3_config.load("configs/llava_next_7b_m3.py")).type == "llava_next"   # trainable
 
 
 def test_the_7b_recipe_is_the_papers():
