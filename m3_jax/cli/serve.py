@@ -16,6 +16,9 @@ def add_arguments(p: argparse.ArgumentParser):
   p.add_argument("--step", type=int, default=None, help="with a training workdir: this step (default: latest)")
   p.add_argument("--template", default="auto", choices=["auto", "vicuna_v1", "llava_hf", "plain", "none"],
                  help="chat template; auto = the one recorded at conversion")
+  p.add_argument("--router", default=None, metavar="PATH",
+                 help='the scale router answering visual_tokens "auto" (default: router/ in the checkpoint\'s '
+                      'folder, written by `m3 router fit`; none: "auto" is answered 400)')
   p.add_argument("--served-model-name", default=None,
                  help="the model id of /v1/models and requests' `model` (default: the checkpoint folder's name)")
   p.add_argument("--host", default="127.0.0.1")
@@ -29,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser):
                  help="seconds from receipt to answer; later requests get 504 and leave the queue")
   p.add_argument("--allowed-image-dir", default=None,
                  help="image_url may be a local path under this folder (default: data: URIs only)")
+  p.add_argument("--warmup", action="store_true",
+                 help="compile every power-of-two batch size x scale before serving (a prompt of a few words, "
+                 "max_tokens 64), so that first requests do not wait for XLA")
   p.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
                  help="larger images are refused (400) from their header, before decoding")
 
@@ -43,11 +49,13 @@ def run(args) -> int:
   if args.allowed_image_dir is not None and not pathlib.Path(args.allowed_image_dir).is_dir():
     raise SystemExit(f"--allowed-image-dir {args.allowed_image_dir}: not a directory")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-  model = load(args.ckpt, step=args.step, template=args.template)
+  model = load(args.ckpt, step=args.step, template=args.template, router=args.router)
   name = args.served_model_name or pathlib.Path(args.ckpt).resolve().name
   app = create_app(model, name=name, max_batch=args.max_batch, max_queue=args.max_queue,
                    batch_wait_ms=args.batch_wait_ms, request_timeout=args.request_timeout,
                    allowed_image_dir=args.allowed_image_dir, max_image_pixels=args.max_image_pixels)
+  if args.warmup:
+    logging.getLogger("m3.serve").info("warm-up: %d engine calls", app.state.scheduler.warmup())
   # On SIGTERM / SIGINT uvicorn stops accepting and waits for the requests in flight, then the app's lifespan
   # ends the batching worker.
   DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="info")).run()

@@ -121,6 +121,23 @@ class Scheduler:
         self.metrics.queue_depth.set(len(self.waiting))
     self.metrics.dropped.labels(reason).inc()
 
+  def warmup(self, prompt: str = "Describe the image.", max_tokens: int = chat.DEFAULT_MAX_TOKENS) -> int:
+    """Compiles, before serving, the shapes that batches of this prompt's length and `max_tokens` meet: the
+    encoder for every scale and power-of-two group up to --max-batch, the greedy non-streamed decode for every
+    power-of-two batch and every scale as the batch's largest (LLaVA-1.5). Returns the number of engine calls."""
+    model, engine = self.model, self.model.engine
+    if model.config.type != "llava15":
+      return 0
+    size, calls = model.config.vision.image_size, 0
+    rows = [1 << k for k in range(row_bucket(self.max_batch).bit_length())]
+    ids = model.prompt_ids(prompt, True)
+    for scale in sorted(model.scales):
+      for b in rows:
+        visual = engine.visual_tokens(np.zeros((b, size, size, 3), np.float32), scale, batch_size=b)
+        engine.generate_rows([ids] * b, visual, token_bucket(max_tokens), [0.0] * b, [1.0] * b, [0] * b)
+        calls += 2
+    return calls
+
   # ------------------------------------------------------------------------------------------ worker thread
   def _next_batch(self) -> list[Job] | None:
     with self.cond:
@@ -135,9 +152,20 @@ class Scheduler:
         if left <= 0:
           break
         self.cond.wait(left)
-      batch = [self.waiting.popleft() for _ in range(min(self.max_batch, len(self.waiting)))]
+      # The oldest request leads; others join when their visual tokens fit its padded count (the engine pads
+      # every row to the batch's largest image: a 1-token request in a 576-token batch pays for 576).
+      limit = self.visual_slots(self.waiting[0])
+      batch = [j for j in self.waiting if self.visual_slots(j) <= limit][:self.max_batch]
+      for j in batch:
+        self.waiting.remove(j)
       self.metrics.queue_depth.set(len(self.waiting))
       return batch
+
+  def visual_slots(self, job: Job) -> int:
+    """The visual positions the engine pads `job`'s image to (an upper bound for "auto" and LLaVA-NeXT)."""
+    scale = job.prompt.scale
+    n = 0 if scale is None else scale if isinstance(scale, int) else (scale.cap or max(self.model.scales))
+    return n if n <= 1 else -(-n // self.model.engine.length_step) * self.model.engine.length_step
 
   def _loop(self):
     while (batch := self._next_batch()) is not None:
@@ -167,14 +195,18 @@ class Scheduler:
       for job, tok in zip(batch, tokens.tolist()):
         self._step(job, tok)
 
+    # Tokens come out of the decode loop one step at a time only for streams (a host callback per step costs).
+    streaming = any(j.stream for j in batch)
     max_new = token_bucket(max(j.prompt.max_tokens for j in batch))
     rows = model.engine.generate_rows(
         [j.prompt.ids for j in batch], [j.visual for j in batch], max_new,
-        [j.temperature for j in batch], [j.top_p for j in batch], [j.seed for j in batch], on_token=on_token)
-    for job, row in zip(batch, rows):  # a row that ended with the loop (every row stops or reaches max_tokens)
-      if not job.finished:
-        job.tokens = row[:job.prompt.max_tokens]
-        self._finish(job, reason="length" if len(row) >= job.prompt.max_tokens else "stop")
+        [j.temperature for j in batch], [j.top_p for j in batch], [j.seed for j in batch],
+        on_token=on_token if streaming else None)
+    for job, row in zip(batch, rows):
+      for tok in row[len(job.tokens):]:  # without streaming the tokens arrive here
+        self._step(job, tok)
+      if not job.finished:  # the row ended before max_tokens: at a stop id, which generate_rows cuts off
+        self._finish(job, reason="stop")
 
   def _encode(self, batch: list[Job]) -> list[Job]:
     """Sets each job's scale and visual tokens (float[n, D] or None): the encoder runs once per scale group."""
