@@ -9,6 +9,9 @@
   metrics.jsonl, tb/        training metrics and TensorBoard events (train.metrics writes them here)
   tokenizer/                the training tokenizer (transformers `save_pretrained`)
   preprocessor_config.json  the image-processor settings of the training images
+  lease.json                the running trainer's lease: one writer per workdir (checkpoint/lease.py)
+  config_changes.jsonl      one line per resume that changed the config: {"time", "step", "allowed_by",
+                            "changes": [{"key", "old", "new"}]} (`check_resume_config`)
 
 Saves are asynchronous (the arrays are copied to host memory before `save` returns, so the next step may donate
 them); the last `checkpoint.keep` are kept. Orbax finalises a step directory only after every item is written, so
@@ -18,8 +21,14 @@ step is tried.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fnmatch
 import json
 import logging
+import shutil
+import time
+import tempfile
 from typing import Any
 
 import grain.checkpoint as grain_checkpoint
@@ -28,10 +37,12 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from m3_jax.checkpoint import identity, params as params_io
+from m3_jax.errors import Incompatible
 
 log = logging.getLogger(__name__)
 
 CONFIG = "config.json"
+CONFIG_CHANGES = "config_changes.jsonl"
 CHECKPOINTS = "checkpoints"
 CORRUPT = "corrupt_checkpoints"
 METRICS = "metrics.jsonl"
@@ -70,6 +81,68 @@ def read_config(workdir: str | epath.PathLike) -> dict:
   if not path.exists():
     raise FileNotFoundError(f"{workdir} is not a training workdir: it has no {CONFIG} (`m3 train` writes one)")
   return json.loads(path.read_text())
+
+
+# Config fields a resumed run may change without --allow-config-change: they change when the run stops, how often
+# it saves, logs or evaluates, never the numbers it computes.
+RESUME_FREE = ("train.num_steps", "train.log_every", "train.eval_*", "eval.*", "checkpoint.every", "checkpoint.keep",
+               "checkpoint.async_save", "checkpoint.lease_timeout")
+
+
+class ConfigChanged(Incompatible):
+  """A resumed run's config differs from the workdir's config.json in a field that changes the run's numbers."""
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, dict):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flat(v, f"{prefix}{k}."))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def config_diff(old: dict, new: dict, defaults: dict | None = None) -> list[tuple[str, Any, Any]]:
+  """(key, old value, new value) for every dotted key whose value differs between two configs (JSON dicts). Keys
+  this m3-jax no longer has are not compared; a key the old config lacks counts only when the new value is not the
+  field's default (`defaults`: a JSON dict of the schema's defaults), so a field added by a newer m3-jax resumes."""
+  old, new, defaults = _flat(old), _flat(new), _flat(defaults or {})
+  missing = object()
+  out = []
+  for key in sorted(new):
+    before = old.get(key, missing)
+    if before is missing:
+      if key in defaults and defaults[key] == new[key]:
+        continue
+      before = "(absent)"
+    if before != new[key]:
+      out.append((key, before, new[key]))
+  return out
+
+
+def check_resume_config(workdir: str | epath.PathLike, config_json: str, step: int, allow: bool = False,
+                        defaults: dict | None = None, record: bool = True) -> list[tuple[str, Any, Any]]:
+  """Compares the config of a run resuming `workdir` at `step` with its config.json. A change outside RESUME_FREE
+  raises ConfigChanged listing every differing field (old and new values) unless `allow`; the changes are logged and
+  (`record`: the primary process) appended to config_changes.jsonl. Returns the changes."""
+  changes = config_diff(read_config(workdir), json.loads(config_json), defaults)
+  if not changes:
+    return changes
+  bound = [c for c in changes if not any(fnmatch.fnmatchcase(c[0], p) for p in RESUME_FREE)]
+  listing = "; ".join(f"{k}: {json.dumps(a)} -> {json.dumps(b)}" for k, a, b in changes)
+  if bound and not allow:
+    raise ConfigChanged(
+        f"training workdir {workdir} resumes at step {step} with a different config: {listing}. Resuming with "
+        f"{', '.join(k for k, _, _ in bound)} changed changes the run's numbers; pass --allow-config-change to "
+        f"resume anyway (the change is recorded in {CONFIG_CHANGES}), or use another --workdir")
+  (log.warning if bound else log.info)("resuming %s at step %d with config changes: %s", workdir, step, listing)
+  if record:
+    path = epath.Path(workdir) / CONFIG_CHANGES
+    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": int(step),
+             "allowed_by": "--allow-config-change" if bound else "resume-free fields",
+             "changes": [{"key": k, "old": a, "new": b} for k, a, b in changes]}
+    path.write_text((path.read_text() if path.exists() else "") + json.dumps(entry, sort_keys=True) + "\n")
+  return changes
 
 
 def write_processor(workdir: str | epath.PathLike, tokenizer, preprocessor: dict) -> None:
@@ -179,6 +252,51 @@ def set_iterator_state(iterator, state: Any):
 
 
 # ---- the checkpoint manager ------------------------------------------------------------------------------------
+class SaveFailed(OSError):
+  """A checkpoint step could not be written (a full disk, a quota, an I/O error). The steps before it are intact:
+  orbax finalises a step only once every item is written."""
+
+
+def _os_error(error: BaseException) -> OSError | None:
+  """The OSError behind `error` (itself, its cause or context, or inside an exception group)."""
+  seen = set()
+  stack = [error]
+  while stack:
+    e = stack.pop()
+    if e is None or id(e) in seen:
+      continue
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno is not None:
+      return e
+    stack += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+  return None
+
+
+def free_space(directory: epath.Path) -> str:
+  """"X GiB free of Y GiB" on `directory`'s filesystem (the nearest existing parent), or why it is unknown."""
+  if "://" in str(directory):
+    return "free space unknown on an object store"
+  path = directory
+  while not path.exists() and path.parent != path:
+    path = path.parent
+  usage = shutil.disk_usage(str(path))
+  return f"{usage.free / 2**30:.2f} GiB free of {usage.total / 2**30:.2f} GiB on that filesystem"
+
+
+class _NoOrbaxTracebacks(logging.Filter):
+  """Orbax logs a failed background save with a traceback from each thread it passes through; Checkpoints raises it
+  once as SaveFailed, so orbax's records keep their one line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.exc_info and "orbax" in record.pathname:
+      record.msg, record.args = f"{record.getMessage()} ({record.exc_info[1]!r})", ()
+      record.exc_info, record.exc_text = None, None
+    return True
+
+
+_ORBAX_FILTER = _NoOrbaxTracebacks()
+
+
 class Checkpoints:
   """`<workdir>/checkpoints/`: save / restore the train state and data iterator state by step."""
 
@@ -188,6 +306,9 @@ class Checkpoints:
     self._options = ocp.CheckpointManagerOptions(max_to_keep=int(keep) if keep else None,
                                                  enable_async_checkpointing=bool(async_save),
                                                  cleanup_tmp_directories=True, create=True)
+    self._saving: int | None = None   # the step of the save in flight (or last started)
+    self.failed: SaveFailed | None = None
+    logging.getLogger("absl").addFilter(_ORBAX_FILTER)
     self._open()
 
   def _open(self):
@@ -208,14 +329,51 @@ class Checkpoints:
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=grain_checkpoint.CheckpointSave(_IteratorSnapshot(data_state)),
                               meta=ocp.args.JsonSave(meta))
-    return self.manager.save(int(step), args=args, force=force)
+    self._finished()   # the previous save's failure, if any, is raised before this one starts
+    self._saving = int(step)
+    with self._reported():
+      return self.manager.save(int(step), args=args, force=force)
+
+  def check(self):
+    """Raises SaveFailed as soon as a background save has failed (never waits for one in flight)."""
+    if self.failed is None and self._saving is not None and not self.manager.is_saving_in_progress():
+      self._finished()
 
   def wait(self):
-    self.manager.wait_until_finished()
+    self._finished()
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for the save in flight; its failure is raised (once: not again after `check` or `wait` raised it)."""
+    try:
+      if self.failed is None:
+        self._finished()
+    finally:
+      if self.failed is None:
+        self.manager.close()
+
+  def _finished(self):
+    with self._reported():
+      self.manager.wait_until_finished()
+
+  @contextlib.contextmanager
+  def _reported(self):
+    """Turns a failed write into one SaveFailed naming the step's path, the error and the free space."""
+    if self.failed is not None:
+      raise self.failed
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001 -- an OSError anywhere in the background write's chain is reported
+      cause = _os_error(e)
+      if cause is None:
+        raise
+      where = self.directory / str(self._saving)
+      earlier = [s for s in self.steps() if self._saving is None or s < self._saving]
+      self.failed = SaveFailed(
+          f"checkpoint step {self._saving} could not be written to {where}: {cause.strerror or cause} "
+          f"({errno.errorcode.get(cause.errno, cause.errno)}); {free_space(self.directory)}; "
+          f"{f'the last written checkpoint, step {earlier[-1]}, is intact' if earlier else 'no earlier checkpoint'}")
+      self.failed.errno = cause.errno
+      raise self.failed from None
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, Any] | None:
     """Restores the latest good step (or `step`) onto `abstract_state`'s shapes and shardings ->

@@ -57,7 +57,8 @@ def base() -> ml_collections.ConfigDict:
       max_label_tokens=0,        # labelled positions per row that reach the logits (0 = per batch, a power of 2)
   ))
 
-  c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, init_from="", async_save=True))
+  c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, init_from="", async_save=True,
+                                                lease_timeout=300.0))  # s: a trainer's lease.json outlives it so long
   c.mesh = ml_collections.ConfigDict(dict(
       shape=(-1, 1, 1),          # ("data", "fsdp", "tensor"); -1 takes the remaining devices
       rules=sharding.DEFAULT_RULES,  # logical axis -> mesh axis (m3_jax/sharding.py)

@@ -41,6 +41,7 @@ from m3_jax.data import conversation as cv
 from m3_jax.data import image as image_lib
 from m3_jax.data import sources
 from m3_jax.data.errors import BadRecord
+from m3_jax.errors import BadFile
 
 log = logging.getLogger(__name__)
 
@@ -194,17 +195,26 @@ def next_pixels(examples: Sequence[dict], *, grid_pinpoints, order: str, crop: i
 
 
 class BadRecords:
-  """The main-process filter for `on_bad_record`: raise naming the record, or skip counting and logging once."""
+  """The main-process filter for `on_bad_record`: raise naming the record, or skip counting and logging once.
 
-  def __init__(self, mode: str):
+  Skipping, a source whose records are all bad would be repeated and filtered forever: with `num_records` (the
+  source's length, split over `process_count` processes) known, 2 * ceil(num_records / process_count) - 1 bad
+  records in a row (a window that holds a whole epoch of this process's share, wherever it starts, resumed runs
+  included) raise BadFile naming the count and the first of them."""
+
+  def __init__(self, mode: str, num_records: int | None = None, process_count: int = 1, name: str = "the source"):
     if mode not in ("raise", "skip"):
       raise ValueError(f"on_bad_record={mode!r} is not 'raise' or 'skip'")
     self.mode = mode
     self.seen: dict[str, str] = {}
     self.skipped = 0
+    self.num_records, self.process_count, self.name = num_records, process_count, name
+    self.limit = 2 * max(1, math.ceil(num_records / process_count)) - 1 if num_records else 0
+    self.in_a_row, self.first = 0, ("", "")
 
   def __call__(self, ex: dict) -> bool:
     if "_bad" not in ex:
+      self.in_a_row = 0
       return True
     if self.mode == "raise":
       raise BadRecord(ex["_bad"], ex["_problem"] + " (set data.on_bad_record='skip' to train without it)")
@@ -212,7 +222,21 @@ class BadRecords:
     if ex["_bad"] not in self.seen:
       self.seen[ex["_bad"]] = ex["_problem"]
       log.warning("skipping bad record %s: %s", ex["_bad"], ex["_problem"])
+    if self.in_a_row == 0:
+      self.first = (ex["_bad"], ex["_problem"])
+    self.in_a_row += 1
+    if self.limit and self.in_a_row >= self.limit:
+      raise BadFile(self._nothing_to_train())
     return False
+
+  def _nothing_to_train(self) -> str:
+    first = f"first: record {self.first[0]}: {self.first[1]}"
+    if self.process_count == 1:
+      return (f"all {self.num_records} records of {self.name} were bad ({first}); data.on_bad_record='skip' "
+              "leaves nothing to train on")
+    return (f"{self.in_a_row} records of {self.name} in a row were bad on this process, a whole epoch of its share "
+            f"({self.num_records} records over {self.process_count} processes; {first}); "
+            "data.on_bad_record='skip' leaves it nothing to train on")
 
 
 def default_buckets(max_text_len: int, n: int = 3, multiple: int = 8) -> tuple[int, ...]:
@@ -227,11 +251,15 @@ def make_dataset(source, preprocess: Preprocess, *, batch_size: int, seed: int =
                  shuffle: bool = True, process_index: int | None = None, process_count: int | None = None,
                  buckets: Sequence[int] | None = None, pad_id: int = 0, num_workers: int = 0,
                  prefetch: int = 2, on_bad_record: str = "raise", drop_remainder: bool = True,
-                 bad_records: BadRecords | None = None, keep_ids: bool = False) -> grain.IterDataset:
-  """The pipeline as a grain IterDataset; `iter(ds)` is the checkpointable iterator. `batch_size` is host-local."""
+                 bad_records: BadRecords | None = None, keep_ids: bool = False, name: str = "") -> grain.IterDataset:
+  """The pipeline as a grain IterDataset; `iter(ds)` is the checkpointable iterator. `batch_size` is host-local.
+  `name` names the source in errors (e.g. "data.path=train.json"); a source without records is a BadFile."""
   import jax
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
+  name = name or f"the {type(source).__name__} source"
+  if len(source) == 0:
+    raise BadFile(f"{name} has no records; expected at least one to train on")
   ds = grain.MapDataset.source(source)
   if shuffle:
     ds = ds.shuffle(seed)
@@ -244,7 +272,7 @@ def make_dataset(source, preprocess: Preprocess, *, batch_size: int, seed: int =
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; `m3` does not parse them
       flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2))
-  it = it.filter(bad_records or BadRecords(on_bad_record))
+  it = it.filter(bad_records or BadRecords(on_bad_record, len(source) if num_epochs is None else None, pc, name))
   anyres = None
   if preprocess.grid_pinpoints:   # NeXT: a sample's text may fill what its image leaves of max_length
     anyres = dict(grid_pinpoints=preprocess.grid_pinpoints, order=preprocess.pinpoint_order,
@@ -321,6 +349,8 @@ def train_iterator(config, workdir: str | pathlib.Path | None = None, *, split: 
   ds = make_dataset(source_for(config, workdir, split), pre, batch_size=bs // jax.process_count(),
                     seed=int(config.data.get("seed", 0)), pad_id=int(pad),
                     num_workers=int(config.data.get("num_workers", 0)),
-                    on_bad_record=config.data.get("on_bad_record", "raise"))
+                    on_bad_record=config.data.get("on_bad_record", "raise"),
+                    name=f"data.source={config.data.source}" + (f" data.path={config.data.path}" if config.data.path
+                                                                else ""))
   return iter(ds)
 
