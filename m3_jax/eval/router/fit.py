@@ -107,8 +107,9 @@ def fit(model, ckpt_identity: str, runs: Sequence[str], kind: str = "joint") -> 
     for s in calibration_samples(run_dir, run, set(scores)):
       samples.append(s)
       score_rows.append([scores[s.question_id][sc] for sc in scales])
-  if len(samples) < 2 * FOLDS:
-    raise CalibrationError(f"{len(samples)} calibration samples in {list(runs)}: at least {2 * FOLDS} are needed")
+  if len(samples) < 2:
+    raise CalibrationError(f"{len(samples)} calibration sample(s) in {list(runs)}: at least 2 are needed")
+  folds = min(FOLDS, len(samples))
   y = np.asarray(score_rows, np.float64)
   binary = bool(np.isin(y, (0.0, 1.0)).all())
   images = [sample_image(s) for s in samples]
@@ -116,7 +117,7 @@ def fit(model, ckpt_identity: str, runs: Sequence[str], kind: str = "joint") -> 
     raise CalibrationError("calibration samples without an image: the router chooses an image's scale")
   ids = [model.prompt_ids(s.prompt, True) for s in samples]
   x = features_lib.features(model, kind, scales[0], model.pixels(images), ids)
-  probs = out_of_fold(x, y)
+  probs = out_of_fold(x, y, folds)
   routing = features_lib.routing_tokens(kind, scales[0])
   rows = policy.table(probs, y, scales, routing)
   fixed = {int(s): float(y[:, j].mean()) for j, s in enumerate(scales)}
@@ -127,7 +128,7 @@ def fit(model, ckpt_identity: str, runs: Sequence[str], kind: str = "joint") -> 
       "scales": scales, "ckpt_identity": ckpt_identity, "threshold": default["threshold"],
       "label": "score >= 0.5 (exact match)" if binary else "score (soft metric)",
       "predictor": {"hidden": predictor.HIDDEN, "steps": predictor.STEPS, "features": int(x.shape[1])},
-      "calibration": {"runs": [str(r) for r in runs], "num_samples": len(samples), "folds": FOLDS,
+      "calibration": {"runs": [str(r) for r in runs], "num_samples": len(samples), "folds": folds,
                       "fixed": {str(s): a for s, a in fixed.items()},
                       "oracle": {"score": float(best.mean()),
                                  "mean_tokens": float(np.mean([scales[int(np.argmax(r >= r.max()))] for r in y]))},
