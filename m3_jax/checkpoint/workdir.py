@@ -152,7 +152,11 @@ def write_processor(workdir: str | epath.PathLike, tokenizer, preprocessor: dict
   workdir.mkdir(parents=True, exist_ok=True)
   if not (workdir / PREPROCESSOR).exists():
     (workdir / PREPROCESSOR).write_text(json.dumps(preprocessor, indent=2, sort_keys=True) + "\n")
-    tokenizer.save_pretrained(str(workdir / TOKENIZER))
+    with tempfile.TemporaryDirectory() as local:  # transformers writes local files only; epath copies them
+      tokenizer.save_pretrained(local)
+      (workdir / TOKENIZER).mkdir(parents=True, exist_ok=True)
+      for f in epath.Path(local).iterdir():
+        f.copy(workdir / TOKENIZER / f.name, overwrite=True)
 
 
 def read_preprocessor(workdir: str | epath.PathLike) -> dict | None:

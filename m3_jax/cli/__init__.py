@@ -27,6 +27,8 @@ COMMANDS = {
     "router": ("m3_jax.cli.router", "fit the scale router that answers `--scale auto` from eval runs at every scale"),
     "cost": ("m3_jax.cli.cost", "analytic FLOPs, parameter, KV-cache and activation bytes per scale (Table 9)"),
 }
+# Subcommands that compile XLA programs: they use the persistent compilation cache (m3_jax/compile_cache.py).
+COMPILING = ("convert", "export", "generate", "train", "eval", "demo", "serve", "info", "router")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -84,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "overrides"):   # a subcommand that takes overrides sets the `overrides` default
       parser.error(f"m3 {args.command} takes no --config.KEY=VALUE overrides (got --config.{overrides[0]})")
     args.overrides = overrides
+  if args.command in COMPILING:
+    from m3_jax import compile_cache
+    compile_cache.enable()
   try:
     code = importlib.import_module(args._module).run(args)
   except Exception as e:  # noqa: BLE001 -- sorted by errors.is_user_error; the rest is re-raised

@@ -16,7 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser):
   parser.add_argument("--config", required=True, metavar="FILE[:ARGS]",
                       help="config file or shipped config name, e.g. tiny, configs/tiny.py or "
                            "configs/llava15_7b_m3.py:init=ckpt/llava15")
-  parser.add_argument("--workdir", required=True, help="run directory: config.json, checkpoints/, metrics.jsonl, tb/")
+  parser.add_argument("--workdir", required=True,
+                      help="run directory: config.json, checkpoints/, metrics.jsonl, tb/; a local path or an "
+                           "object-store URL (gs://bucket/runs/m3, through etils.epath)")
   parser.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                       help="jax.distributed coordinator (multi-process runs outside TPU pods / SLURM)")
   parser.add_argument("--num-processes", type=int, default=None, help="with --coordinator: the process count")
@@ -58,6 +60,8 @@ def _cluster_detected() -> bool:
 def run(args) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
+  # JAX logs at INFO each backend it cannot start ("Unable to initialize backend 'tpu'") on every CPU/GPU run.
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
   initialize_distributed(args)
   if args.no_progress:  # TFDS draws its own bars while it builds the probe
     import tensorflow_datasets as tfds
@@ -68,12 +72,22 @@ def run(args) -> int:
   config = m3_config.load(args.config, args.overrides)  # a bad key or type: one line from cli.main
   check_batch(config)
   try:
-    summary = loop.fit(TrainStep(config), args.workdir, progress=not args.no_progress)
+    summary = loop.fit(TrainStep(config), args.workdir, progress=not args.no_progress,
+                       on_eval=eval_callback(config, args.workdir))
   except loop.NonFiniteError as e:
     logging.getLogger("m3.train").error("%s", e)
     return 3
   logging.getLogger("m3.train").info("done: %s", summary)
   return 0
+
+
+def eval_callback(config, workdir):
+  """`train.eval_every` > 0: the in-training evaluation (m3_jax.eval.training) that loop.fit calls with the current
+  params; None when off. Built here because train does not import eval."""
+  if not int(config.train.get("eval_every", 0) or 0):
+    return None
+  from m3_jax.eval import training
+  return training.callback(config, workdir)
 
 
 def check_batch(config) -> None:

@@ -55,6 +55,14 @@ def base() -> ml_collections.ConfigDict:
       remat="none",
       on_nonfinite="raise",      # "raise" | "skip"
       max_label_tokens=0,        # labelled positions per row that reach the logits (0 = per batch, a power of 2)
+      # Evaluation during training (cli/train.py; metrics eval/<task>/scale_<N>): every eval_every steps (0 = off)
+      # and at the last step, the eval task at every trained scale on the current params, in-process.
+      eval_every=0,
+      eval_task="probe",         # a registered eval task (m3 eval --task)
+      eval_data="",              # its --data; "" = the run's probe folder (data.path, or WORKDIR/probe)
+      eval_options="split=validation",  # its --task-option KEY=VALUE list, comma-separated (the probe's held-out split)
+      eval_limit=64,             # samples evaluated (the first N; 0 = all)
+      eval_max_new_tokens=16,
   ))
 
   c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, init_from="", async_save=True,

@@ -305,7 +305,8 @@ def tokenizer_for(config) -> Any:
 def source_for(config, workdir: str | pathlib.Path | None = None, split: str = "train"):
   d = config.data
   if d.source == "probe":
-    path = d.path or str(pathlib.Path(workdir or ".") / "probe")
+    from etils import epath
+    path = d.path or str(epath.Path(workdir or ".") / "probe")  # gs://... stays a URL (pathlib would make gs:/)
     n = int(d.get("probe_size", 0) or 0)   # train examples (validation, test: n // 10); 0 = the default 4000
     sizes = dict(train=n, validation=max(1, n // 10), test=max(1, n // 10)) if n else None
     return sources.Probe(path, split, seed=int(d.get("seed", 0)), sizes=sizes,

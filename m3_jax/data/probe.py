@@ -45,9 +45,14 @@ The TFDS builder (`Probe`) uses only Tensor/Text features so it builds array_rec
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
+import os
+import tempfile
 
 import numpy as np
+from etils import epath
 
 IMAGE_SIZE = 48
 GREY = 128
@@ -285,8 +290,7 @@ def builder(data_dir: str, *, seed: int = 0, sizes: dict | None = None, family_s
 def built(data_dir: str) -> dict[str, str]:
   """{config name: its folder} for every probe built in `data_dir` (`m3 data probe --out data_dir`), any seed and
   sizes ("default" is seed 0 with DEFAULT_SIZES; others are named family_set_sSEED_TRAIN_VALIDATION_TEST)."""
-  import pathlib
-  root = pathlib.Path(data_dir) / Probe.name
+  root = epath.Path(data_dir) / Probe.name  # gs://... too
   folders = sorted(root.glob(f"*/{Probe.VERSION}/dataset_info.json")) if root.is_dir() else []
   return {f.parent.parent.name: str(f.parent) for f in folders}
 
@@ -304,13 +308,67 @@ def open_built(data_dir: str, config: str | None = None):
   name = config if config is not None else next(iter(found))
   if name not in found:
     raise ValueError(f"{data_dir}: no probe {name!r} built there; it holds {', '.join(found)}")
-  return tfds.builder_from_directory(found[name])
+  return tfds.builder_from_directory(_readable(found[name], data_dir))
 
 
 def build(data_dir: str, *, seed: int = 0, sizes: dict | None = None, family_set: str = "binding",
           aspects="1:1"):
-  """Generates the probe (idempotent) and returns its builder; `builder.as_data_source(split)` reads it."""
-  b = builder(data_dir, seed=seed, sizes=sizes, family_set=family_set, aspects=aspects)
-  b.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      beam_options=None, try_download_gcs=False))
+  """Generates the probe (idempotent) and returns its builder; `builder.as_data_source(split)` reads it.
+
+  array_record files are written and read by local file IO only: in an object-store `data_dir` (gs://...) the probe
+  is built in a local folder and uploaded (or a copy already there is downloaded), and the builder reads the local
+  copy."""
+  remote = _is_remote(data_dir)
+  local = tempfile.mkdtemp(prefix="m3_probe_") if remote else data_dir
+  with _quiet():
+    b = builder(local, seed=seed, sizes=sizes, family_set=family_set, aspects=aspects)
+    if remote:
+      there = _remote_twin(b.data_dir, local, data_dir)
+      if (there / "dataset_info.json").exists():
+        _copy_tree(there, epath.Path(b.data_dir))
+    b.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        beam_options=None, try_download_gcs=False))
+  if remote and not (there / "dataset_info.json").exists():
+    _copy_tree(epath.Path(b.data_dir), there)
   return b
+
+
+def _is_remote(path) -> bool:
+  return "://" in str(path)
+
+
+def _remote_twin(local_dir: str, local_root: str, remote_root: str) -> epath.Path:
+  return epath.Path(remote_root) / os.path.relpath(local_dir, local_root)
+
+
+def _readable(folder: str, data_dir: str) -> str:
+  """A probe folder as array_record's local file IO can open it: itself, or a local copy of an object-store one."""
+  if not _is_remote(folder):
+    return folder
+  local = epath.Path(tempfile.mkdtemp(prefix="m3_probe_")) / os.path.relpath(folder, str(data_dir))
+  _copy_tree(epath.Path(folder), local)
+  return str(local)
+
+
+def _copy_tree(src: epath.Path, dst: epath.Path):
+  dst.mkdir(parents=True, exist_ok=True)
+  for f in src.iterdir():
+    if f.is_dir():
+      _copy_tree(f, dst / f.name)
+    else:
+      f.copy(dst / f.name, overwrite=True)
+
+
+@contextlib.contextmanager
+def _quiet():
+  """Keeps TFDS's dataset-building notices ("Using custom data configuration", "Downloading and preparing
+  dataset", "Dataset probe downloaded and prepared") out of the log: nothing is downloaded, the probe is rendered
+  locally (the first is an absl warning: absl's log shows only errors while the probe builds)."""
+  from absl import logging as absl_logging
+  level = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    absl_logging.set_verbosity(level)

@@ -19,8 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pathlib
 from typing import Any, Iterable, Iterator
+
+from etils import epath
 
 from m3_jax.errors import Incompatible
 from m3_jax.eval import predictions
@@ -68,7 +69,7 @@ def run_record(*, ckpt: str, step: int | None, data: str, **key: Any) -> dict:
 
 def read(folder: str | os.PathLike) -> dict | None:
   """The folder's run.json, or None when there is none."""
-  file = pathlib.Path(folder) / predictions.RUN
+  file = epath.Path(folder) / predictions.RUN
   return json.loads(file.read_text()) if file.exists() else None
 
 
@@ -83,7 +84,7 @@ def open_run(folder: str | os.PathLike, run: dict | None, overwrite: bool = Fals
   under another key, or under no recorded key, raise CacheMismatch naming the differences; then run.json is
   written. Predictions under the same key stay and are resumed. `run` None (an answerer without a checkpoint, e.g.
   a test's fake) checks nothing."""
-  folder = pathlib.Path(folder)
+  folder = epath.Path(folder)  # gs://... too
   folder.mkdir(parents=True, exist_ok=True)
   if overwrite:
     for name in (predictions.PREDICTIONS, predictions.SUMMARY, predictions.SUMMARY_CSV, predictions.RUN):

@@ -14,10 +14,10 @@ pooling, grid, generation settings); the summary is always rebuilt from the whol
 from __future__ import annotations
 
 import collections
-import pathlib
 import time
 from typing import TYPE_CHECKING, Callable, Sequence
 
+from etils import epath
 from tqdm import tqdm
 
 from m3_jax.eval import cache, predictions
@@ -61,7 +61,7 @@ def model_functions(model: M3Model, *, max_new_tokens: int = 32, batch_size: int
 
 
 def evaluate(generate: AnswerFn, task: Task, samples: Sequence[Sample], scales: Sequence[int],
-             out: str | pathlib.Path, *, choose: AnswerFn | None = None, batch_size: int = 16, progress: bool = True,
+             out: str | epath.PathLike, *, choose: AnswerFn | None = None, batch_size: int = 16, progress: bool = True,
              extra_summary: dict | None = None, run: dict | None = None, overwrite: bool = False,
              route: RouteFn | None = None, router_id: str | None = None) -> dict:
   """Answers every sample at every scale (a batch of `batch_size` samples per call; multiple-choice batches go
@@ -76,7 +76,7 @@ def evaluate(generate: AnswerFn, task: Task, samples: Sequence[Sample], scales: 
   scale gives); its lines record the router (`router_id`), and only lines of this router are resumed. Its summary
   adds mean visual tokens (routing included), the routing pass's FLOPs and seconds per sample, and the chosen
   scales' histogram."""
-  out = pathlib.Path(out)
+  out = epath.Path(out)  # gs://... too
   out.mkdir(parents=True, exist_ok=True)
   cache.open_run(out, run, overwrite)
   pred_file = out / predictions.PREDICTIONS

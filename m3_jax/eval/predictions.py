@@ -20,9 +20,12 @@ summary.csv: one row per scale, one column per metric.
 from __future__ import annotations
 
 import csv
+import io
 import json
-import pathlib
+import tempfile
 from typing import IO, Iterable, Sequence
+
+from etils import epath
 
 from m3_jax.errors import BadFile
 from m3_jax.eval.tasks.common import iter_jsonl
@@ -41,13 +44,13 @@ class PredictionError(BadFile):
   """Predictions that cannot be read or matched to a task; the message names the file, line or ids."""
 
 
-def predictions_file(path: str | pathlib.Path) -> pathlib.Path:
+def predictions_file(path: str | epath.PathLike) -> epath.Path:
   """An eval directory or a predictions file -> the predictions file (which may not exist yet)."""
-  path = pathlib.Path(path)
+  path = epath.Path(path)
   return path / PREDICTIONS if path.is_dir() else path
 
 
-def read(path: str | pathlib.Path, require: Sequence[str] = SCORE_FIELDS, *, who: str = "") -> list[dict]:
+def read(path: str | epath.PathLike, require: Sequence[str] = SCORE_FIELDS, *, who: str = "") -> list[dict]:
   """The records of a predictions file in file order, normalised: `question_id` a str, `prediction` a str (from
   `text` where `prediction` is absent), `scale` an int, AUTO, or None when the line has none. A record lacking a field
   of `require` (`who` names the reader in the message) or with a wrongly typed field raises PredictionError
@@ -94,47 +97,59 @@ def record(question_id: str, scale: int | None, prediction: str, score: float | 
 
 class Appender:
   """Appends records to a predictions file, one flushed line each; a last line cut by a crash is dropped first
-  so that the next record starts on a line of its own."""
+  so that the next record starts on a line of its own. An object-store file (gs://...), which cannot be appended
+  to, is written in a local copy and uploaded whole after each batch of records."""
 
-  def __init__(self, path: str | pathlib.Path):
-    self.path = pathlib.Path(path)
+  def __init__(self, path: str | epath.PathLike):
+    self.path = epath.Path(path)
+    self._remote = "://" in str(self.path)
+    self._staging = tempfile.TemporaryDirectory(prefix="m3_predictions_") if self._remote else None
+    self._local = epath.Path(self._staging.name) / self.path.name if self._remote else self.path
     if self.path.exists():
       text = self.path.read_text(encoding="utf-8")
       if text and not text.endswith("\n"):
-        self.path.write_text(text[:text.rfind("\n") + 1], encoding="utf-8")
+        text = text[:text.rfind("\n") + 1]
+        self.path.write_text(text, encoding="utf-8")
+      if self._remote:
+        self._local.write_text(text, encoding="utf-8")
     self._file: IO[str] | None = None
 
   def __enter__(self) -> "Appender":
-    self._file = open(self.path, "a", encoding="utf-8")
+    self._file = io.open(self._local, "a", encoding="utf-8")
     return self
 
   def __exit__(self, *exc) -> None:
     self._file.close()
+    if self._remote:
+      self._local.copy(self.path, overwrite=True)
+      self._staging.cleanup()
 
   def write(self, records: Iterable[dict]) -> None:
     self._file.write("".join(json.dumps(r) + "\n" for r in records))
     self._file.flush()
+    if self._remote:
+      self._local.copy(self.path, overwrite=True)
 
 
-def write(path: str | pathlib.Path, records: Iterable[dict]) -> None:
+def write(path: str | epath.PathLike, records: Iterable[dict]) -> None:
   """A new predictions-format file holding `records` (e.g. `m3 score --per-sample`)."""
-  with open(path, "w", encoding="utf-8") as f:
-    f.write("".join(json.dumps(r) + "\n" for r in records))
+  epath.Path(path).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
 
 
-def write_summary(out: str | pathlib.Path, summary: dict) -> None:
+def write_summary(out: str | epath.PathLike, summary: dict) -> None:
   """summary.json and summary.csv (a row per scale of `summary["scales"]`, a column per metric) into `out`."""
-  out = pathlib.Path(out)
+  out = epath.Path(out)
   (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
   names = sorted({k for m in summary["scales"].values() for k in m})
-  with open(out / SUMMARY_CSV, "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["scale", *names])
-    for scale, m in summary["scales"].items():
-      w.writerow([scale, *(m.get(k, "") for k in names)])
+  table = io.StringIO(newline="")
+  w = csv.writer(table)
+  w.writerow(["scale", *names])
+  for scale, m in summary["scales"].items():
+    w.writerow([scale, *(m.get(k, "") for k in names)])
+  (out / SUMMARY_CSV).write_text(table.getvalue())
 
 
-def read_summary(folder: str | pathlib.Path) -> dict:
+def read_summary(folder: str | epath.PathLike) -> dict:
   """The folder's summary.json, or {} when there is none."""
-  file = pathlib.Path(folder) / SUMMARY
+  file = epath.Path(folder) / SUMMARY
   return json.loads(file.read_text()) if file.exists() else {}

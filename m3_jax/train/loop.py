@@ -4,19 +4,23 @@
 checkpoint. Metrics are read one step late, so the host queues step n+1 before it waits for step n. A non-finite
 step (its update was not applied by the step) stops the run (`train.on_nonfinite="raise"`, NonFiniteError) or is
 logged and skipped (`"skip"`). SIGTERM (a preempted TPU VM, SLURM's time limit) saves a checkpoint and returns.
+
+`workdir` may be an object-store path (gs://...): every file goes through etils.epath (checkpoints, config.json,
+metrics.jsonl, TensorBoard). Evaluation during training (`train.eval_every`) is the caller's `on_eval(step, params)`
+(cli/train.py builds it from m3_jax.eval, which train does not import); its scalars are logged beside the loss.
 """
 from __future__ import annotations
 
 import logging
 import math
-import pathlib
 import signal
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from m3_jax import sharding as shd
 from m3_jax.checkpoint import workdir as workdir_lib
@@ -32,12 +36,16 @@ class NonFiniteError(FloatingPointError):
   """The loss or gradient norm of a step was NaN or infinite (the state was left as it was before that step)."""
 
 
-def fit(trainer: TrainStep, workdir: str | pathlib.Path, batches: Iterator[dict] | None = None,
-        progress: bool = True) -> dict:
+EvalFn = Callable[[int, dict], dict]  # (step, params) -> {"eval/<task>/scale_<N>": score, ...}
+
+
+def fit(trainer: TrainStep, workdir: str | epath.PathLike, batches: Iterator[dict] | None = None,
+        progress: bool = True, on_eval: EvalFn | None = None) -> dict:
   """Trains `trainer` in `workdir` up to `train.num_steps`, resuming from its latest good checkpoint. Returns a
   summary ({"step", "loss", "stopped"}). `batches` (host-local numpy batches with get_state/set_state) defaults to the
-  configured data source."""
-  workdir = pathlib.Path(workdir)
+  configured data source. `on_eval(step, params)` runs every `train.eval_every` steps and at the last step (when
+  eval_every > 0) on every process; process 0 logs the scalars it returns."""
+  workdir = epath.Path(workdir)
   config, train = trainer.config, trainer.config.train
   if train.on_nonfinite not in ON_NONFINITE:
     raise ValueError(f"train.on_nonfinite={train.on_nonfinite!r}: expected one of {', '.join(ON_NONFINITE)}")
@@ -59,6 +67,9 @@ def fit(trainer: TrainStep, workdir: str | pathlib.Path, batches: Iterator[dict]
 
   log.info("scale curriculum: %s", trainer.curriculum.describe(int(train.num_steps)))
   writer = MetricsWriter(workdir, enabled=primary)
+  if start == 0:
+    writer.text("config", "```\n" + config.to_json_best_effort(indent=2, sort_keys=True) + "\n```")
+  eval_every = int(train.get("eval_every", 0) or 0) if on_eval is not None else 0
   stopper = _Preemption()
   every, num_steps, log_every = int(config.checkpoint.every), int(train.num_steps), int(train.log_every)
   bar = _progress(start, num_steps, enabled=progress and primary)
@@ -82,11 +93,14 @@ def fit(trainer: TrainStep, workdir: str | pathlib.Path, batches: Iterator[dict]
       for done in pending:
         last_loss = _report(trainer, done, writer, bar, clock)
       pending = [(step + 1, metrics)]
-      if (step + 1) % log_every != 0 and (step + 1) % every != 0 and step + 1 != num_steps:
+      if ((step + 1) % log_every != 0 and (step + 1) % every != 0 and step + 1 != num_steps
+          and not (eval_every and (step + 1) % eval_every == 0)):
         continue
       for done in pending:
         last_loss = _report(trainer, done, writer, bar, clock, force_log=step + 1 == num_steps)
       pending = []
+      if eval_every and ((step + 1) % eval_every == 0 or step + 1 == num_steps):
+        _evaluate(on_eval, step + 1, state["params"], writer, clock)
       if (step + 1) % every == 0 or step + 1 == num_steps:
         ckpts.save(step + 1, state, data_state, force=True)
         last_saved = step + 1
@@ -104,6 +118,17 @@ def fit(trainer: TrainStep, workdir: str | pathlib.Path, batches: Iterator[dict]
     bar.close()
     stopper.restore()
   return {"step": int(step), "loss": last_loss, "stopped": stopped}
+
+
+def _evaluate(on_eval: EvalFn, step: int, params, writer: MetricsWriter, clock: _Clock):
+  """Runs the in-training evaluation on the current params and logs its scalars; its time is not counted in the
+  steps/s and tokens/s rates."""
+  began = time.perf_counter()
+  scalars = on_eval(step, params)
+  if scalars:
+    writer.write(step, scalars)
+    log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in sorted(scalars.items())))
+  clock.pause(time.perf_counter() - began)
 
 
 def _tokens(trainer: TrainStep, host_batch: dict) -> int:
@@ -141,10 +166,13 @@ def _report(trainer: TrainStep, done, writer: MetricsWriter, bar, clock: _Clock,
         scalars[f"loss/scale_{s}"] = float(value)
     scalars.update({k: float(v) for k, v in m.items() if k.startswith("lr/")})
     writer.write(step, scalars)
+    if bar.disable:  # without a progress bar, the log shows the run going on
+      log.info("step %d/%d: loss %.4f, grad_norm %.3f, %.2f steps/s, %.0f tokens/s", step, bar.total, loss,
+               scalars["grad_norm"], rates[0], rates[1])
   return loss
 
 
-def make_batches(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Iterator[dict]:
+def make_batches(config: ml_collections.ConfigDict, workdir: epath.PathLike | None) -> Iterator[dict]:
   """The configured data source as an iterator of host-local numpy batches with get_state / set_state."""
   data, mc = config.data, config.model
   if data.source == "synthetic":
@@ -204,6 +232,11 @@ class _Clock:
       return
     self.steps += 1
     self.tokens += tokens
+
+  def pause(self, seconds: float):
+    """Leaves `seconds` (an evaluation) out of the rates."""
+    if self.start is not None:
+      self.start += seconds
 
   def rates(self) -> tuple[float, float]:
     dt = time.perf_counter() - self.start if self.start is not None else 0.0

@@ -3,27 +3,52 @@
 
 After a resume the file is appended to, so a step may appear twice; the later line is the one that counts
 (DESIGN.md). `read_metrics` applies that rule.
+
+A workdir on an object store (gs://..., through etils.epath) cannot be appended to, and tensorboardX writes only
+local files: both files are then written in a local staging folder and copied to the workdir whole, at most every
+`sync_every` seconds and on close (metrics.jsonl is first copied down, so a resume appends to it).
 """
 from __future__ import annotations
 
 import json
 import math
-import pathlib
+import tempfile
+import time
+
+from etils import epath
 
 from m3_jax.checkpoint import workdir as workdir_lib
 
 
+def is_local(path: str | epath.PathLike) -> bool:
+  """False for an object-store path (gs://, s3://, ...), which the OS cannot open."""
+  return "://" not in str(path)
+
+
 class MetricsWriter:
-  def __init__(self, workdir: str | pathlib.Path, enabled: bool = True, tensorboard: bool = True):
+  def __init__(self, workdir: str | epath.PathLike, enabled: bool = True, tensorboard: bool = True,
+               sync_every: float = 60.0):
     self.enabled = enabled
     self.path = workdir_lib.metrics_path(workdir)
+    self._tb_dir = workdir_lib.tensorboard_dir(workdir)
     self._tb = None
-    if enabled:
-      self.path.parent.mkdir(parents=True, exist_ok=True)
-      self._file = self.path.open("a")
-      if tensorboard:
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(str(workdir_lib.tensorboard_dir(workdir)))
+    self._staging = None
+    self._sync_every, self._synced = float(sync_every), time.monotonic()
+    if not enabled:
+      return
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    local_metrics, local_tb = self.path, self._tb_dir
+    if not is_local(workdir):
+      self._staging = tempfile.TemporaryDirectory(prefix="m3_metrics_")
+      root = epath.Path(self._staging.name)
+      local_metrics, local_tb = root / self.path.name, root / self._tb_dir.name
+      if self.path.exists():
+        self.path.copy(local_metrics)
+    self._file = local_metrics.open("a")
+    self._local_metrics, self._local_tb = local_metrics, local_tb
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(str(local_tb))
 
   def write(self, step: int, scalars: dict[str, float]):
     if not self.enabled:
@@ -37,12 +62,34 @@ class MetricsWriter:
         if isinstance(value, (int, float)) and math.isfinite(value):
           self._tb.add_scalar(key, value, int(step))
       self._tb.flush()
+    if time.monotonic() - self._synced >= self._sync_every:
+      self._sync()
+
+  def text(self, tag: str, text: str, step: int = 0):
+    """A text summary in TensorBoard (the run config, as markdown)."""
+    if self.enabled and self._tb is not None:
+      self._tb.add_text(tag, text, int(step))
+      self._tb.flush()
+
+  def _sync(self):
+    """Copies the staged files to an object-store workdir (nothing to do for a local one)."""
+    self._synced = time.monotonic()
+    if self._staging is None:
+      return
+    self._local_metrics.copy(self.path, overwrite=True)
+    if self._local_tb.exists():
+      self._tb_dir.mkdir(parents=True, exist_ok=True)
+      for f in self._local_tb.iterdir():
+        f.copy(self._tb_dir / f.name, overwrite=True)
 
   def close(self):
     if self.enabled:
       self._file.close()
       if self._tb is not None:
         self._tb.close()
+      self._sync()
+      if self._staging is not None:
+        self._staging.cleanup()
 
 
 def _jsonable(v):
@@ -52,7 +99,7 @@ def _jsonable(v):
   return v
 
 
-def read_metrics(workdir: str | pathlib.Path) -> dict[int, dict]:
+def read_metrics(workdir: str | epath.PathLike) -> dict[int, dict]:
   """step -> the last record written for that step."""
   out = {}
   path = workdir_lib.metrics_path(workdir)

@@ -12,6 +12,8 @@ import os
 import sys
 from typing import Any, Iterator, Sequence
 
+from etils import epath
+
 from m3_jax.errors import BadFile, BadPath, read_text
 from m3_jax.eval.metrics import LETTERS
 
@@ -51,7 +53,7 @@ def load_json(path: str) -> Any:
 
 def _lines(path) -> Iterator[tuple[int, str]]:
   """(1-based line number, text) of a UTF-8 file; a line that is not UTF-8 is a BadFile naming the file and line."""
-  with open(path, "rb") as f:
+  with epath.Path(path).open("rb") as f:  # gs://... too (an eval --out on an object store)
     for n, raw in enumerate(f, 1):
       try:
         yield n, raw.decode("utf-8")
