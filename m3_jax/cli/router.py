@@ -7,6 +7,8 @@ import json
 
 
 def add_arguments(parser: argparse.ArgumentParser):
+  parser.epilog = ("example:\n  m3 router fit --ckpt runs/demo/train --runs runs/demo/eval_validation   "
+                   "# then: m3 eval ... --scale auto,144,36,9,1")
   sub = parser.add_subparsers(dest="router_command", metavar="{fit}", help="fit")
   sub.required = True
   p = sub.add_parser("fit", help="fit a router from eval runs at every scale", formatter_class=parser.formatter_class,

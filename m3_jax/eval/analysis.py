@@ -258,8 +258,8 @@ def report_markdown(result: dict) -> str:
       lines += ["", "Scale router (`--scale auto`): mean visual tokens t include the routing pass; F(t) is the "
                 "fixed-scale frontier at t (linear between the adjacent scales); gap closed = (auto - F(t)) / "
                 "(oracle - F(t)), on the samples each router answered.", "",
-                "| router | samples | accuracy | 95% CI | mean visual tokens | F(t) | auto - F(t) | oracle | gap closed "
-                "| chosen scales |", "|---" * 10 + "|"]
+                "| router | samples | accuracy | 95% CI | mean visual tokens | F(t) | auto - F(t) | oracle | "
+                "gap closed | chosen scales |", "|---" * 10 + "|"]
       for a in r["auto"]:
         lo, hi = a["ci"]
         lines.append(f"| {a['name']} | {a['count']} | {_fmt(a['score'])} | {_fmt(lo)}-{_fmt(hi)} | "

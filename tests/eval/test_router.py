@@ -190,7 +190,8 @@ def test_refusals_name_what_is_wrong(setup, tmp_path, capsys):
   code = cli.main(["eval", "--ckpt", str(bare), "--task", "probe", "--data", str(data), "--scale", "auto",
                    "--out", str(tmp_path / "e")])
   err = capsys.readouterr().err
-  assert code == 2 and f"{bare} has no scale router; fit one with `m3 router fit --ckpt {bare} --runs EVALDIR...`" in err
+  assert code == 2
+  assert f"{bare} has no scale router; fit one with `m3 router fit --ckpt {bare} --runs EVALDIR...`" in err
   with pytest.raises(ValueError, match="has no scale router; fit one with `m3 router fit"):
     load(bare).generate(None, "hi", scale="auto")
   # a router of another checkpoint: refused naming both identities
@@ -217,3 +218,22 @@ def test_refusals_name_what_is_wrong(setup, tmp_path, capsys):
   assert ("scales 1 and 36 have different sample ids (2 only at 1: validation-3, validation-5; 0 only at 36: )"
           in capsys.readouterr().err)
 
+
+
+def test_serve_answers_auto_with_the_checkpoints_router(setup):
+  import base64
+  from fastapi.testclient import TestClient
+  from m3_jax.serve import chat
+  from m3_jax.serve.app import create_app
+  model = load(setup["ckpt"])
+  samples = list(get_task("probe").samples(str(setup["data"])))[:2]
+  with TestClient(create_app(model, name="m")) as client:
+    got = [client.post("/v1/chat/completions", json={
+        "model": "m", "max_tokens": 2, "visual_tokens": "auto", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," +
+                                                       base64.b64encode(s.image_bytes).decode()}},
+            {"type": "text", "text": s.prompt}]}]}) for s in samples]
+  assert [r.status_code for r in got] == [200, 200]
+  ids = [chat.prompt_ids(model, None, [(0, s.prompt)], True) for s in samples]
+  expected = model.router.choose(model, model.pixels([s.image_bytes for s in samples]), ids)
+  assert [r.json()["scale"] for r in got] == expected
