@@ -120,7 +120,8 @@ def run(args) -> int:
   model = M3Model(ckpt, args.template, router, str(args.ckpt))
   scales = list(args.scales) if args.scales else list(model.scales)
   generate, choose = evaluator.model_functions(model, max_new_tokens=args.max_new_tokens,
-                                               batch_size=args.batch_size, grid=grid, likelihood=args.likelihood)
+                                               batch_size=args.batch_size, grid=grid, likelihood=args.likelihood,
+                                               scales=[s for s in scales if s != "auto"])
   extra = {"ckpt": str(args.ckpt), "pool": ckpt.config.m3.pool, "ckpt_identity": identity}
   route = None
   if auto:

@@ -43,21 +43,52 @@ def sample_image(sample: Sample):
 
 
 def model_functions(model: M3Model, *, max_new_tokens: int = 32, batch_size: int = 16,
-                    grid: tuple[int, int] | None = None, likelihood: bool = False
-                    ) -> tuple[AnswerFn, AnswerFn | None]:
+                    grid: tuple[int, int] | None = None, likelihood: bool = False,
+                    scales: Sequence[int] | None = None) -> tuple[AnswerFn, AnswerFn | None]:
   """(generate, choose) answering with a loaded checkpoint; choose is None unless `likelihood`. `grid` overrides
-  LLaVA-NeXT's anyres crop grid."""
+  LLaVA-NeXT's anyres crop grid.
+
+  The image of a sample is encoded once for all of `scales` (default: the checkpoint's): the first call that needs
+  a sample's tokens pools every one of those scales from one encoder pass and keeps them while the following calls
+  ask for the same samples (`evaluate` answers a chunk of samples at every scale before the next chunk)."""
+  scales = [int(s) for s in (model.scales if scales is None else scales)]
+  kept: dict[str, dict[int, object]] = {}   # question_id -> {scale: float[n, D]} of the current chunk
+
+  def visual(samples: Sequence[Sample], scale: int):
+    """Each sample's tokens at `scale` (None: text only), or None when `scale` is not one encoded together."""
+    if scale not in scales:
+      return None
+    missing = [s for s in samples if s.question_id not in kept]
+    fresh = dict(zip([s.question_id for s in missing],
+                     _encode(model, [sample_image(s) for s in missing], scales, grid, batch_size)))
+    if len(kept) + len(fresh) > batch_size:  # a new chunk: only this call's samples stay (memory: one chunk)
+      wanted = {s.question_id for s in samples}
+      for qid in [q for q in kept if q not in wanted]:
+        del kept[qid]
+    kept.update(fresh)
+    return [kept[s.question_id].get(scale) for s in samples]
 
   def generate(samples: Sequence[Sample], scale: int) -> list[str]:
     out = model.generate([sample_image(s) for s in samples], [s.prompt for s in samples], scale=scale,
-                         max_new_tokens=max_new_tokens, batch_size=batch_size, grid=grid)
+                         max_new_tokens=max_new_tokens, batch_size=batch_size, grid=grid,
+                         visual=visual(samples, scale))
     return [o["text"] for o in out]
 
   def choose(samples: Sequence[Sample], scale: int) -> list[str]:
     return model.choose([sample_image(s) for s in samples], [s.prompt for s in samples],
-                        [len(s.options) for s in samples], scale, grid)
+                        [len(s.options) for s in samples], scale, grid, visual=visual(samples, scale))
 
   return generate, (choose if likelihood else None)
+
+
+def _encode(model: M3Model, images: list, scales: Sequence[int], grid, batch_size: int) -> list[dict[int, object]]:
+  """Per image {scale: tokens} from one encoder pass ({} for a text-only sample)."""
+  rows = [i for i, im in enumerate(images) if im is not None]
+  out: list[dict[int, object]] = [{} for _ in images]
+  if rows:
+    for i, tokens in zip(rows, model.visual_scales([images[i] for i in rows], scales, grid, batch_size)):
+      out[i] = tokens
+  return out
 
 
 def evaluate(generate: AnswerFn, task: Task, samples: Sequence[Sample], scales: Sequence[int],
@@ -82,18 +113,26 @@ def evaluate(generate: AnswerFn, task: Task, samples: Sequence[Sample], scales: 
   pred_file = out / predictions.PREDICTIONS
   done = predictions.latest(predictions.read(pred_file, predictions.EVAL_FIELDS, who="an eval resume")
                             if pred_file.exists() else [])
-  timing, routing_seconds, routed = {}, 0.0, 0
+  routing_seconds, routed = 0.0, 0
   if predictions.AUTO in scales and route is None:
     raise ValueError('scale "auto" needs a scale router (route=...)')
+  todo = {scale: [s for s in samples if (s.question_id, scale) not in done or
+                  (scale == predictions.AUTO and done[s.question_id, scale].get("router") != router_id)]
+          for scale in scales}
+  pending = {scale: {s.question_id for s in todo[scale]} for scale in scales}
+  seconds = dict.fromkeys(scales, 0.0)
+  bar = tqdm(total=len(samples) * len(scales), initial=sum(len(samples) - len(t) for t in todo.values()),
+             desc=f"scales {','.join(map(str, scales))}", disable=not progress, unit="answer")
+  # A chunk of samples is answered at every scale before the next chunk, so each image is encoded once for all
+  # scales (model_functions keeps one chunk's tokens); a chunk is the samples that still need some scale.
+  needed = [s for s in samples if any(s.question_id in pending[scale] for scale in scales)]
   with predictions.Appender(pred_file) as appender:
-    for scale in scales:
-      todo = [s for s in samples if (s.question_id, scale) not in done or
-              (scale == predictions.AUTO and done[s.question_id, scale].get("router") != router_id)]
-      bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc=f"scale {scale}", disable=not progress,
-                 unit="sample")
-      start = time.perf_counter()
-      for i in range(0, len(todo), batch_size):
-        chunk = todo[i:i + batch_size]
+    for i in range(0, len(needed), batch_size):
+      for scale in scales:
+        chunk = [s for s in needed[i:i + batch_size] if s.question_id in pending[scale]]
+        if not chunk:
+          continue
+        start = time.perf_counter()
         answer = choose if choose is not None and all(s.options for s in chunk) else generate
         if scale == predictions.AUTO:
           clock = time.perf_counter()
@@ -108,12 +147,13 @@ def evaluate(generate: AnswerFn, task: Task, samples: Sequence[Sample], scales: 
           recs = [predictions.record(s.question_id, scale, p, task.score(s, p), category=s.category,
                                      prompt=s.prompt, answers=s.answers)
                   for s, p in zip(chunk, answer(chunk, scale))]
+        seconds[scale] += time.perf_counter() - start
         done.update(predictions.latest(recs))
         appender.write(recs)
         bar.update(len(chunk))
-      bar.close()
-      if todo:
-        timing[scale] = len(todo) / (time.perf_counter() - start)
+  bar.close()
+  # A scale's rate counts the calls that answered it; the chunk's one encoder pass falls in its first scale's call.
+  timing = {scale: len(todo[scale]) / seconds[scale] for scale in scales if todo[scale]}
   summary = {"task": task.name, "num_samples": len(samples), "scales": {}, **(extra_summary or {})}
   for scale in scales:
     preds = {qid: rec["prediction"] for (qid, s), rec in done.items() if s == scale}

@@ -50,6 +50,7 @@ class Engine:
     self.stop_ids = tuple(stop_ids) if stop_ids is not None else (config.eos_token_id,)
     self.length_step = length_step
     self._visual = jax.jit(self._visual_impl, static_argnames=("scale",))
+    self._visual_scales = jax.jit(self._visual_scales_impl, static_argnames=("scales",))
     self._generate = jax.jit(self._generate_impl, static_argnames=("max_new", "greedy", "per_row", "stream"))
     self._on_token: Callable[[int, np.ndarray], None] | None = None
     self._stream_lock = threading.Lock()  # one streaming decode at a time: `_on_token` is the engine's
@@ -81,6 +82,44 @@ class Engine:
         emb = np.asarray(self._visual(self.params, jnp.asarray(px), scale=int(scale)))
         for j, i in enumerate(chunk):
           out[i] = emb[j]
+    return out
+
+  def _visual_scales_impl(self, params, pixels, scales: tuple[int, ...]):
+    m = self.model
+    feats = m.apply({"params": params}, pixels, method=m.encode)
+    return tuple(m.apply({"params": params}, feats, s, method=m.image_embeds) for s in scales)
+
+  def visual_tokens_scales(self, pixels: np.ndarray, scales: Sequence[int], batch_size: int = 16
+                           ) -> dict[int, list[np.ndarray]]:
+    """float32[B, H, W, 3] (CLIP-normalised) -> {scale: per sample float[scale, D]} for every scale in `scales`.
+    The encoder runs once per `batch_size` images and every scale is pooled from that one output, so a
+    several-scale eval pays the vision tower once per image, not once per scale."""
+    scales = tuple(sorted({int(s) for s in scales}, reverse=True))
+    for scale in scales:
+      self.config.check_scale(scale)
+    pixels = np.asarray(pixels)
+    b = len(pixels)
+    out: dict[int, list[np.ndarray]] = {s: [] for s in scales}
+    for start in range(0, b, batch_size):
+      px = pixels[start:start + batch_size]
+      n = len(px)
+      pad = batch_size - n if b > batch_size else 0  # one shape across chunks
+      if pad:
+        px = np.concatenate([px, np.zeros((pad, *px.shape[1:]), px.dtype)])
+      for scale, emb in zip(scales, self._visual_scales(self.params, jnp.asarray(px), scales=scales)):
+        emb = np.asarray(emb)
+        out[scale].extend(emb[j] for j in range(n))
+    return out
+
+  def anyres_tokens_scales(self, crops: np.ndarray, image_hw: tuple[int, int], scales: Sequence[int],
+                           grid: tuple[int, int] | None = None) -> dict[int, np.ndarray]:
+    """`anyres_tokens` at every scale in `scales` from one pass of the encoder over the crops: {scale: float[n, D]}."""
+    scales = tuple(sorted({int(s) for s in scales}, reverse=True))
+    per_crop = self._visual_scales(self.params, jnp.asarray(crops), scales=scales)
+    out = {}
+    for scale, emb in zip(scales, per_crop):
+      idx = anyres.pack_indices(self.config, image_hw, scale, grid, n_crops=int(crops.shape[0]))
+      out[scale] = np.asarray(anyres.anyres_embeds(emb[None], self.params["image_newline"], idx[None])[0])
     return out
 
   def anyres_tokens(self, crops: np.ndarray, image_hw: tuple[int, int], scale: int,

@@ -66,6 +66,23 @@ class M3Model:
       out.append(self.engine.anyres_tokens(crops, hw, scale, grid))
     return out
 
+  def visual_scales(self, images: Sequence[Any], scales: Sequence[int], grid: tuple[int, int] | None = None,
+                    batch_size: int = 16) -> list[dict[int, np.ndarray]]:
+    """`visual` at every scale in `scales` with one encoder pass per image: per image {scale: float[n, D]}."""
+    if self.config.type == "llava15":
+      if grid is not None:
+        raise ValueError(f"a grid override ({grid[0]}x{grid[1]}) needs a LLaVA-NeXT checkpoint; this one is "
+                         "LLaVA-1.5 (one crop per image)")
+      per_scale = self.engine.visual_tokens_scales(self.pixels(images), scales, batch_size=batch_size)
+      return [{s: v[i] for s, v in per_scale.items()} for i in range(len(images))]
+    from m3_jax.data.anyres import anyres_crops
+    out = []
+    for im in images:
+      crops, hw = anyres_crops(image_lib.load_image(im), self.image_cfg, self.config.anyres.grid_pinpoints,
+                               self.config.anyres.pinpoint_order, grid)
+      out.append(self.engine.anyres_tokens_scales(crops, hw, scales, grid))
+    return out
+
   def prompt_ids(self, prompt: str, has_image: bool) -> np.ndarray:
     return conversation.tokenize_prompt(self.template, prompt, self.tokenizer, self.config.image_token_id,
                                         image=has_image)
@@ -73,7 +90,7 @@ class M3Model:
   def generate(self, images: Sequence[Any] | Any, prompts: Sequence[str] | str,
                scale: int | Sequence[int] | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
                top_p: float = 1.0, seed: int = 0, batch_size: int = 16, grid: tuple[int, int] | None = None,
-               budget: float | None = None) -> list[dict] | dict:
+               budget: float | None = None, visual: Sequence[np.ndarray | None] | None = None) -> list[dict] | dict:
     """One answer per (image, prompt); a plain-string prompt (with one image, path / bytes / PIL / None) gives one
     result dict, sequences give a list. `scale`: one for all, one per sample, or None (the full grid); for
     LLaVA-NeXT it is the tokens per crop.
@@ -85,7 +102,9 @@ class M3Model:
     `scale="auto"`: the checkpoint's router picks each image's scale (the smallest predicted to answer; `budget`:
     the threshold whose calibration mean visual tokens stay within it); results then have `scale` "auto",
     `chosen_scale`, `routing_visual_tokens` (the routing pass's, included in `visual_tokens`) and
-    `routing_seconds`."""
+    `routing_seconds`.
+
+    `visual`: each image's visual tokens at its scale, already computed (`visual_scales`); the encoder is skipped."""
     if isinstance(prompts, str):
       return self.generate([images], [prompts], scale, max_new_tokens, temperature, top_p, seed, batch_size, grid,
                            budget)[0]
@@ -107,18 +126,19 @@ class M3Model:
       clock = time.perf_counter()
       sl = slice(start, start + batch_size)
       rows = range(start, min(start + batch_size, n))
-      visual = [None] * len(rows)
+      tokens_in = [None] * len(rows)
       with_image = [i for i in rows if has[i]]
       if with_image:
-        vis = self.visual([images[i] for i in with_image], [scales[i] for i in with_image], grid, batch_size)
+        vis = ([visual[i] for i in with_image] if visual is not None else
+               self.visual([images[i] for i in with_image], [scales[i] for i in with_image], grid, batch_size))
         for i, v in zip(with_image, vis):
-          visual[i - start] = v
-      out = self.engine.generate(ids[sl], visual, sampling)
+          tokens_in[i - start] = v
+      out = self.engine.generate(ids[sl], tokens_in, sampling)
       seconds = time.perf_counter() - clock
       for i, tokens in zip(rows, out):
         results.append({"text": self.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
                         "token_ids": [int(t) for t in tokens], "scale": scales[i],
-                        "visual_tokens": 0 if visual[i - start] is None else len(visual[i - start]),
+                        "visual_tokens": 0 if tokens_in[i - start] is None else len(tokens_in[i - start]),
                         # the engine cuts at the first stop token, so a stopped answer is shorter than the limit
                         "finish_reason": "stop" if len(tokens) < max_new_tokens else "length",
                         "seconds": seconds})
@@ -160,14 +180,17 @@ class M3Model:
     return out
 
   def choose(self, images: Sequence[Any], prompts: Sequence[str], num_options: Sequence[int], scale: int,
-             grid: tuple[int, int] | None = None) -> list[str]:
+             grid: tuple[int, int] | None = None, visual: Sequence[np.ndarray | None] | None = None) -> list[str]:
     """Multiple choice by likelihood: per sample, the letter among its first `num_options` (A, B, ...) with the
-    highest log p(letter | prompt, image) at `scale`. Each image is encoded once for all its options."""
+    highest log p(letter | prompt, image) at `scale`. Each image is encoded once for all its options (`visual`:
+    its tokens at `scale`, already computed)."""
     self.config.check_scale(scale)
     with_image = [i for i, im in enumerate(images) if im is not None]
-    visual = [None] * len(prompts)
+    given, visual = visual, [None] * len(prompts)
     if with_image:
-      for i, v in zip(with_image, self.visual([images[i] for i in with_image], [scale] * len(with_image), grid)):
+      vis = ([given[i] for i in with_image] if given is not None else
+             self.visual([images[i] for i in with_image], [scale] * len(with_image), grid))
+      for i, v in zip(with_image, vis):
         visual[i] = v
     letters = string.ascii_uppercase[:max(num_options, default=0)]
     letter_ids = {x: np.asarray(self.tokenizer(x, add_special_tokens=False)["input_ids"], np.int32) for x in letters}

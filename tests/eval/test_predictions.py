@@ -71,14 +71,15 @@ def test_evaluate_with_fake_functions_writes_the_contract(tmp_path):
 
   summary = evaluator.evaluate(generate, Exact(), SAMPLES, [9, 1], tmp_path, choose=choose, batch_size=2,
                                progress=False, extra_summary={"ckpt": "c", "pool": "avg"})
-  # Batches of two in sample order; the batch that mixes free-form and choice samples is generated.
-  assert calls == [("generate", 9, ["q0", "q1"]), ("choose", 9, ["q2"]),
-                   ("generate", 1, ["q0", "q1"]), ("choose", 1, ["q2"])]
+  # Batches of two in sample order, each answered at every scale before the next (its image encoded once); the
+  # batch that mixes free-form and choice samples is generated.
+  assert calls == [("generate", 9, ["q0", "q1"]), ("generate", 1, ["q0", "q1"]),
+                   ("choose", 9, ["q2"]), ("choose", 1, ["q2"])]
   lines = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
   assert lines[0] == {"question_id": "q0", "scale": 9, "prediction": "cat", "score": 1.0, "category": "animal",
                       "prompt": "free", "answers": "cat"}
   assert [(r["question_id"], r["scale"], r["score"]) for r in lines] == [
-      ("q0", 9, 1.0), ("q1", 9, 0.0), ("q2", 9, 1.0), ("q0", 1, 0.0), ("q1", 1, 0.0), ("q2", 1, 1.0)]
+      ("q0", 9, 1.0), ("q1", 9, 0.0), ("q0", 1, 0.0), ("q1", 1, 0.0), ("q2", 9, 1.0), ("q2", 1, 1.0)]
   assert summary == json.loads((tmp_path / "summary.json").read_text())
   assert {k: v for k, v in summary.items() if k != "scales"} == {"task": "exact", "num_samples": 3, "ckpt": "c",
                                                                "pool": "avg"}
