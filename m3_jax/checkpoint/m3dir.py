@@ -1,7 +1,9 @@
 """The m3 checkpoint directory (`m3 convert` writes it; eval, generate, export and `checkpoint.init_from` read it):
 
   m3_config.json            {"format": "m3", "format_version": 1, "model": ModelConfig.to_dict(), "template": NAME,
-                             "param_dtype": "float32" | "bfloat16" | ..., "source": {...how it was made}}
+                             "param_dtype": "float32" | "bfloat16" | ..., "source": {...how it was made},
+                             optional "image_aspect": "pad" | "crop" | "anyres" (default: "pad" for the vicuna_v1
+                             template, else "crop"; a training workdir's step records its data.image_aspect)}
   params/                   orbax (StandardCheckpointer) pytree of the params ([L]-stacked layers)
   params.checksums.json     {"algorithm": identity.ALGORITHM, "arrays": {tree path: "DTYPE:CHECKSUM"}}, written with
                             params/ and verified on every load (directories written before it load unverified)

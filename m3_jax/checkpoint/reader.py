@@ -34,7 +34,7 @@ def read_checkpoint(ckpt: str | epath.PathLike, step: int | None = None, shardin
     cfg, params, extras = m3dir.load(path, shardings)
     template = extras.get("template", "llava_hf")
     return Checkpoint(cfg, params, template, extras["tokenizer_dir"], extras.get("preprocessor_config"),
-                      "pad" if template == "vicuna_v1" else "crop")
+                      extras.get("image_aspect", "pad" if template == "vicuna_v1" else "crop"))
   if workdir.is_workdir(path):
     run = workdir.read_config(path)
     params = workdir.load_params(path, step, target_shardings=shardings)

@@ -1,4 +1,4 @@
-"""m3 checkpoint -> llava-hf directory (config.json, safetensors, tokenizer, preprocessor_config.json).
+"""m3 checkpoint (a directory, or a training workdir's step) -> llava-hf directory (config.json, safetensors, tokenizer, preprocessor_config.json).
 
 The weights are written in the llava-hf on-disk layout that transformers 4.5x saves and every later version loads
 (`vision_tower.vision_model.*`, `multi_modal_projector.*`, `language_model.model.*`, `language_model.lm_head.weight`,
@@ -16,7 +16,7 @@ import struct
 
 import numpy as np
 
-from m3_jax.checkpoint import m3dir
+from m3_jax.checkpoint import m3dir, reader
 from m3_jax.convert import hf
 from m3_jax.convert.convert import flatten
 
@@ -82,10 +82,12 @@ def write_safetensors(out_dir: pathlib.Path, cfg, flat_params: dict, shard_bytes
   return names
 
 
-def export(ckpt_dir, out_dir, shard_bytes: int = 4 << 30) -> pathlib.Path:
-  """`m3 export CKPT OUT`."""
+def export(ckpt_dir, out_dir, shard_bytes: int = 4 << 30, step: int | None = None) -> pathlib.Path:
+  """`m3 export --ckpt CKPT [--step N] OUT`: CKPT is an m3 checkpoint directory or a training workdir (its step
+  `step`, the latest when None)."""
   from transformers import LlavaConfig, LlavaNextConfig
-  cfg, params, extras = m3dir.load(ckpt_dir)
+  ckpt = reader.read_checkpoint(ckpt_dir, step)
+  cfg, params = ckpt.config, ckpt.params
   out = pathlib.Path(out_dir)
   if out.exists() and any(out.iterdir()):
     raise ValueError(f"output directory {out} exists and is not empty: choose a new directory")
@@ -99,14 +101,14 @@ def export(ckpt_dir, out_dir, shard_bytes: int = 4 << 30) -> pathlib.Path:
   config.dtype = dtypes.pop() if len(dtypes) == 1 else "float32"
   config.save_pretrained(str(out))
   write_safetensors(out, cfg, flat, shard_bytes)
-  pre = extras.get("preprocessor_config")
+  pre = ckpt.preprocessor
   if pre is not None:
     pre = dict(pre)
     if cfg.type == "llava_next":  # llava-hf reads (h, w)
       pre.update(image_processor_type="LlavaNextImageProcessor",
                  image_grid_pinpoints=[list(p) for p in hf.hf_pinpoints(cfg)])
     (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2, sort_keys=True) + "\n")
-  if m3dir.has_tokenizer(ckpt_dir):
+  if m3dir.has_tokenizer(ckpt.tokenizer_dir):
     from transformers import AutoTokenizer
-    AutoTokenizer.from_pretrained(extras["tokenizer_dir"]).save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(ckpt.tokenizer_dir).save_pretrained(str(out))
   return out
