@@ -55,7 +55,11 @@ def _pid_alive(pid: int) -> bool:
     return False
   except PermissionError:   # exists, owned by another user
     return True
-  return True
+  try:   # a killed process whose parent died too may stay a zombie when nothing reaps it
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except (OSError, IndexError):
+    return True
 
 
 def _is_local(path: epath.Path) -> bool:
@@ -77,8 +81,8 @@ def read(workdir: str | epath.PathLike) -> dict | None:
 
 def describe(record: dict, now: float | None = None) -> str:
   age = (time.time() if now is None else now) - float(record.get("heartbeat", 0))
-  return (f"host {record.get('host', '?')}, pid {record.get('pid', '?')}, last heartbeat {age:.1f} s ago "
-          f"(expires after {float(record.get('timeout_s', 0)):g} s)")
+  return (f"host {record.get('host', '?')}, pid {record.get('pid', '?')}, last heartbeat {age:.1f} s ago, "
+          f"expiring after {float(record.get('timeout_s', 0)):g} s")
 
 
 def stale_reason(record: dict, now: float | None = None) -> str:

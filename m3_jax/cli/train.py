@@ -2,6 +2,11 @@
 
 Multi-host: `jax.distributed.initialize()` runs automatically on TPU pods and under SLURM (it detects them);
 elsewhere pass --coordinator HOST:PORT --num-processes N --process-id I (launch/local.py does this for you).
+
+Exit status: 0 trained (or stopped by SIGTERM, saved); 2 a user error, one line (a bad config value, a workdir
+another trainer holds, a resume whose config changed without --allow-config-change, a data source with no good
+record); 3 a non-finite step (train.on_nonfinite="raise"); 4 a checkpoint that could not be written (a full disk: the
+step's path and the free space are named; the checkpoints before it are intact).
 """
 from __future__ import annotations
 
@@ -10,6 +15,8 @@ import logging
 import math
 import os
 import sys
+
+EXIT_SAVE_FAILED = 4   # a checkpoint could not be written (see the module docstring)
 
 
 def add_arguments(parser: argparse.ArgumentParser):
@@ -28,6 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser):
   parser.add_argument("--cpu-collectives", default=None, choices=["gloo", "mpi"],
                       help="CPU cross-process collectives (multi-process CPU runs need gloo)")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+  parser.add_argument("--allow-config-change", action="store_true",
+                      help="resume a workdir whose config.json differs in fields that change the run's numbers (the "
+                           "change is logged and recorded in config_changes.jsonl); without it such a resume is "
+                           "refused, listing the fields")
   # --config.KEY=VALUE / --config.KEY VALUE are taken out of argv before argparse (m3_jax/configs/overrides.py).
   parser.set_defaults(overrides=[])
   parser.epilog = ("Any --config.KEY=VALUE (or --config.KEY VALUE) overrides a config field.\n"
@@ -69,14 +80,18 @@ def run(args) -> int:
   from m3_jax.configs import base as m3_config
   from m3_jax.train import loop
   from m3_jax.train.state import TrainStep
+  from m3_jax.checkpoint.workdir import SaveFailed
   config = m3_config.load(args.config, args.overrides)  # a bad key or type: one line from cli.main
   check_batch(config)
   try:
     summary = loop.fit(TrainStep(config), args.workdir, progress=not args.no_progress,
-                       on_eval=eval_callback(config, args.workdir))
+                       on_eval=eval_callback(config, args.workdir), allow_config_change=args.allow_config_change)
   except loop.NonFiniteError as e:
     logging.getLogger("m3.train").error("%s", e)
     return 3
+  except SaveFailed as e:
+    logging.getLogger("m3.train").error("%s", e)
+    return EXIT_SAVE_FAILED
   logging.getLogger("m3.train").info("done: %s", summary)
   return 0
 

@@ -11,6 +11,8 @@ metrics.jsonl, TensorBoard). Evaluation during training (`train.eval_every`) is 
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import signal
@@ -23,7 +25,8 @@ import numpy as np
 from etils import epath
 
 from m3_jax import sharding as shd
-from m3_jax.checkpoint import workdir as workdir_lib
+from m3_jax.checkpoint import lease as lease_lib, workdir as workdir_lib
+from m3_jax.configs import base as config_base
 from m3_jax.train import objective as obj
 from m3_jax.train.metrics import MetricsWriter
 from m3_jax.train.state import TrainStep
@@ -40,18 +43,33 @@ EvalFn = Callable[[int, dict], dict]  # (step, params) -> {"eval/<task>/scale_<N
 
 
 def fit(trainer: TrainStep, workdir: str | epath.PathLike, batches: Iterator[dict] | None = None,
-        progress: bool = True, on_eval: EvalFn | None = None) -> dict:
+        progress: bool = True, on_eval: EvalFn | None = None, allow_config_change: bool = False) -> dict:
   """Trains `trainer` in `workdir` up to `train.num_steps`, resuming from its latest good checkpoint. Returns a
   summary ({"step", "loss", "stopped"}). `batches` (host-local numpy batches with get_state/set_state) defaults to the
   configured data source. `on_eval(step, params)` runs every `train.eval_every` steps and at the last step (when
-  eval_every > 0) on every process; process 0 logs the scalars it returns."""
+  eval_every > 0) on every process; process 0 logs the scalars it returns.
+
+  One trainer writes a workdir: process 0 holds its lease (checkpoint/lease.py; LeaseHeld names the holder). A run
+  resuming a checkpoint with a config that differs from config.json outside workdir.RESUME_FREE raises
+  workdir.ConfigChanged unless `allow_config_change` (the change is then logged and recorded)."""
   workdir = epath.Path(workdir)
   config, train = trainer.config, trainer.config.train
   if train.on_nonfinite not in ON_NONFINITE:
     raise ValueError(f"train.on_nonfinite={train.on_nonfinite!r}: expected one of {', '.join(ON_NONFINITE)}")
   primary = jax.process_index() == 0
+  lease = lease_lib.hold(workdir, float(config.checkpoint.get("lease_timeout", 300.0)))   # None on processes > 0
+  config_json = config.to_json_best_effort(indent=2, sort_keys=True)
+  resumes = workdir_lib.latest_step(workdir)
+  if resumes is not None:
+    try:
+      workdir_lib.check_resume_config(workdir, config_json, resumes, allow=allow_config_change,
+                                      defaults=json.loads(config_base.base().to_json_best_effort()), record=primary)
+    except BaseException:
+      if lease is not None:
+        lease.release()
+      raise
   if primary:
-    workdir_lib.write_config(workdir, config.to_json_best_effort(indent=2, sort_keys=True))
+    workdir_lib.write_config(workdir, config_json)
   batches = batches if batches is not None else make_batches(config, workdir)
   ckpts = workdir_lib.Checkpoints(workdir, keep=int(config.checkpoint.keep),
                                   async_save=bool(config.checkpoint.get("async_save", True)))
@@ -77,12 +95,22 @@ def fit(trainer: TrainStep, workdir: str | epath.PathLike, batches: Iterator[dic
   last_loss, stopped, step = math.nan, "", start
   clock = _Clock()
   last_saved = start
+  lockstep = True   # False once a process left the loop on its own (the others are not at a save)
   try:
     for step in range(start, num_steps):
+      if lease is not None:
+        lease.check()
+      ckpts.check()   # a failed background save stops the run before the next step
       if stopper.agreed():
         stopped = "SIGTERM"
         break
-      host_batch = {k: v for k, v in next(batches).items() if k in trainer.batch_ndim}
+      try:
+        with stopper.interruptible():   # a source that never yields a batch must not outlive SIGTERM
+          host_batch = {k: v for k, v in next(batches).items() if k in trainer.batch_ndim}
+      except _Interrupted:
+        stopped, lockstep = "SIGTERM", jax.process_count() == 1
+        log.warning("SIGTERM while waiting for the next batch (step %d)", step + 1)
+        break
       budget = obj.label_budget(host_batch["labels"], trainer.objective.max_label_tokens,
                                 worst=_max_over_hosts(np.sum(host_batch["labels"] != obj.IGNORE, axis=1).max()))
       data_state = workdir_lib.iterator_state(batches) if hasattr(batches, "get_state") else None
@@ -109,14 +137,18 @@ def fit(trainer: TrainStep, workdir: str | epath.PathLike, batches: Iterator[dic
     for done in pending:
       last_loss = _report(trainer, done, writer, bar, clock, force_log=True)
     pending = []
-    if stopped and step > last_saved:
+    if stopped and step > last_saved and lockstep:
       log.warning("SIGTERM: saving a checkpoint at step %d and exiting", step)
       ckpts.save(step, state, data_state, force=True)
   finally:
-    ckpts.close()
-    writer.close()
-    bar.close()
-    stopper.restore()
+    try:
+      ckpts.close()   # waits for the save in flight: SIGTERM meanwhile lets it finish (it is the save SIGTERM wants)
+    finally:
+      writer.close()
+      bar.close()
+      stopper.restore()
+      if lease is not None:
+        lease.release()
   return {"step": int(step), "loss": last_loss, "stopped": stopped}
 
 
@@ -193,11 +225,18 @@ def _max_over_hosts(value) -> int:
   return int(np.max(multihost_utils.process_allgather(np.int32(value))))
 
 
+class _Interrupted(BaseException):
+  """SIGTERM arrived during a wait that `_Preemption.interruptible` may cut short (a BaseException, so that no
+  `except Exception` on the way swallows it)."""
+
+
 class _Preemption:
-  """SIGTERM (a preempted TPU VM, SLURM's time limit) asks the loop to save a checkpoint and return."""
+  """SIGTERM (a preempted TPU VM, SLURM's time limit) asks the loop to save a checkpoint and return; inside
+  `interruptible()` it also ends the wait at once (raising _Interrupted)."""
 
   def __init__(self):
     self.requested = False
+    self._waiting = False
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread
@@ -205,6 +244,18 @@ class _Preemption:
 
   def _handle(self, signum, frame):
     self.requested = True
+    if self._waiting:
+      self._waiting = False
+      raise _Interrupted()
+
+  @contextlib.contextmanager
+  def interruptible(self):
+    """A wait that SIGTERM ends at once (the handler raises _Interrupted in the main thread)."""
+    self._waiting = True
+    try:
+      yield
+    finally:
+      self._waiting = False
 
   def agreed(self) -> bool:
     """True on every host as soon as any host got SIGTERM (the checkpoint save that follows is collective)."""

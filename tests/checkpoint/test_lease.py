@@ -31,7 +31,7 @@ def test_a_held_lease_refuses_a_second_writer_naming_the_holder(tmp_path):
     lease_lib.Lease.acquire(tmp_path / "run", timeout_s=30, settle_s=0)
   assert str(err.value).startswith(f"training workdir {tmp_path / 'run'} is in use by another trainer (host "
                                    f"{socket.gethostname()}, pid {os.getpid()}, last heartbeat 0.")
-  assert "s ago (expires after 30 s)" in str(err.value)
+  assert "s ago, expiring after 30 s)" in str(err.value)
   first.release()
   assert not (tmp_path / "run" / "lease.json").exists()
   lease_lib.Lease.acquire(tmp_path / "run", timeout_s=30, settle_s=0).release()
