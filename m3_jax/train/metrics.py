@@ -1,8 +1,9 @@
 """Training metrics: `<workdir>/metrics.jsonl` (one JSON object per logged step) and TensorBoard events in
 `<workdir>/tb/` (tensorboardX: no TensorFlow needed). Only process 0 writes.
 
-After a resume the file is appended to, so a step may appear twice; the later line is the one that counts
-(DESIGN.md). `read_metrics` applies that rule.
+After a resume the file is appended to, so a step may appear twice; the later line's values are the ones that count
+(DESIGN.md). An evaluation during training writes its scores (eval/<task>/scale_<N>) as a line of its own for the
+same step. `read_metrics` applies both: a step's lines merge, a later value replacing an earlier one.
 
 A workdir on an object store (gs://..., through etils.epath) cannot be appended to, and tensorboardX writes only
 local files: both files are then written in a local staging folder and copied to the workdir whole, at most every
@@ -100,11 +101,11 @@ def _jsonable(v):
 
 
 def read_metrics(workdir: str | epath.PathLike) -> dict[int, dict]:
-  """step -> the last record written for that step."""
+  """step -> the step's records merged in file order (a later line's value for a key wins)."""
   out = {}
   path = workdir_lib.metrics_path(workdir)
   for line in path.read_text().splitlines():
     if line.strip():
       record = json.loads(line)
-      out[int(record["step"])] = record
+      out.setdefault(int(record["step"]), {}).update(record)
   return out
