@@ -46,7 +46,7 @@ def base() -> ml_collections.ConfigDict:
       lr=2e-5, lr_vision=-1.0, lr_projector=-1.0, lr_llm=-1.0,   # <0: use lr
       warmup_ratio=0.03, weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.999,
       freeze=(),                 # any of "vision", "projector", "llm"
-      scale_loss="loop",         # "loop" | "vmap"
+      scale_loss="loop",         # "loop" | "vmap" | "packed"
       scale_sampling="all",      # "all" | "random" (per step) | "random_per_sample" (paper Table 8)
       finest_first_steps=0.0,    # the finest scale alone first: N steps, or a fraction < 1 of num_steps (curriculum.py)
       scales=(),                 # () = model.m3.scales

@@ -52,7 +52,9 @@ class LlamaAttention(nn.Module):
       k, v = ck.astype(self.dtype), cv.astype(self.dtype)
     q_slot = cache_index + jnp.arange(t)
     k_slot = jnp.arange(k.shape[1])
-    allowed = (k_slot[None, :] <= q_slot[:, None])[None] & kv_mask[:, None, :].astype(bool)
+    # kv_mask bool[B, S] (a key slot's validity), or bool[B, T, S] per query (a packed pass's block-diagonal mask)
+    keys = kv_mask[:, None, :] if kv_mask.ndim == 2 else kv_mask
+    allowed = (k_slot[None, :] <= q_slot[:, None])[None] & keys.astype(bool)
     o = constrain(attention(q, k, v, allowed, self.dtype), (BATCH, LENGTH, HEADS, None))
     o = dense(c.width, (HEADS, EMBED), bias=False, dtype=self.dtype, name="o")(
         einops.rearrange(o, "b t h d -> b t (h d)"))

@@ -12,6 +12,8 @@ Cost structure (DESIGN.md "Training design"):
     loop: a Python loop, each scale's decoder pass at its own length T + scale - 1 (exact FLOPs);
     vmap: every scale's visual tokens padded to the largest scale (padding masked out of attention and of the
           RoPE positions, so the numbers are the loop's) and `jax.vmap` over the scale axis.
+    packed: the largest scale's pass alone; the coarser scales' sequences end to end in one decoder pass with a
+          block-diagonal mask and per-segment positions (bigger matmuls; attention over the packed length).
 - `scale_sampling="random"` draws one scale per step (`jax.lax.switch`: only that scale's decoder runs).
 - `scale_sampling="random_per_sample"` (paper Table 8) gives each sample one scale: the batch is split by a random
   permutation into M fixed-size groups of B/M rows, group i is decoded at scale i only (`per_sample_ce`), so the
@@ -44,7 +46,7 @@ from m3_jax.labels import IGNORE
 from m3_jax.models import llava
 from m3_jax.models.anyres import anyres_embeds
 
-SCALE_LOSSES = ("loop", "vmap")   # train.scale_loss: the two implementations of the sum over scales
+SCALE_LOSSES = ("loop", "vmap", "packed")   # train.scale_loss: the implementations of the sum over scales
 
 
 def index_key(scale: int) -> str:
@@ -153,6 +155,8 @@ class Objective:
     feats, text = self.encode(params, batch)
     if self.impl == "loop":
       return jnp.stack([self.scale_ce(params, batch, feats, text, s, label_budget) for s in self.scales])
+    if self.impl == "packed":
+      return self._packed_ce(params, batch, feats, text, label_budget)
     return self._vmapped_ce(params, batch, feats, text, label_budget)
 
   def one_scale_ce(self, params, batch, index: jax.Array, label_budget: int | None = None) -> jax.Array:
@@ -178,6 +182,43 @@ class Objective:
       out.append(self.scale_ce(params, sub, jnp.take(feats, rows, axis=0), jnp.take(text, rows, axis=0), s,
                                label_budget))
     return m * jnp.stack(out)
+
+  def _packed_ce(self, params, batch, feats, text, label_budget: int | None) -> jax.Array:
+    """The largest scale's pass alone (as `loop`); every coarser scale's sequence of a row laid end to end in one
+    row of sum_s (T + s - 1) positions, one decoder pass: attention block-diagonal (a segment sees only itself,
+    causally) and RoPE positions restarting per segment, so each segment's numbers are its `loop` pass's while the
+    matmuls run on all coarse segments' rows at once."""
+    c = self.config
+    full = max(self.scales)
+    coarse = [s for s in self.scales if s != full]
+    if not coarse:
+      return jnp.stack([self.scale_ce(params, batch, feats, text, full, label_budget)])
+    xs, masks, positions, targets = [], [], [], []
+    for s in coarse:
+      img = self._apply(params, feats, s, method=llava.LlavaM3.image_embeds)
+      ex = llava.expand_image_placeholders(batch["input_ids"], batch["attention_mask"], s, c.image_token_id,
+                                           labels=batch["labels"])
+      xs.append(llava.merge_embeddings(text, img, ex.source))
+      masks.append(ex.mask)
+      positions.append(ex.positions)
+      targets.append(targets_of(ex.labels))
+    lengths = [x.shape[1] for x in xs]
+    segment = jnp.repeat(jnp.arange(len(coarse)), jnp.asarray(lengths), total_repeat_length=sum(lengths))
+    mask = jnp.concatenate(masks, axis=1)
+    blocks = (segment[:, None] == segment[None, :])[None] & mask[:, None, :]    # bool[B, L, L]
+    hidden, _ = self._apply(params, jnp.concatenate(xs, axis=1), jnp.concatenate(positions, axis=1), blocks,
+                            method=llava.LlavaM3.decode)
+    budget = self._budget(batch, label_budget)
+    hs, ts, start = [], [], 0
+    for n, t in zip(lengths, targets):
+      h, t = gather_labelled(hidden[:, start:start + n], t, budget)
+      hs.append(h)
+      ts.append(t)
+      start += n
+    logits = self._apply(params, jnp.stack(hs), method=llava.LlavaM3.logits)   # [M-1, B, P, V]
+    ce = dict(zip(coarse, jax.vmap(cross_entropy_sum)(logits, jnp.stack(ts))))
+    ce[full] = self.scale_ce(params, batch, feats, text, full, label_budget)
+    return jnp.stack([ce[s] for s in self.scales])
 
   def _vmapped_ce(self, params, batch, feats, text, label_budget: int | None) -> jax.Array:
     """All scales padded to the largest one, one vmapped decoder pass over the scale axis."""
