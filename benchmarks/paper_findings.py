@@ -260,15 +260,23 @@ def report_markdown(f: dict, header: list[str]) -> str:
   return "\n".join(lines)
 
 
+def label(folder: str) -> str:
+  """An eval folder's name in the plot: m3 -> M3, ss144_spatial -> "trained at 144 only, spatial pooling"."""
+  if folder == "m3":
+    return "M3"
+  scale, _, pool = folder.removeprefix("ss").partition("_")
+  return f"trained at {scale} only" + (f", {pool} pooling" if pool else "")
+
+
 def plot(eval_root: pathlib.Path, out: pathlib.Path) -> None:
   """score_vs_tokens.{png,pdf,svg}: `m3 analyze`'s plot of every model's overall score per scale (no families),
   M3's oracle as its star; the samplers' curves borrow the avg run's finest-scale point (the same answers)."""
   from m3_jax.eval import analysis
   folders = sorted(p for p in eval_root.iterdir() if (p / "predictions.jsonl").exists())
-  runs = [analysis.read_run(p, "M3" if p.name == "m3" else p.name) for p in folders]
-  avg = next((r for r in runs if r.name.endswith("_avg")), None)
+  runs = [analysis.read_run(p, label(p.name)) for p in folders]
+  avg = next((r for r in runs if r.name.endswith(", avg pooling")), None)
   for r in runs:
-    if avg and r.name.startswith(avg.name.removesuffix("avg")):
+    if avg and r.name.startswith(avg.name.removesuffix("avg pooling")):
       for q, per in r.scores.items():
         per.update({s: v for s, v in avg.scores.get(q, {}).items() if s not in per})
   result = analysis.analyze(runs)

@@ -42,6 +42,7 @@ def benchmarks(work: pathlib.Path, quick: bool) -> dict[str, list[str]]:
       "generate_speed": ["--out", str(work / "generate_speed.md")],
       "convert_memory": ["--workdir", str(work / "convert_memory"), "--out", str(work / "convert_memory.md")],
       "probe_learnability": ["--workdir", str(work / "probe_learnability"), "--steps", "900"],
+      "paper_findings": ["--workdir", str(work / "paper_findings"), "--no-progress"],
   }
 
 
