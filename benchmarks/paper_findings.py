@@ -299,6 +299,9 @@ def main(argv=None) -> int:
   a = ap.parse_args(argv)
   work = pathlib.Path(a.workdir)
   single = tuple(int(s) for s in a.single_scales.split(","))
+  from m3_jax.data import probe
+  if not 1 <= a.eval_limit <= probe.DEFAULT_SIZES["test"]:  # a larger limit would leave every eval "not done"
+    ap.error(f"--eval-limit {a.eval_limit}: expected 1 to {probe.DEFAULT_SIZES['test']} (the probe's test split)")
   bad = [s for s in single if s not in scales_of_config()]
   if bad:
     ap.error(f"--single-scales {bad}: not scales of configs/{CONFIG}.py ({scales_of_config()})")
