@@ -9,12 +9,16 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
   assert cli.main(["demo", "--workdir", str(work), "--steps", "2", "--eval-limit", "8", "--no-progress"]) == 0
   summary = json.loads((work / "eval" / "summary.json").read_text())
   assert summary["task"] == "probe" and summary["num_samples"] == 8
-  assert sorted(summary["scales"], key=int) == ["1", "9", "36", "144"]
+  assert list(summary["scales"]) == ["auto", "144", "36", "9", "1"]
+  assert summary["scales"]["auto"]["routing_visual_tokens"] == 1.0 and summary["router"]["features"] == "joint"
   preds = (work / "eval" / "predictions.jsonl").read_text().splitlines()
-  assert len(preds) == 8 * 4
+  assert len(preds) == 8 * 5  # every scale and the router's choice
   report = (work / "eval" / "report.md").read_text()
   for family in ("whole", "blocks", "tiles", "patches"):  # --limit keeps the families balanced: 2 each
     assert f"| {family} (2) |" in report
+  for router in ("auto", "auto (eval_auto_text)", "auto (eval_auto_image)"):  # the router and its two baselines
+    assert f"| {router} | 8 |" in report
+  assert (work / "train" / "checkpoints" / "2" / "router" / "router.json").exists()
   assert (work / "eval" / "score_vs_tokens.png").stat().st_size > 10_000
   steps = [json.loads(x)["step"] for x in (work / "train" / "metrics.jsonl").read_text().splitlines()]
   assert steps[-1] == 2

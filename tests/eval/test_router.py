@@ -192,6 +192,8 @@ def test_refusals_name_what_is_wrong(setup, tmp_path, capsys):
   err = capsys.readouterr().err
   assert code == 2
   assert f"{bare} has no scale router; fit one with `m3 router fit --ckpt {bare} --runs EVALDIR...`" in err
+  assert cli.main(["generate", "--ckpt", str(bare), "--prompt", "hi", "--scale", "auto"]) == 2
+  assert f"{bare} has no scale router; fit one with `m3 router fit" in capsys.readouterr().err
   with pytest.raises(ValueError, match="has no scale router; fit one with `m3 router fit"):
     load(bare).generate(None, "hi", scale="auto")
   # a router of another checkpoint: refused naming both identities
