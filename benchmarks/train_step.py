@@ -12,7 +12,9 @@ prompt, answer, EOS; answer and EOS labelled) and all of the config's scales per
             runs forward with labels (logits at every position) and backward; gradients accumulate over scales.
   once      PyTorch + transformers, m3-jax's algorithm: CLIP + projector once, every scale avg-pooled from that output,
             the decoder once per scale at its own length, logits only at the labelled positions (the label budget P).
-  loop      m3-jax `train.scale_loss=loop` (the same algorithm, one XLA program); vmap: every scale padded to 576.
+  loop      m3-jax `train.scale_loss=loop` (the same algorithm, one XLA program); vmap: every scale padded to 576;
+            packed: the coarse scales in one decoder pass (model FLOPs counted as loop's: the masked-out attention
+            between segments is not model work).
 All sides finish with AdamW (and m3-jax's grad clipping). Each timed round runs every side once, in turn
 (A, B, C, D, A, B, ...), so a change of machine load hits all; the medians are printed, with the load average.
 
@@ -33,7 +35,7 @@ import time
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-IMPLS = ("official", "once", "loop", "vmap")
+IMPLS = ("official", "once", "loop", "vmap", "packed")
 
 
 # ---------------------------------------------------------------------------------------------------- peaks
@@ -251,7 +253,8 @@ def main(argv=None):
   text = args.text_tokens - 1   # the placeholder is not a text token
   flops = {i: (torch_step_flops(cfg, batch=args.batch, text_tokens=text, label_positions=budget,
                                 official=i == "official") if i in ("official", "once") else
-               cost.train_step_flops(cfg, batch=args.batch, text_tokens=text, label_positions=budget, impl=i))
+               cost.train_step_flops(cfg, batch=args.batch, text_tokens=text, label_positions=budget,
+                                    impl="vmap" if i == "vmap" else "loop"))
            for i in impls}
   print(f"config {args.config} (vision {cfg.vision.width}x{cfg.vision.depth} on {cfg.vision.image_size}px, llm "
         f"{cfg.llm.width}x{cfg.llm.depth}, vocab {cfg.llm.vocab_size}), batch {args.batch}, {args.text_tokens} text "

@@ -7,7 +7,8 @@ the business of the layout around the directory (m3dir, workdir).
 """
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -23,22 +24,59 @@ def absolute(path: str | epath.PathLike) -> epath.Path:
   return path if path.is_absolute() else path.absolute()
 
 
+@dataclasses.dataclass(frozen=True)
+class Deferred:
+  """A params leaf made only when `save` writes it: `make()` -> the numpy array of `shape` and `dtype`. Deferred
+  leaves are made, written, hashed and dropped one at a time, so a tree of them is never whole in memory (m3 convert
+  converts each tensor as it is written). Stored exactly as the made numpy array would be."""
+  shape: tuple[int, ...]
+  dtype: Any
+  make: Callable[[], np.ndarray]
+
+
 def save(path: str | epath.PathLike, params: Any) -> dict[str, str]:
-  """Writes `params` (a pytree of arrays: jax or numpy) to the orbax directory `path`, replacing what is there;
-  -> the per-array checksums of what was written."""
-  sums = identity.checksums(params)
+  """Writes `params` (a pytree of arrays: jax or numpy, or `Deferred`) to the orbax directory `path`, replacing what
+  is there; -> the per-array checksums of what was written."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  keys = [jax.tree_util.keystr(p) for p, _ in flat]
+  sums = identity.checksums(jax.tree_util.tree_map(lambda x: None if isinstance(x, Deferred) else x, params))
+
+  def hashed(key: str, leaf: Deferred) -> Deferred:
+    def make():
+      x = leaf.make()
+      sums[key] = identity.checksums(x)[""]
+      return x
+    return Deferred(leaf.shape, leaf.dtype, make)
+
+  params = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), [
+      hashed(k, x) if isinstance(x, Deferred) else x for k, (_, x) in zip(keys, flat)])
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=_handlers())) as ckptr:
     ckptr.save(absolute(path), args=ocp.args.PyTreeSave(params), force=True)
-  return sums
+  return {k: sums[k] for k in keys}
+
+
+class _DeferredHandler(ocp.type_handlers.NumpyHandler):
+  """Writes `Deferred` leaves one after another as numpy arrays (the same files and metadata), each made just
+  before its write and released after it."""
+
+  async def serialize(self, values, infos, args=None):
+    args = args or [ocp.type_handlers.SaveArgs()] * len(values)
+
+    async def one_at_a_time():
+      for leaf, info, arg in zip(values, infos, args):
+        await self._background_serialize([leaf.make()], [info], [arg])
+    return [ocp.future.CommitFutureAwaitingContractedSignals(one_at_a_time(), name="deferred_numpy")]
 
 
 def _handlers():
-  """orbax's default type handlers, except that numpy arrays are written from the caller's buffers. orbax deep-copies
-  host arrays so that the caller may change them during an async save; this save is synchronous, and that copy of
-  the whole tree took `m3 convert`'s peak memory from 1x to 2x the output (benchmarks/convert_memory.py)."""
+  """orbax's default type handlers, except that numpy arrays are written from the caller's buffers and `Deferred`
+  leaves one at a time. orbax deep-copies host arrays so that the caller may change them during an async save; this
+  save is synchronous, and that copy of the whole tree took `m3 convert`'s peak memory from 1x to 2x the output
+  (benchmarks/convert_memory.py)."""
   th = ocp.type_handlers
   kinds = (int, float, bytes, np.number, jax.Array, str)
   return th.create_type_handler_registry((np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False)),
+                                         (Deferred, _DeferredHandler(deepcopy_host_arrays=False)),
                                          *((k, th.get_type_handler(k)) for k in kinds))
 
 

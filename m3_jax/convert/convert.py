@@ -1,7 +1,8 @@
 """HF (llava-hf or original LLaVA / M3) directory -> m3 checkpoint, one tensor at a time.
 
-Peak host memory is the output parameters (in the stored dtype) plus one source tensor: every m3 leaf is
-allocated once in its final dtype and filled slice by slice ([L]-stacked layers); the source is memory-mapped.
+Peak host memory is one output leaf (in the stored dtype) plus its source tensors: every m3 leaf is made only when
+the checkpoint writer reaches it (`checkpoint.params.Deferred`), allocated once in its final dtype, filled slice by
+slice ([L]-stacked layers) from the memory-mapped source, written and dropped; the whole tree is never in memory.
 """
 from __future__ import annotations
 
@@ -113,31 +114,39 @@ def spelled(layout: str, name: str, source: TensorSource) -> str:
 
 def assemble(cfg: ModelConfig, found: dict[str, tuple[TensorSource, str]], dtype: str, progress: bool = True
              ) -> dict[str, Any]:
-  """Fills the m3 parameter tree tensor by tensor (a tqdm bar counts tensors)."""
+  """The m3 parameter tree as `Deferred` leaves: each is converted tensor by tensor when it is written (a tqdm bar
+  counts tensors), and the source files it read are unmapped after it, so their pages leave this process's RSS."""
   from tqdm import tqdm
+  from m3_jax.checkpoint.params import Deferred
   target = np_dtype(dtype)
-  leaves: dict[str, np.ndarray] = {}
-  jobs = []
-  for rule in hf.rules(cfg):
-    leaves[rule.m3] = np.empty(((rule.layers,) if rule.layers else ()) + rule.shape, target)
-    for i, name in enumerate(hf.expand(rule)):
-      source, key = found[name]
-      jobs.append((str(source.file(key)), key, source, rule, i if rule.layers else None))
-  jobs.sort(key=lambda j: (j[0], j[1]))  # file order: sequential reads of memory-mapped shards
-  previous = None
-  for file, key, source, rule, layer in tqdm(jobs, desc="convert", unit="tensor", disable=not progress):
-    if previous is not None and previous[0] != file:
-      previous[1].release(previous[0])  # done with that shard: unmap it so peak memory stays ~ output + 1 shard
-    previous = (file, source)
-    x = hf.TRANSFORMS[rule.transform][0](source.get(key))
-    if layer is None:
-      leaves[rule.m3][...] = x.astype(target, copy=False)
-    else:
-      leaves[rule.m3][layer] = x.astype(target, copy=False)
-    del x
-  if previous is not None:
-    previous[1].release(previous[0])
-  return unflatten(leaves)
+  rules = hf.rules(cfg)
+  bar = tqdm(total=sum(len(hf.expand(r)) for r in rules), desc="convert", unit="tensor", disable=not progress)
+
+  def make(rule):
+    def leaf() -> np.ndarray:
+      out = np.empty(((rule.layers,) if rule.layers else ()) + rule.shape, target)
+      jobs = sorted((str(found[name][0].file(found[name][1])), found[name][1], i) for i, name in
+                    enumerate(hf.expand(rule)))  # file order: sequential reads of memory-mapped shards
+      touched = set()
+      for file, key, i in jobs:
+        source = found[hf.expand(rule)[i]][0]
+        touched.add((file, source))
+        x = hf.TRANSFORMS[rule.transform][0](source.get(key))
+        if rule.layers:
+          out[i] = x.astype(target, copy=False)
+        else:
+          out[...] = x.astype(target, copy=False)
+        del x
+        bar.update()
+      for file, source in touched:
+        source.release(file)
+      if bar.n == bar.total:
+        bar.close()
+      return out
+    return leaf
+
+  return unflatten({rule.m3: Deferred(((rule.layers,) if rule.layers else ()) + rule.shape, target, make(rule))
+                    for rule in rules})
 
 
 def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
