@@ -6,6 +6,11 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The CLI's persistent compilation cache (m3_jax/compile_cache.py) stays inside this test session, never in the
+# user's ~/.cache: tests that compare first and second starts get a cold cache, and nothing leaks between runs.
+if "M3_COMPILATION_CACHE" not in os.environ:
+  import tempfile
+  os.environ["M3_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="m3_xla_cache_")
 
 import pytest  # noqa: E402
 
