@@ -68,6 +68,9 @@ def fit(trainer: TrainStep, workdir: str | epath.PathLike, batches: Iterator[dic
       if lease is not None:
         lease.release()
       raise
+    if jax.process_count() > 1:   # every process has read config.json before process 0 rewrites it
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("m3_resume_config_checked")
   if primary:
     workdir_lib.write_config(workdir, config_json)
   batches = batches if batches is not None else make_batches(config, workdir)

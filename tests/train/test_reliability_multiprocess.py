@@ -1,0 +1,82 @@
+"""Multi-process resume: two gloo processes on loopback, one SIGKILLed mid-run (then the job torn down, as a
+scheduler does), both restarted: the losses of an uninterrupted two-process run, step for step."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from m3_jax.checkpoint import workdir as workdir_lib
+from m3_jax.train.metrics import read_metrics
+
+from train_testlib import REPO, small_overrides, subprocess_env
+
+STEPS = 8
+
+
+def children(pid: int) -> dict[int, str]:
+  """pid -> command line of the direct children of `pid` (from /proc)."""
+  out = {}
+  for entry in os.listdir("/proc"):
+    if not entry.isdigit():
+      continue
+    try:
+      with open(f"/proc/{entry}/stat") as f:
+        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+      if ppid == pid:
+        with open(f"/proc/{entry}/cmdline", "rb") as f:
+          out[int(entry)] = f.read().replace(b"\0", b" ").decode()
+    except (OSError, IndexError, ValueError):
+      continue
+  return out
+
+
+@pytest.mark.slow
+def test_two_processes_sigkilled_and_restarted_match_an_uninterrupted_run(tmp_path, compile_cache):
+  overrides = small_overrides(**{"train.num_steps": STEPS, "checkpoint.every": 2, "train.scales": "(1,)",
+                                 "train.lr": 3e-3})
+  env = subprocess_env(compile_cache, devices=2)
+  env.pop("XLA_FLAGS")   # launch/local.py sets each process's device count
+
+  def launch(workdir):
+    log = open(tmp_path / f"{workdir.name}.log", "a")
+    return subprocess.Popen(
+        [sys.executable, "launch/local.py", "--num-processes", "2", "--devices-per-process", "2",
+         "--xla-flags=--xla_backend_optimization_level=0", "--config", str(REPO / "configs/tiny.py"),
+         "--workdir", str(workdir), *[f"--config.{o}" for o in overrides]],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+  def logs(workdir):
+    return "".join(p.read_text()[-2000:] for p in [tmp_path / f"{workdir.name}.log", *workdir.glob("process_*.log")]
+                   if p.exists())
+
+  straight, broken = tmp_path / "straight", tmp_path / "broken"
+  job = launch(broken)   # compiles; the restart and the reference read its programs from the compilation cache
+  try:
+    deadline = time.time() + 400
+    while not (workdir_lib.steps(broken) and (broken / "metrics.jsonl").exists()
+               and max(read_metrics(broken), default=0) >= 3):
+      assert job.poll() is None, f"the two-process run exited early with {job.returncode}: {logs(broken)}"
+      assert time.time() < deadline, logs(broken)
+      time.sleep(0.05)
+    second = next(pid for pid, cmd in children(job.pid).items() if "--process-id 1" in cmd)
+    os.kill(second, signal.SIGKILL)   # one process dies mid-run
+    time.sleep(0.5)
+    assert job.poll() is None, "the run ended before the SIGKILL: nothing was interrupted"
+  finally:
+    os.killpg(job.pid, signal.SIGKILL)   # the scheduler tears the job down
+    job.wait()
+  killed_at = max(read_metrics(broken))
+  assert killed_at < STEPS
+  restarted, reference = launch(broken), launch(straight)
+  assert restarted.wait(timeout=400) == 0, logs(broken)
+  assert reference.wait(timeout=400) == 0, logs(straight)
+  a, b = read_metrics(straight), read_metrics(broken)
+  assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+  for step in a:
+    assert abs(a[step]["loss"] - b[step]["loss"]) <= 1e-6, (step, a[step]["loss"], b[step]["loss"])
+  assert workdir_lib.steps(broken) == workdir_lib.steps(straight) == [4, 6, 8]
