@@ -9,6 +9,7 @@ import json
 from m3_jax.cli import scale_list
 from m3_jax.cli.score import make_task, task_option
 from m3_jax.data.conversation import TEMPLATES
+from m3_jax.eval.generate import MAX_NEW_TOKENS
 from m3_jax.models.matryoshka import POOL_METHODS
 
 
@@ -29,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser):
   p.add_argument("--out", required=True, help="output directory: predictions.jsonl, summary.json, summary.csv")
   p.add_argument("--batch-size", type=int, default=16, help="samples per generation batch")
   p.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
-  p.add_argument("--max-new-tokens", type=int, default=32, help="most tokens generated per answer")
+  p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="most tokens generated per answer")
   p.add_argument("--template", default="auto", choices=["auto", *TEMPLATES],
                  help="chat template; auto = the one recorded at conversion")
   p.add_argument("--pool", default=None, choices=POOL_METHODS,

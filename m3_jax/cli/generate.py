@@ -7,6 +7,7 @@ import json
 
 from m3_jax.cli import scale_list
 from m3_jax.data.conversation import TEMPLATES
+from m3_jax.eval.generate import MAX_NEW_TOKENS
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -23,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser):
                  help="with auto: this router folder (default: router/ in the checkpoint's folder)")
   p.add_argument("--grid", default=None, metavar="RxC",
                  help="LLaVA-NeXT: override the anyres crop grid, e.g. 3x3 (paper Table 5)")
-  p.add_argument("--max-new-tokens", type=int, default=32, help="most tokens generated per answer")
+  p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="most tokens generated per answer")
   p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
   p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
   p.add_argument("--seed", type=int, default=0, help="sampling seed")

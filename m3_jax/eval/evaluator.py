@@ -21,6 +21,7 @@ from etils import epath
 from tqdm import tqdm
 
 from m3_jax.eval import cache, predictions
+from m3_jax.eval.generate import MAX_NEW_TOKENS
 from m3_jax.eval.tasks import Sample, Task
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ def sample_image(sample: Sample):
   return sample.image
 
 
-def model_functions(model: M3Model, *, max_new_tokens: int = 32, batch_size: int = 16,
+def model_functions(model: M3Model, *, max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 16,
                     grid: tuple[int, int] | None = None, likelihood: bool = False,
                     scales: Sequence[int] | None = None) -> tuple[AnswerFn, AnswerFn | None]:
   """(generate, choose) answering with a loaded checkpoint; choose is None unless `likelihood`. `grid` overrides

@@ -25,9 +25,13 @@ from m3_jax.models import anyres, llama, llava
 from m3_jax.models.config import ModelConfig
 
 
+# The one default answer length: m3 generate / m3 eval --max-new-tokens, m3_jax.load().generate, m3 serve max_tokens.
+MAX_NEW_TOKENS = 32
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-  max_new_tokens: int = 32
+  max_new_tokens: int = MAX_NEW_TOKENS
   temperature: float = 0.0   # 0: greedy
   top_p: float = 1.0
   seed: int = 0

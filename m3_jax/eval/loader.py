@@ -18,7 +18,7 @@ import numpy as np
 
 from m3_jax.checkpoint.reader import Checkpoint, read_checkpoint
 from m3_jax.data import conversation, image as image_lib
-from m3_jax.eval.generate import Engine, Sampling
+from m3_jax.eval.generate import MAX_NEW_TOKENS, Engine, Sampling
 
 
 class M3Model:
@@ -88,7 +88,7 @@ class M3Model:
                                         image=has_image)
 
   def generate(self, images: Sequence[Any] | Any, prompts: Sequence[str] | str,
-               scale: int | Sequence[int] | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
+               scale: int | Sequence[int] | None = None, max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = 0.0,
                top_p: float = 1.0, seed: int = 0, batch_size: int = 16, grid: tuple[int, int] | None = None,
                budget: float | None = None, visual: Sequence[np.ndarray | None] | None = None) -> list[dict] | dict:
     """One answer per (image, prompt); a plain-string prompt (with one image, path / bytes / PIL / None) gives one

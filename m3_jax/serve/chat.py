@@ -8,9 +8,10 @@ import dataclasses
 import numpy as np
 
 from m3_jax.data import conversation
+from m3_jax.eval.generate import MAX_NEW_TOKENS
 from m3_jax.serve.protocol import ApiError, ChatRequest, ImagePart
 
-DEFAULT_MAX_TOKENS = 64  # as `m3 generate --max-new-tokens`
+DEFAULT_MAX_TOKENS = MAX_NEW_TOKENS  # as `m3 generate --max-new-tokens`
 
 
 @dataclasses.dataclass(frozen=True)
