@@ -11,7 +11,7 @@ writes), then one table maps canonical names to m3 parameter paths with a small 
 
 Per-layer names (with `{i}`) fill a leading [L] axis (the model scans over layers).
 
-Layouts (DESIGN.md, "Facts that are easy to get wrong"):
+Layouts (docs/design.md, "Facts that are easy to get wrong"):
   llava_hf        `vision_tower.vision_model.*` (4.5x) or `vision_tower.*` (fresh saves of transformers >= 5.6),
                   `multi_modal_projector.*`, `language_model.model.*`, `language_model.lm_head.weight`, `image_newline`
   llava_hf_model  the in-memory names on disk: `model.vision_tower.*`, `model.multi_modal_projector.*`,

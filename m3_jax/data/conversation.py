@@ -1,6 +1,6 @@
 """Chat templates, prompt tokenization with image placeholders, and training labels.
 
-Templates (DESIGN.md):
+Templates (docs/design.md, "Command line"):
   vicuna_v1  "{system} USER: <image>\\n{q} ASSISTANT: {a}</s>USER: {q2} ASSISTANT: {a2}</s>"  (LLaVA-1.5 / M3)
   llava_hf   "USER: <image>\\n{q} ASSISTANT: {a}</s>..."   (llava-hf checkpoints; no system prompt)
   plain      "<image>{caption}\\n"                           (LLaVA pretraining captions)

@@ -2,7 +2,7 @@
 `<workdir>/tb/` (tensorboardX: no TensorFlow needed). Only process 0 writes.
 
 After a resume the file is appended to, so a step may appear twice; the later line's values are the ones that count
-(DESIGN.md). An evaluation during training writes its scores (eval/<task>/scale_<N>) as a line of its own for the
+(docs/design.md). An evaluation during training writes its scores (eval/<task>/scale_<N>) as a line of its own for the
 same step. `read_metrics` applies both: a step's lines merge, a later value replacing an earlier one.
 
 A workdir on an object store (gs://..., through etils.epath) cannot be appended to, and tensorboardX writes only

@@ -2,7 +2,7 @@
 
     L = 1/M * sum_{i=1..M} CE(X_a | X_{S_i}, X_q)
 
-Cost structure (DESIGN.md "Training design"):
+Cost structure (docs/design.md, "Data flow"):
 - The vision encoder and projector run once per step; every scale pools from that one output.
 - The vocabulary projection runs only at labelled positions: each row's positions whose next token carries a
   label are gathered (at most P per row, a static bound: `label_budget`) before `model.logits`; visual and
