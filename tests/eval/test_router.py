@@ -47,8 +47,10 @@ def test_calibration_table_default_and_budget_hand_worked():
   assert rows[0.7] == {"threshold": 0.7, "accuracy": 1.0, "mean_tokens": (9 + 144) / 2 + 1}  # a: 9, b: 144
   assert rows[1.01] == {"threshold": 1.01, "accuracy": 1.0, "mean_tokens": 144 + 1}
   table = list(rows.values())
-  # the best fixed scale (144) is right on both: the default is the cheapest row that reaches 1.0
-  assert policy.default_threshold(table, fixed_best=1.0)["threshold"] == 0.7
+  # the default is the cheapest row that reaches its target; none reaches 1.1: the most accurate, cheapest
+  assert policy.default_threshold(table, target=1.0)["threshold"] == 0.7
+  assert policy.default_threshold(table, target=0.5)["threshold"] == 0.5
+  assert policy.default_threshold(table, target=1.1)["threshold"] == 0.7
   # a budget is respected on the calibration split: the most accurate row within it
   assert policy.budget_threshold(table, 80)["threshold"] == 0.7
   assert policy.budget_threshold(table, 30)["threshold"] == 0.5

@@ -18,6 +18,7 @@ from m3_jax.errors import Incompatible
 from m3_jax.eval import cache, predictions
 from m3_jax.eval.router import features as features_lib, policy, predictor
 from m3_jax.eval.router.store import FORMAT, Router
+from m3_jax.eval.stats import bootstrap_ci
 
 FOLDS = 5
 
@@ -121,15 +122,19 @@ def fit(model, ckpt_identity: str, runs: Sequence[str], kind: str = "joint") -> 
   routing = features_lib.routing_tokens(kind, scales[0])
   rows = policy.table(probs, y, scales, routing)
   fixed = {int(s): float(y[:, j].mean()) for j, s in enumerate(scales)}
-  default = policy.default_threshold(rows, max(fixed.values()))
+  # "Matches the best fixed scale": an exact match of a noisy out-of-fold estimate degenerates into always the
+  # largest scale, so the target is the lower end of the best fixed scale's 95% bootstrap interval.
+  target = bootstrap_ci(y[:, int(np.argmax([fixed[s] for s in scales]))])[0]
+  default = policy.default_threshold(rows, target)
   best = y.max(axis=1)
   meta = {
       "format": FORMAT, "features": kind, "routing_scale": scales[0], "routing_tokens": routing,
       "scales": scales, "ckpt_identity": ckpt_identity, "threshold": default["threshold"],
       "label": "score >= 0.5 (exact match)" if binary else "score (soft metric)",
-      "predictor": {"hidden": predictor.HIDDEN, "steps": predictor.STEPS, "features": int(x.shape[1])},
+      "predictor": {"model": "logistic", "l2": predictor.L2, "steps": predictor.STEPS, "features": int(x.shape[1])},
       "calibration": {"runs": [str(r) for r in runs], "num_samples": len(samples), "folds": folds,
                       "fixed": {str(s): a for s, a in fixed.items()},
+                      "default_target": target,
                       "oracle": {"score": float(best.mean()),
                                  "mean_tokens": float(np.mean([scales[int(np.argmax(r >= r.max()))] for r in y]))},
                       "default": default, "table": rows},

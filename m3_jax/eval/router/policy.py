@@ -42,10 +42,11 @@ def table(probs: np.ndarray, scores: np.ndarray, scales: Sequence[int], routing_
   return rows
 
 
-def default_threshold(rows: list[dict], fixed_best: float) -> dict:
-  """The row that matches the best fixed scale's calibration accuracy at the fewest tokens; when no threshold
-  reaches it, the most accurate row (ties: fewer tokens)."""
-  good = [r for r in rows if r["accuracy"] >= fixed_best - 1e-9]
+def default_threshold(rows: list[dict], target: float) -> dict:
+  """The row with the fewest mean tokens whose accuracy reaches `target` (the fit passes the lower end of the best
+  fixed scale's 95% bootstrap interval: accuracy that calibration cannot tell from the best fixed scale's); when
+  no threshold reaches it, the most accurate row (ties: fewer tokens)."""
+  good = [r for r in rows if r["accuracy"] >= target - 1e-9]
   if good:
     return min(good, key=lambda r: (r["mean_tokens"], -r["accuracy"]))
   return max(rows, key=lambda r: (r["accuracy"], -r["mean_tokens"]))

@@ -3,8 +3,9 @@
   router.json   {"format", "features", "routing_scale", "routing_tokens", "scales" (ascending), "ckpt_identity"
                  (the checkpoint it was fitted for), "threshold" (the default), "label" (how scores became
                  targets), "calibration": {"runs", "num_samples", "fixed" {scale: accuracy}, "oracle", "default",
+                 "default_target" (the accuracy the default threshold reaches: the best fixed scale's 95% CI low end),
                  "table" [{"threshold", "accuracy", "mean_tokens"}] (out-of-fold), "folds"}, "predictor" sizes}
-  params.npz    the predictor's arrays (mean, std, w1, b1, w2, b2); read without pickle
+  params.npz    the predictor's arrays (mean, std, w, b); read without pickle
 
 in a checkpoint's folder (an m3 directory, or a training workdir's step folder: `reader.home`) or anywhere
 (`--out`, `--router PATH`). A router is used only with the checkpoint (identity) and scales it was fitted for.
