@@ -6,6 +6,8 @@ import collections
 import json
 import pathlib
 
+from m3_jax.data.conversation import TEMPLATES
+
 
 def add_arguments(parser: argparse.ArgumentParser):
   parser.epilog = ("examples:\n  m3 data check llava_v1_5_mix665k.json --image-folder data/\n"
@@ -24,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser):
   c.add_argument("--max-length", type=int, default=2048, help="training max_length (with --tokenizer)")
   c.add_argument("--max-scale", type=int, default=0, help="visual tokens of the largest trained scale (default: "
                  "from the checkpoint's m3_config.json, else 576)")
-  c.add_argument("--template", default="vicuna_v1", help="vicuna_v1 | llava_hf | plain (with --tokenizer)")
+  c.add_argument("--template", default="vicuna_v1", choices=sorted(TEMPLATES), help="chat template (with --tokenizer)")
   c.add_argument("--follow-symlinks", action="store_true",
                  help="accept images reached through symlinks that leave the image folder (as data.follow_symlinks; "
                       "absolute and '..' paths stay refused)")

@@ -2,7 +2,7 @@
 
 Predictions are JSON lines with `question_id` and `prediction` (LLaVA answer files' `text` is accepted too); ids
 are the task file's own (see each task's doc), compared as strings. Files written by `m3 eval` hold one line per
-sample and scale: they are scored per scale (`--scale N` picks one). The scoring itself (id matching, missing and
+sample and scale: they are scored per scale (`--scale N[,N...]` picks some). The scoring itself (id matching, missing and
 duplicate ids) is `m3_jax.eval.scoring`.
 
 Every id problem is an error (exit status 2), reported by id on stderr: predictions for ids the task does not
@@ -16,12 +16,15 @@ import argparse
 import json
 import os
 
+from m3_jax.cli import scale_list
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("task", help="task name (e.g. textvqa, mmbench, pope; an unknown name lists them all)")
   parser.add_argument("--data", required=True, help="the task's files as published (file or folder; see README)")
   parser.add_argument("--predictions", required=True, help="JSON lines {question_id, prediction}")
-  parser.add_argument("--scale", type=int, default=None, help="score only lines with this `scale`")
+  parser.add_argument("--scale", type=scale_list, default=None, metavar="N[,N...]",
+                      help="score only lines with these scales (one or a comma list; default: every scale in the file)")
   parser.add_argument("--allow-missing", action="store_true",
                       help="score the samples that have predictions; report the missing count instead of failing")
   parser.add_argument("--task-option", action="append", default=[], type=task_option, metavar="KEY=VALUE",

@@ -42,6 +42,7 @@ from m3_jax.data import image as image_lib
 from m3_jax.data import sources
 from m3_jax.data.errors import BadRecord
 from m3_jax.errors import BadFile
+from m3_jax.labels import IGNORE
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ class Collate:
                        "(truncation should have prevented this)")
     b = len(examples)
     ids = np.full((b, t), self.pad_id, np.int32)
-    labels = np.full((b, t), cv.IGNORE, np.int32)
+    labels = np.full((b, t), IGNORE, np.int32)
     mask = np.zeros((b, t), np.int32)
     for i, e in enumerate(examples):
       n = len(e["input_ids"])

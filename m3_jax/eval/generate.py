@@ -21,6 +21,7 @@ from jax.experimental import io_callback
 
 from m3_jax import sharding
 from m3_jax.errors import InputTooLong
+from m3_jax.labels import IGNORE
 from m3_jax.models import anyres, llama, llava
 from m3_jax.models.config import ModelConfig
 
@@ -323,7 +324,7 @@ class Engine:
     hidden, _ = m.apply({"params": params}, x, positions, valid, method=m.decode)
     logits = m.apply({"params": params}, hidden[:, :-1], method=m.logits)
     targets = labels[:, 1:]
-    ok = targets != llava.IGNORE
+    ok = targets != IGNORE
     logp = jax.nn.log_softmax(logits, axis=-1)
     gold = jnp.take_along_axis(logp, jnp.where(ok, targets, 0)[..., None], axis=-1)[..., 0]
     return jnp.sum(jnp.where(ok, gold, 0.0), axis=1), jnp.sum(ok, axis=1)
@@ -332,7 +333,7 @@ class Engine:
                     visual: Sequence[np.ndarray | None]) -> tuple[np.ndarray, np.ndarray]:
     """Sum of log p(continuation | prompt, image) per sample, and the continuation's token count."""
     ids, mask, img, n_vis = self._pack(prompts, visual, "right", extra=continuations)
-    labels = np.full_like(ids, llava.IGNORE)
+    labels = np.full_like(ids, IGNORE)
     for i, (p, c) in enumerate(zip(prompts, continuations)):
       labels[i, len(p):len(p) + len(c)] = c
     total, count = self._score(self.params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(labels),

@@ -68,7 +68,7 @@ def score(task: Task, samples: Sequence[Sample], records: Sequence[dict], allow_
   return summary, per_sample
 
 
-def score_file(task: Task, samples: Sequence[Sample], path: str, *, scale: int | None = None,
+def score_file(task: Task, samples: Sequence[Sample], path: str, *, scale: int | Sequence[int | str] | None = None,
                allow_missing: bool = False) -> tuple[dict, list[dict]]:
   """Scores the predictions file `path` (only its lines with `scale`, when given).
 
@@ -77,7 +77,9 @@ def score_file(task: Task, samples: Sequence[Sample], path: str, *, scale: int |
   """
   records = predictions_lib.read(path, predictions_lib.SCORE_FIELDS, who="m3 score")
   if scale is not None:
-    records = [r for r in records if r["scale"] == scale]
+    wanted = {scale} if isinstance(scale, (int, str)) else set(scale)
+    records = [r for r in records if r["scale"] in wanted]
+    scale = ",".join(str(s) for s in sorted(wanted, key=str)) if len(wanted) > 1 else next(iter(wanted))
   if not records:
     raise PredictionError(f"{path}: no predictions" + (f" with scale {scale}" if scale is not None else ""))
   groups = predictions_lib.by_scale(records)

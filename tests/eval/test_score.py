@@ -90,6 +90,11 @@ def test_m3_eval_files_are_scored_per_scale(tmp_path, capsys):
   assert summary["scales"]["9"]["accuracy"] == 0.5 and summary["scales"]["9"]["yes_ratio"] == 1.0
   code, out, err = score(capsys, "pope", "--data", data, "--predictions", preds, "--scale", "9")
   assert code == 0 and last_json(out)["scale"] == 9 and last_json(out)["accuracy"] == 0.5
+  code, out, err = score(capsys, "pope", "--data", data, "--predictions", preds, "--scale", "9,576")
+  assert code == 0, err
+  assert last_json(out)["scales"]["9"]["accuracy"] == 0.5 and last_json(out)["scales"]["576"]["accuracy"] == 1.0
+  code, out, err = score(capsys, "pope", "--data", data, "--predictions", preds, "--scale", "36")
+  assert code == 2 and "with scale 36" in err
 
 
 def test_bad_prediction_line_and_unknown_task(tmp_path, capsys):
