@@ -43,6 +43,12 @@ def benchmarks(work: pathlib.Path, quick: bool) -> dict[str, list[str]]:
       "convert_memory": ["--workdir", str(work / "convert_memory"), "--out", str(work / "convert_memory.md")],
       "probe_learnability": ["--workdir", str(work / "probe_learnability"), "--steps", "900"],
       "paper_findings": ["--workdir", str(work / "paper_findings"), "--no-progress"],
+      "profile_train_step": ["--config", "small", "--repeats", "2"],
+      "eval_scales": ["--repeats", "3"],
+      "startup": ["--rounds", "1", "--out", str(work / "startup.md")],
+      "serve_load": ["--out", str(work / "serve_load.md")],
+      "next_train": ["--config", "small:next"],
+      "next_staircase": ["--workdir", str(work / "next_staircase")],
   }
 
 
