@@ -47,7 +47,7 @@ def subparser(name: str):
 
 
 @pytest.mark.parametrize("name", ["train", "export", "convert", "generate", "eval", "score", "analyze", "data", "demo",
-                                  "cost", "router"])
+                                  "cost", "router", "serve", "info"])
 def test_help_shows_defaults_and_an_example(name):
   p = subparser(name)
   for action in p._actions:

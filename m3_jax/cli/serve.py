@@ -21,8 +21,8 @@ def add_arguments(p: argparse.ArgumentParser):
                       'folder, written by `m3 router fit`; none: "auto" is answered 400)')
   p.add_argument("--served-model-name", default=None,
                  help="the model id of /v1/models and requests' `model` (default: the checkpoint folder's name)")
-  p.add_argument("--host", default="127.0.0.1")
-  p.add_argument("--port", type=int, default=8000)
+  p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+  p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
   p.add_argument("--max-batch", type=int, default=8, help="requests decoded together in one engine batch")
   p.add_argument("--max-queue", type=int, default=64,
                  help="requests waiting for a batch; beyond it the server answers 503 with Retry-After")
@@ -34,9 +34,11 @@ def add_arguments(p: argparse.ArgumentParser):
                  help="image_url may be a local path under this folder (default: data: URIs only)")
   p.add_argument("--warmup", action="store_true",
                  help="compile every power-of-two batch size x scale before serving (a prompt of a few words, "
-                 "max_tokens 64), so that first requests do not wait for XLA")
+                 "max_tokens 32), so that first requests do not wait for XLA")
   p.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
                  help="larger images are refused (400) from their header, before decoding")
+  p.epilog = ("example:\n  m3 serve --ckpt runs/demo/train --served-model-name m3 --port 8000 --allowed-image-dir .\n"
+              "  curl -s http://127.0.0.1:8000/v1/models")
 
 
 def run(args) -> int:
