@@ -88,6 +88,8 @@ def main(argv=None):
     config.data.probe_size = a.probe_size
     config.data.probe_families = a.families
     config.train.update(num_steps=steps, batch_size=a.batch, lr=a.lr)
+    if a.finest_first:  # this benchmark's own two-run curriculum replaces the config's finest_first_steps
+      config.train.finest_first_steps = 0
     config.checkpoint.update(every=steps, keep=1, async_save=False)
     return config
 
@@ -99,7 +101,8 @@ def main(argv=None):
     loop.fit(TrainStep(first), wd, progress=False)
   config = make_config(a.steps, a.set)
   trainer = TrainStep(config)
-  summary = loop.fit(trainer, wd, progress=False)
+  # Phase 2 resumes phase 1's workdir with every scale and more steps: a config change made on purpose.
+  summary = loop.fit(trainer, wd, progress=False, allow_config_change=bool(a.finest_first))
   train_s = time.time() - t
   step, state, _ = workdir_lib.Checkpoints(wd, keep=1, async_save=False).restore(trainer.abstract_state())
   acc = evaluate(trainer, state["params"], config, a.eval_per_family)
