@@ -26,3 +26,11 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
   assert cli.main(["demo", "--workdir", str(work), "--steps", "2", "--eval-limit", "8", "--no-progress"]) == 0
   assert (work / "eval" / "predictions.jsonl").read_text().splitlines() == preds
   assert [json.loads(x)["step"] for x in (work / "train" / "metrics.jsonl").read_text().splitlines()] == steps
+  # More training later (a smoke run, then a longer one): the demo answers again for the new step, never mixing
+  # the earlier step's answers in (the eval cache would refuse them).
+  assert cli.main(["demo", "--workdir", str(work), "--steps", "3", "--eval-limit", "8", "--no-progress"]) == 0
+  again = [json.loads(x) for x in (work / "eval" / "predictions.jsonl").read_text().splitlines()]
+  assert len(again) == 8 * 5
+  from m3_jax.checkpoint import reader
+  assert json.loads((work / "eval" / "summary.json").read_text())["ckpt_identity"] == reader.identity(work / "train")
+  assert (work / "train" / "checkpoints" / "3" / "router" / "router.json").exists()

@@ -19,6 +19,7 @@ Every step resumes: run it again and finished work is skipped. The same steps by
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import time
 
@@ -47,6 +48,7 @@ def run(args) -> int:
     print(f"training stopped at step {done} of {wanted}; run the same command again to resume", flush=True)
     return 1
   trained = time.perf_counter()
+  _forget_stale(work, train)
   print(f"[3/5] evaluating every scale -> {evaldir}", flush=True)
   probe_eval = ["eval", "--ckpt", str(train), "--task", "probe", "--data", str(train / "probe"),
                 "--limit", str(args.eval_limit), "--max-new-tokens", "4", *quiet]
@@ -87,6 +89,26 @@ def _routers(cli, work: pathlib.Path, train: pathlib.Path, probe_eval: list[str]
     scales = "auto" if features in BASELINES else ",".join(["auto", *map(str, reader.model_config(train).m3.scales)])
     code = code or cli.main([*probe_eval, "--scale", scales, "--router", str(folder), "--out", str(out)])
   return code
+
+
+def _forget_stale(work: pathlib.Path, train: pathlib.Path):
+  """Training moved on since the last demo run (e.g. `--steps 2`, then the full run): the eval folders and the
+  baseline routers made for the older step belong to another checkpoint identity, so they are removed and made
+  again (the eval cache would rightly refuse them). The joint router lives in the step's own folder."""
+  import shutil
+  from m3_jax.checkpoint import reader
+  from m3_jax.eval import cache
+  from m3_jax.eval.router import store
+  identity = reader.identity(train)
+  for folder in [work / "eval", work / "eval_validation", *(work / f"eval_auto_{b}" for b in BASELINES)]:
+    run = cache.read(folder) if folder.exists() else None
+    if run is not None and run.get("key", {}).get("ckpt_identity") != identity:
+      print(f"{folder} holds answers of an earlier step: evaluating again", flush=True)
+      shutil.rmtree(folder)
+  for b in BASELINES:
+    meta = work / "routers" / b / store.META
+    if meta.exists() and json.loads(meta.read_text()).get("ckpt_identity") != identity:
+      shutil.rmtree(meta.parent)
 
 
 def _trained_steps(workdir: pathlib.Path) -> tuple[int, int]:
