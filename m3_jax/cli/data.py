@@ -37,9 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser):
                      "as a TFDS dataset under --out; read it with data.source=probe, data.path=OUT.")
   p.add_argument("--out", required=True, help="TFDS data directory to build into")
   p.add_argument("--seed", type=int, default=0, help="generator seed")
-  p.add_argument("--train", type=int, default=4000, help="train examples per family")
-  p.add_argument("--validation", type=int, default=400, help="validation examples per family")
-  p.add_argument("--test", type=int, default=400, help="test examples per family")
+  p.add_argument("--train", type=int, default=4000, help="train examples (families balanced)")
+  p.add_argument("--validation", type=int, default=400, help="validation examples (families balanced)")
+  p.add_argument("--test", type=int, default=400, help="test examples (families balanced)")
   p.add_argument("--families", default="binding", choices=("binding", "presence"),
                  help="binding (default; see m3_jax/data/probe.py) or presence (the first design)")
   p.add_argument("--aspects", default="1:1", help="image aspects W:H, comma-separated, e.g. 1:1,2:1,1:2 (non-square "
