@@ -22,9 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser):
   p.add_argument("--out", default=None,
                  help="where the router goes (default: router/ in the checkpoint's folder, which m3_jax.load reads; "
                       "for a training workdir, its step's folder)")
-  p.add_argument("--features", default="joint", choices=("joint", "image", "text"),
-                 help="joint: the decoder's last prompt-token state after one prefill at the smallest scale; image "
-                      "/ text: baselines that see only the image / only the question")
+  p.add_argument("--features", default="auto", choices=("auto", "joint", "image", "text"),
+                 help="joint: the decoder's last prompt-token state after one prefill at the smallest scale, beside "
+                      "that scale's visual tokens; image / text: only the image / only the question; auto: each is "
+                      "fitted and the one whose out-of-fold routing gains most over the calibration split's "
+                      "fixed-scale frontier is kept (all three are reported in router.json's selection)")
   p.epilog = ("example:\n  m3 eval --ckpt runs/demo/train --task probe --data runs/demo/train/probe "
               "--task-option split=validation --out runs/demo/eval_validation\n"
               "  m3 router fit --ckpt runs/demo/train --runs runs/demo/eval_validation")

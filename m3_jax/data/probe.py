@@ -89,7 +89,7 @@ PRESENCE = {  # family -> (scale it needs, square side in pixels, question)
 FAMILY_SETS = {"binding": tuple(BINDING), "presence": tuple(PRESENCE)}
 FAMILY_NAMES = FAMILY_SETS["binding"]
 SPLITS = {"train": 0, "validation": 1, "test": 2}
-DEFAULT_SIZES = {"train": 4000, "validation": 400, "test": 400}
+DEFAULT_SIZES = {"train": 4000, "validation": 2000, "test": 400}
 
 
 def needed_scale(family: str) -> int:
@@ -236,8 +236,10 @@ class ProbeConfig(tfds.core.BuilderConfig):
 
 class Probe(tfds.core.GeneratorBasedBuilder):
   """M3 granularity probe (see m3_jax/data/probe.py)."""
-  VERSION = tfds.core.Version("1.1.0")
-  RELEASE_NOTES = {"1.1.0": "binding families; `reply` (trained text) beside `answer` (scored word)"}
+  VERSION = tfds.core.Version("1.2.0")
+  RELEASE_NOTES = {"1.1.0": "binding families; `reply` (trained text) beside `answer` (scored word)",
+                   "1.2.0": "2000 validation examples by default (the scale router's calibration split); the "
+                            "examples are unchanged (they depend on seed, split and index only)"}
   BUILDER_CONFIGS = [ProbeConfig(name="default")]
 
   def _info(self):
@@ -291,8 +293,10 @@ def built(data_dir: str) -> dict[str, str]:
   """{config name: its folder} for every probe built in `data_dir` (`m3 data probe --out data_dir`), any seed and
   sizes ("default" is seed 0 with DEFAULT_SIZES; others are named family_set_sSEED_TRAIN_VALIDATION_TEST)."""
   root = epath.Path(data_dir) / Probe.name  # gs://... too
-  folders = sorted(root.glob(f"*/{Probe.VERSION}/dataset_info.json")) if root.is_dir() else []
-  return {f.parent.parent.name: str(f.parent) for f in folders}
+  folders = root.glob("*/*/dataset_info.json") if root.is_dir() else []
+  # Any version (an older build is read as built); a config built at several versions: the newest.
+  key = lambda f: tuple(int(x) for x in f.parent.name.split(".") if x.isdigit())  # noqa: E731
+  return {f.parent.parent.name: str(f.parent) for f in sorted(folders, key=key)}
 
 
 def open_built(data_dir: str, config: str | None = None):
@@ -301,7 +305,7 @@ def open_built(data_dir: str, config: str | None = None):
   found = built(data_dir)
   if not found:
     raise FileNotFoundError(f"{data_dir}: no granularity probe built there (expected {Probe.name}/CONFIG/"
-                            f"{Probe.VERSION}/); build one with `m3 data probe --out {data_dir}`")
+                            f"VERSION/); build one with `m3 data probe --out {data_dir}`")
   if config is None and len(found) > 1:
     raise ValueError(f"{data_dir} holds {len(found)} probes ({', '.join(found)}); choose one with "
                      f"--task-option config=NAME")

@@ -131,7 +131,7 @@ def setup(tmp_path_factory):
   probe.build(str(data), seed=4, sizes=dict(train=1, validation=24, test=8))
   identity = reader.identity(ckpt)
   run_dir = write_calibration(root / "val", data, identity)
-  assert cli.main(["router", "fit", "--ckpt", str(ckpt), "--runs", str(run_dir)]) == 0
+  assert cli.main(["router", "fit", "--ckpt", str(ckpt), "--runs", str(run_dir), "--features", "joint"]) == 0
   return {"root": root, "ckpt": ckpt, "data": data, "identity": identity, "val": run_dir}
 
 
@@ -181,6 +181,33 @@ def test_fit_save_load_same_choices_and_batch_independent(setup, tmp_path):
   # a budget picks the calibration table's best within it
   cheap = model.route(images, prompts, budget=2)
   assert cheap == [1] * len(images)
+
+
+def test_auto_features_keep_the_kind_that_routes_best_out_of_fold(setup, monkeypatch):
+  """--features auto (the default): every kind is fitted and assessed out of fold; planted features where only
+  "image" tells the family (the scale a sample needs) and the others are noise make "image" the kept kind."""
+  from m3_jax.eval.router import features as features_lib
+  rng = np.random.default_rng(0)
+  samples = list(get_task("probe", split="validation").samples(str(setup["data"])))
+  needed = np.array([SCALES.index(s.meta["needed_scale"]) for s in samples])
+
+  def planted(model, kind, scale, pixels, ids, batch_size=16):
+    assert len(ids) == len(samples)
+    noise = rng.normal(size=(len(ids), 8))
+    return np.concatenate([np.eye(4)[needed] * 3, noise], 1) if kind == "image" else noise
+
+  monkeypatch.setattr(features_lib, "features", planted)
+  router = fit_lib.fit(load(setup["ckpt"]), setup["identity"], [str(setup["val"])])
+  sel = router.meta["selection"]
+  assert router.kind == "image" and router.meta["routing_tokens"] == 1 and set(sel) == {"joint", "image", "text"}
+  # Routed by family, every calibration sample is answered (the default row must match the best fixed scale, 144,
+  # which answers all) with fewer tokens than 144; the fixed scales answer 1/4, 2/4, 3/4, 4/4 of the samples, so
+  # the frontier between 36 and 144 tokens is 0.75 + 0.25 * (t - 36) / 108.
+  t = sel["image"]["mean_tokens"]
+  assert sel["image"]["accuracy"] == 1.0 and 48.5 <= t < 100
+  assert sel["image"]["gain"] == pytest.approx(1.0 - (0.75 + 0.25 * (t - 36) / 108))
+  assert max(sel["joint"]["gain"], sel["text"]["gain"]) < sel["image"]["gain"] - 0.05
+  assert router.meta["calibration"]["default"] == {k: v for k, v in sel["image"].items() if k != "gain"}
 
 
 def test_refusals_name_what_is_wrong(setup, tmp_path, capsys):

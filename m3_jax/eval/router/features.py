@@ -1,4 +1,5 @@
-"""What the router sees, computed with the checkpoint itself.
+"""What the router sees, computed with the checkpoint itself (`m3 router fit --features auto` fits each kind and
+keeps the one that routes best out of fold on the calibration split: fit.py).
 
   joint  the decoder's final hidden state at the prompt's last token after one prefill with the image at the
          smallest scale (the state the first answer token is predicted from: what the model makes of this
@@ -6,8 +7,8 @@
          state alone loses the image's layout: on the probe a linear read-out of the question family (which
          fixes the scale needed) from the tiny model's state is 63% right out of fold, from the visual tokens
          99%. One prefill of (smallest scale + prompt) tokens.
-  image  the image's visual tokens at the smallest scale, averaged (the question unseen): a baseline.
-  text   the decoder's final hidden state at the prompt's last token without the image: a baseline.
+  image  the image's visual tokens at the smallest scale, averaged (the question unseen).
+  text   the decoder's final hidden state at the prompt's last token without the image.
 
 The routing pass is real work: `routing_tokens` visual tokens per sample (the smallest scale; 0 for text) and
 `routing_flops` (m3_jax.cost's prefill counter, without the logits, which the router does not compute).
@@ -23,13 +24,14 @@ from m3_jax import cost
 KINDS = ("joint", "image", "text")
 
 
-def _check(kind: str) -> None:
+def check(kind: str) -> str:
   if kind not in KINDS:
     raise ValueError(f"router features {kind!r} are not one of {', '.join(KINDS)}")
+  return kind
 
 
 def routing_tokens(kind: str, scale: int) -> int:
-  _check(kind)
+  check(kind)
   return 0 if kind == "text" else int(scale)
 
 
@@ -38,7 +40,7 @@ def features(model, kind: str, scale: int, pixels: np.ndarray, ids: Sequence[np.
   """float32[B, H, W, 3] preprocessed images and prompt ids (one image placeholder each) -> the `kind` features
   with the smallest scale `scale`, float32[B, 2D] (joint) or float32[B, D] (image, text). A LLaVA-1.5 checkpoint
   (one crop per image)."""
-  _check(kind)
+  check(kind)
   engine, placeholder = model.engine, model.config.image_token_id
   if model.config.type != "llava15":
     raise ValueError(f"the scale router needs a LLaVA-1.5 checkpoint (one crop per image); this one is "
@@ -57,7 +59,7 @@ def features(model, kind: str, scale: int, pixels: np.ndarray, ids: Sequence[np.
 
 def routing_flops(config, kind: str, scale: int, text_tokens: int) -> int:
   """FLOPs of one sample's routing pass (`text_tokens`: the prompt's tokens without the image placeholder)."""
-  _check(kind)
+  check(kind)
   flops = cost.prefill(config, scale, text_tokens)["prefill_flops"]
   if kind == "image":
     return int(flops["vision"] + flops["projector"])

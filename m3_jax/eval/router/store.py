@@ -4,7 +4,9 @@
                  (the checkpoint it was fitted for), "threshold" (the default), "label" (how scores became
                  targets), "calibration": {"runs", "num_samples", "fixed" {scale: accuracy}, "oracle", "default",
                  "default_target" (the accuracy the default threshold reaches: the best fixed scale's 95% CI low end),
-                 "table" [{"threshold", "accuracy", "mean_tokens"}] (out-of-fold), "folds"}, "predictor" sizes}
+                 "table" [{"threshold", "accuracy", "mean_tokens"}] (out-of-fold), "folds"}, "predictor" sizes,
+                 "selection" {kind: its out-of-fold default row and "gain" over the frontier F(t)} (every kind
+                 `m3 router fit --features auto` tried; the kept one is "features")}
   params.npz    the predictor's arrays (mean, std, w, b); read without pickle
 
 in a checkpoint's folder (an m3 directory, or a training workdir's step folder: `reader.home`) or anywhere
