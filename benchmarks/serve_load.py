@@ -1,13 +1,31 @@
-"""`m3 serve` under load: throughput and latency with and without batching, 8 concurrent clients, mixed scales.
+"""`m3 serve` under load: what batching buys over one request at a time, over HTTP and, as its ceiling, in the
+engine alone.
 
-    python -m benchmarks.serve_load [--configs tiny] [--clients 8] [--requests 6] [--max-tokens 16]
-                                    [--batch-wait-ms 5] [--out benchmarks/serve_load.md]
+    python -m benchmarks.serve_load [--configs tiny] [--clients 8] [--requests 6] [--max-tokens 16] [--scales 9,1]
+                                    [--batch-wait-ms 5] [--repeats 3] [--out benchmarks/serve_load.md]
 
-For each config a random checkpoint (the probe tokenizer, vicuna_v1) is served in this process (uvicorn in a thread on
-127.0.0.1) twice: `--max-batch 8` (batching) and `--max-batch 1` (one request at a time). Each client is a closed
-loop: it sends `--requests` chat requests one after the other (its own random 48x48 PNG as a data: URI, scales cycling
-over the checkpoint's chain, greedy, `max_tokens` tokens; random weights rarely stop early) over plain HTTP. Reported: requests/s and generated tokens/s over
-the wall time of the timed pass, p50 / p95 request latency, mean batch size; the load average before and after.
+For each config a random checkpoint (the probe tokenizer, vicuna_v1) is written. The workload: client c's r-th
+request asks about its own random PNG (a data: URI) at scale `scales[(c + r) % len(scales)]` (`--scales`, default
+the checkpoint's chain), greedy, `--max-tokens` (random weights rarely stop early).
+
+- Engine only (in this process, no HTTP): the clients' r-th requests for each r < len(scales), their prompt ids and
+  pixels made as the server makes them, run (a) one at a time (`engine.visual_tokens` + `engine.generate_rows`,
+  batch 1), (b) as one engine batch per r (the encoder once per scale group, rows padded to a power of two, then one
+  `generate_rows`: the scheduler's way of running a batch) and (c) in the batches the scheduler's rule makes of them
+  when they wait together in client order (the oldest leads; others join only when their visual tokens fit its
+  padded count). Median of `--repeats`. (b) / (a) is the most batching can buy on this machine; (c) / (a) what the
+  rule leaves of it.
+- Served: `python -m m3_jax serve --ckpt CKPT --port P --max-batch B --warmup` as a subprocess on 127.0.0.1 (its own
+  GIL), B = 8 (batching) and 1 (sequential), each ended by SIGTERM (it drains; its exit status is reported). The
+  clients are threads of this process, each a closed loop over httpx sending `--requests` requests one after the
+  other. Warm-up passes (2 requests per client) run until one compiles nothing.
+
+Every XLA program the server can meet is compiled here first (`Scheduler.warmup` for this prompt and max_tokens,
+which the engine-only runs need anyway) into the persistent compilation cache the server reads; the server logs its
+compilations (JAX_LOG_COMPILES) and the table counts those inside the timed pass (0 when the warm-up did its job).
+Served rows: requests/s, generated tokens/s, client p50 / p95 latency, mean client and server-side latency (the
+server's from the handler's start to its answer, /metrics), mean batch, the worker's busy fraction (its batch
+seconds over the wall), the load average before -> after.
 """
 from __future__ import annotations
 
@@ -15,23 +33,38 @@ import argparse
 import base64
 import concurrent.futures
 import io
+import json
+import os
 import pathlib
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
-import threading
 import time
 
 import httpx
 import jax
 import numpy as np
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
+from m3_jax import compile_cache
 from m3_jax.checkpoint import m3dir
 from m3_jax.configs import base as m3_config
 from m3_jax.data.tokenizer import probe_tokenizer
 from m3_jax.eval.loader import load
 from m3_jax.models import llava
 from m3_jax.models.config import ModelConfig
-from m3_jax.serve.app import create_app
+from m3_jax.serve import chat, images
+from m3_jax.serve.metrics import Metrics
+from m3_jax.serve.protocol import ChatRequest
+from m3_jax.serve.scheduler import Job, Scheduler, row_bucket, token_bucket
+
+PROMPT = "what colour is the picture?"
+COMPILED = re.compile(r"Finished XLA compilation of \S+ in ([0-9.]+) sec")
 
 
 def loadavg() -> str:
@@ -53,68 +86,255 @@ def png(seed: int, size: int) -> str:
   return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def serve(model, **options):
-  import socket
-  import uvicorn
-  app = create_app(model, name="bench", **options)
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-  thread = threading.Thread(target=server.run, daemon=True)
-  thread.start()
-  while not server.started:
-    time.sleep(0.02)
-  return server, thread, app, f"http://127.0.0.1:{port}"
+def request(image: str, scale: int, max_tokens: int) -> dict:
+  return {"messages": [{"role": "user", "content": [{"type": "text", "text": PROMPT},
+                                                    {"type": "image_url", "image_url": {"url": image}}]}],
+          "max_tokens": max_tokens, "visual_tokens": scale}
 
 
-def drive(url: str, clients: int, requests: int, scales, max_tokens: int, size: int):
-  """-> (wall seconds, latencies, generated tokens)."""
-  images = [png(c, size) for c in range(clients)]
+# ------------------------------------------------------------------------------------------------- engine only
+def job(model, body: dict) -> Job:
+  """The request as the server makes it a Job: prompt ids and scale (chat.prepare), CLIP pixels float32[H, W, 3]."""
+  prompt = chat.prepare(ChatRequest.model_validate(body), model, False)
+  pixels = model.pixels([images.resolve(prompt.image_url, None, 4096 * 4096)])[0]
+  return Job(prompt, pixels, None, 0.0, 1.0, 0, False, None, None)
+
+
+def run_batch(engine, jobs: list[Job]) -> tuple[float, float]:
+  """One engine batch as the scheduler runs it (LLaVA-1.5): the encoder once per scale group, its rows padded to a
+  power of two, then one generate_rows -> (encoder seconds, generate seconds)."""
+  start = time.perf_counter()
+  visual = {}
+  for scale in sorted({j.prompt.scale for j in jobs}):
+    group = [j for j in jobs if j.prompt.scale == scale]
+    px = np.stack([j.pixels for j in group])
+    px = np.concatenate([px, np.zeros((row_bucket(len(px)) - len(px), *px.shape[1:]), px.dtype)])
+    visual.update(zip(group, engine.visual_tokens(px, scale, batch_size=len(px))))
+  encoded = time.perf_counter()
+  n = len(jobs)
+  engine.generate_rows([j.prompt.ids for j in jobs], [visual[j] for j in jobs],
+                       token_bucket(max(j.prompt.max_tokens for j in jobs)), [0.0] * n, [1.0] * n, [0] * n)
+  return encoded - start, time.perf_counter() - encoded
+
+
+def scheduler_batches(model, waiting: list[Job], max_batch: int) -> list[list[Job]]:
+  """The batches the scheduler's own rule (Scheduler._next_batch) makes of `waiting`, oldest first."""
+  scheduler = Scheduler(model, Metrics(), max_batch=max_batch, max_queue=len(waiting), batch_wait_s=0.0)
+  scheduler.waiting.extend(waiting)
+  batches = []
+  while scheduler.waiting:
+    batches.append(scheduler._next_batch())
+  return batches
+
+
+def engine_only(model, rounds: list[list[dict]], max_batch: int, repeats: int) -> tuple[list[dict], float]:
+  """rounds[r]: the clients' r-th requests in client order -> (rows, host ms per request: validate + tokenize +
+  PNG decode + CLIP preprocessing, the work the server does per request before the engine)."""
+  start = time.perf_counter()
+  jobs = [[job(model, body) for body in bodies] for bodies in rounds]
+  host_ms = 1000 * (time.perf_counter() - start) / sum(map(len, jobs))
+  plans = {
+      "one at a time (batch 1)": [[j] for r in jobs for j in r],
+      f"batches of {min(max_batch, len(jobs[0]))}": [r[i:i + max_batch] for r in jobs
+                                                    for i in range(0, len(r), max_batch)],
+      "the scheduler's batches": [b for r in jobs for b in scheduler_batches(model, r, max_batch)],
+  }
+  rows = []
+  for label, batches in plans.items():
+    before = loadavg()
+    for batch in batches:  # untimed: any program not yet compiled
+      run_batch(model.engine, batch)
+    times = []
+    for _ in range(repeats):
+      enc = gen = 0.0
+      for batch in batches:
+        e, g = run_batch(model.engine, batch)
+        enc, gen = enc + e, gen + g
+      times.append((enc + gen, enc, gen))
+    wall, enc, gen = sorted(times)[len(times) // 2]
+    n = sum(map(len, batches))
+    rows.append({"mode": label, "requests": n, "req_s": n / wall, "encode_ms": 1000 * enc / n,
+                 "generate_ms": 1000 * gen / n, "mean_batch": n / len(batches), "load": f"{before} -> {loadavg()}"})
+    print(rows[-1], flush=True)
+  return rows, host_ms
+
+
+# ------------------------------------------------------------------------------------------------------ served
+class Server:
+  """`python -m m3_jax serve` in a subprocess on 127.0.0.1, its output (compilations logged) in `log`."""
+
+  def __init__(self, ckpt: pathlib.Path, log: pathlib.Path, max_batch: int, batch_wait_ms: float,
+               start_timeout: float = 3600):
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      port = s.getsockname()[1]
+    self.url, self.log = f"http://127.0.0.1:{port}", log
+    self.cmd = [sys.executable, "-m", "m3_jax", "serve", "--ckpt", str(ckpt), "--host", "127.0.0.1", "--port",
+                str(port), "--max-batch", str(max_batch), "--batch-wait-ms", str(batch_wait_ms), "--warmup",
+                "--served-model-name", "bench"]
+    with open(log, "wb") as out:
+      self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT,
+                                   env=dict(os.environ, JAX_LOG_COMPILES="1"))
+    deadline = time.monotonic() + start_timeout
+    while not self.healthy():
+      if self.proc.poll() is not None or time.monotonic() > deadline:
+        self.stop()
+        raise RuntimeError(f"`{shlex.join(self.cmd)}` did not serve (exit {self.proc.returncode}):\n"
+                           + log.read_text(errors="replace")[-3000:])
+      time.sleep(0.5)
+
+  def healthy(self) -> bool:
+    try:
+      return httpx.get(self.url + "/health", timeout=2).status_code == 200
+    except httpx.TransportError:
+      return False
+
+  def metrics(self) -> dict[str, float]:
+    text = httpx.get(self.url + "/metrics", timeout=30).text
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
+
+  def compiles(self, since: int) -> tuple[int, float]:
+    """XLA compilations (persistent-cache loads included) logged past byte `since` -> (count, seconds)."""
+    with open(self.log, "rb") as f:
+      f.seek(since)
+      found = [float(s) for s in COMPILED.findall(f.read().decode(errors="replace"))]
+    return len(found), sum(found)
+
+  def log_size(self) -> int:
+    return self.log.stat().st_size
+
+  def stop(self) -> int:
+    """SIGTERM: the server stops accepting, drains and should exit 0 -> its exit status."""
+    if self.proc.poll() is None:
+      self.proc.send_signal(signal.SIGTERM)
+      try:
+        self.proc.wait(timeout=120)
+      except subprocess.TimeoutExpired:
+        self.proc.kill()
+        self.proc.wait()
+    return self.proc.returncode
+
+
+def drive(url: str, bodies: list[list[bytes]], scales: list[list[int]], status: int = 200):
+  """Client c sends bodies[c] one after the other, each answered `status` -> (wall seconds, latencies, generated
+  tokens)."""
 
   def client(c: int):
     out = []
     with httpx.Client(timeout=600) as http:
-      for r in range(requests):
-        body = {"messages": [{"role": "user", "content": [
-            {"type": "text", "text": "what colour is the picture?"},
-            {"type": "image_url", "image_url": {"url": images[c]}}]}],
-            "max_tokens": max_tokens, "visual_tokens": scales[(c + r) % len(scales)]}
+      for data, scale in zip(bodies[c], scales[c]):
         t = time.monotonic()
-        resp = http.post(url + "/v1/chat/completions", json=body)
-        resp.raise_for_status()
-        out.append((time.monotonic() - t, resp.json()["usage"]["completion_tokens"]))
+        resp = http.post(url + "/v1/chat/completions", content=data, headers={"content-type": "application/json"})
+        if resp.status_code != status:
+          raise AssertionError(f"client {c}: HTTP {resp.status_code} ({resp.text[:300]}), expected {status}")
+        answer = resp.json()
+        if status == 200 and answer["scale"] != scale:
+          raise AssertionError(f"client {c} asked for scale {scale}, the answer used {answer['scale']}")
+        out.append((time.monotonic() - t, answer["usage"]["completion_tokens"] if status == 200 else 0))
     return out
 
   start = time.monotonic()
-  with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-    results = [x for xs in pool.map(client, range(clients)) for x in xs]
+  with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+    results = [x for xs in pool.map(client, range(len(bodies))) for x in xs]
   return time.monotonic() - start, [lat for lat, _ in results], sum(n for _, n in results)
 
 
-def run(name: str, args, root: pathlib.Path) -> list[dict]:
-  model = load(checkpoint(name, root))
+def served(ckpt: pathlib.Path, log_prefix: pathlib.Path, images_: list[str], scales: list[int], args) -> list[dict]:
+  def workload(requests: int, scales: list[int], clients: int = args.clients):
+    sc = [[scales[(c + r) % len(scales)] for r in range(requests)] for c in range(clients)]
+    return [[json.dumps(request(images_[c], s, args.max_tokens)).encode() for s in sc[c]] for c in range(clients)], sc
+
+  timed, warm = workload(args.requests, scales), workload(2, scales)
+  # The same bodies with a scale the checkpoint lacks: answered 400 by chat.prepare, before the image is decoded
+  # and before the engine; what HTTP, JSON and pydantic cost per request.
+  refused = workload(max(args.requests, 8), [-1])
   rows = []
   for label, max_batch in (("batching (--max-batch 8)", 8), ("sequential (--max-batch 1)", 1)):
-    server, thread, app, url = serve(model, max_batch=max_batch, batch_wait_ms=args.batch_wait_ms)
+    server = Server(ckpt, pathlib.Path(f"{log_prefix}serve-{max_batch}.log"), max_batch, args.batch_wait_ms)
     try:
-      app.state.scheduler.warmup("what colour is the picture?", args.max_tokens)
-      drive(url, args.clients, 2, sorted(model.scales), args.max_tokens, model.config.vision.image_size)  # warm-up
-      hist = app.state.metrics.registry
-      n0, s0 = hist.get_sample_value("m3_batch_size_count"), hist.get_sample_value("m3_batch_size_sum")
-      before = loadavg()
-      wall, lat, tokens = drive(url, args.clients, args.requests, sorted(model.scales), args.max_tokens,
-                                model.config.vision.image_size)
-      batches = hist.get_sample_value("m3_batch_size_count") - n0
-      mean_batch = (hist.get_sample_value("m3_batch_size_sum") - s0) / batches
+      # Warm-up until a round compiles nothing (`--warmup` compiled the decode for max_tokens 32 only): bursts of
+      # b requests at one scale, which the scheduler batches into each power-of-two size, then the workload.
+      for _ in range(3):
+        mark = server.log_size()
+        for scale in sorted(scales, reverse=True):
+          for b in (8, 4, 2, 1):
+            drive(server.url, *workload(1, [scale], clients=min(b, max_batch)))
+        if server.compiles(mark)[0] == 0:
+          break
+      for _ in range(5):
+        mark = server.log_size()
+        drive(server.url, *warm)
+        if server.compiles(mark)[0] == 0:
+          break
+      m0, mark, before = server.metrics(), server.log_size(), loadavg()
+      wall, lat, tokens = drive(server.url, *timed)
+      after, m1, (compiles, compile_s) = loadavg(), server.metrics(), server.compiles(mark)
+      if max_batch == 1:
+        drive(server.url, *refused, status=400)  # warm
+        before_400 = loadavg()
+        wall_400, lat_400, _ = drive(server.url, *refused, status=400)
+        after_400 = loadavg()
     finally:
-      server.should_exit = True
-      thread.join()
-    rows.append({"config": name, "mode": label, "requests": len(lat), "req_s": len(lat) / wall,
-                 "tok_s": tokens / wall, "p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)),
-                 "mean_batch": mean_batch, "load": f"{before} -> {loadavg()}"})
+      code = server.stop()
+    d = {k: m1[k] - m0.get(k, 0.0) for k in m1}
+    server_ms = 1000 * d["m3_request_latency_seconds_sum"] / d["m3_request_latency_seconds_count"]
+    rows.append({"mode": label, "requests": len(lat), "req_s": len(lat) / wall, "tok_s": f"{tokens / wall:.0f}",
+                 "p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)),
+                 "client_ms": 1000 * float(np.mean(lat)),
+                 "server_ms": f"{server_ms:.1f}",
+                 "mean_batch": f"{d['m3_batch_size_sum'] / d['m3_batch_size_count']:.1f}",
+                 "busy": f"{100 * d['m3_batch_seconds_sum'] / wall:.0f}%",
+                 "compiles": f"{compiles} ({compile_s:.1f} s)",
+                 "exit": code, "load": f"{before} -> {after}"})
     print(rows[-1], flush=True)
+  rows.append({"mode": "HTTP only: the same bodies refused (400, invalid visual_tokens) before image and engine",
+               "requests": len(lat_400), "req_s": len(lat_400) / wall_400, "tok_s": "-",
+               "p50": float(np.percentile(lat_400, 50)), "p95": float(np.percentile(lat_400, 95)),
+               "client_ms": 1000 * float(np.mean(lat_400)), "server_ms": "-", "mean_batch": "-", "busy": "-",
+               "compiles": "-", "exit": rows[-1]["exit"], "load": f"{before_400} -> {after_400}"})
+  print(rows[-1], flush=True)
   return rows
+
+
+# -------------------------------------------------------------------------------------------------------- main
+def run(name: str, args, root: pathlib.Path) -> list[str]:
+  ckpt = checkpoint(name, root)
+  model = load(ckpt)
+  scales = [int(s) for s in args.scales.split(",")] if args.scales else sorted(model.scales)
+  for s in scales:
+    model.config.check_scale(s)
+  size = model.config.vision.image_size
+  images_ = [png(c, size) for c in range(args.clients)]
+  print(f"{name}: compiling every batch size x scale for this prompt and max_tokens "
+        f"({Scheduler(model, Metrics(), max_batch=8, max_queue=1, batch_wait_s=0).warmup(PROMPT, args.max_tokens)} "
+        "engine calls)", flush=True)
+  rounds = [[request(images_[c], scales[(c + r) % len(scales)], args.max_tokens) for c in range(args.clients)]
+            for r in range(len(scales))]
+  engine_rows, host_ms = engine_only(model, rounds, 8, args.repeats)
+  served_rows = served(ckpt, root / f"{name}-", images_, scales, args)
+
+  lines = [f"{name}, engine only (in-process, no HTTP; the clients' first {len(scales)} rounds of requests, "
+           f"median of {args.repeats}):", "",
+           "| config | how | requests | requests/s | encoder ms / request | generate ms / request | mean batch "
+           "| load average |", "|---|---|---|---|---|---|---|---|"]
+  for r in engine_rows:
+    lines.append(f"| {name} | {r['mode']} | {r['requests']} | {r['req_s']:.1f} | {r['encode_ms']:.2f} | "
+                 f"{r['generate_ms']:.2f} | {r['mean_batch']:.1f} | {r['load']} |")
+  lines += ["", f"{name}, served (`m3 serve` subprocess on 127.0.0.1, {args.clients} closed-loop httpx clients x "
+            f"{args.requests} requests):", "",
+            "| config | mode | requests | requests/s | tokens/s | p50 (s) | p95 (s) | mean latency client / server "
+            "(ms) | mean batch | worker busy | compiles in timed pass | exit | load average |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in served_rows:
+    lines.append(f"| {name} | {r['mode']} | {r['requests']} | {r['req_s']:.1f} | {r['tok_s']} | {r['p50']:.3f} | "
+                 f"{r['p95']:.3f} | {r['client_ms']:.1f} / {r['server_ms']} | {r['mean_batch']} | {r['busy']} | "
+                 f"{r['compiles']} | {r['exit']} | {r['load']} |")
+  seq, one, rule = (r["req_s"] for r in engine_rows)
+  lines += ["", f"{name}: served batching / sequential = **{served_rows[0]['req_s'] / served_rows[1]['req_s']:.2f}x**;"
+            f" engine alone: one batch / one at a time = **{one / seq:.2f}x** (the ceiling), the scheduler's batches "
+            f"/ one at a time = {rule / seq:.2f}x (mean batch {engine_rows[2]['mean_batch']:.1f}); host work per "
+            f"request in-process (validate, tokenize, PNG decode, CLIP preprocessing) {host_ms:.1f} ms."]
+  return lines
 
 
 def main(argv=None):
@@ -123,22 +343,22 @@ def main(argv=None):
   p.add_argument("--clients", type=int, default=8)
   p.add_argument("--requests", type=int, default=6, help="per client, timed")
   p.add_argument("--max-tokens", type=int, default=16)
+  p.add_argument("--scales", default=None,
+                 help="comma-separated visual-token scales the requests cycle over (default: the checkpoint's)")
   p.add_argument("--batch-wait-ms", type=float, default=5.0)
-  p.add_argument("--out", default=None, help="write the table (markdown) here")
+  p.add_argument("--repeats", type=int, default=3, help="engine-only timings: the median of this many")
+  p.add_argument("--out", default=None, help="write the tables (markdown) here")
+  p.add_argument("--workdir", default=None, help="keep the checkpoints and the servers' logs here (default: a "
+                 "temporary folder)")
   args = p.parse_args(argv)
+  compile_cache.enable()  # the server subprocess reads what the warm-up here compiles
+  command = "python -m benchmarks.serve_load " + shlex.join(sys.argv[1:] if argv is None else argv)
+  lines = [f"`{command}`"]
   with tempfile.TemporaryDirectory() as tmp:
-    rows = [r for name in args.configs.split(",") for r in run(name, args, pathlib.Path(tmp))]
-  lines = [f"{args.clients} closed-loop clients x {args.requests} requests, max_tokens {args.max_tokens}, scales "
-           "cycling, greedy; `m3 serve` in-process on 127.0.0.1", "",
-           "| config | mode | requests/s | tokens/s | p50 latency (s) | p95 latency (s) | mean batch | load average |",
-           "|---|---|---|---|---|---|---|---|"]
-  for r in rows:
-    lines.append(f"| {r['config']} | {r['mode']} | {r['req_s']:.2f} | {r['tok_s']:.1f} | {r['p50']:.2f} | "
-                 f"{r['p95']:.2f} | {r['mean_batch']:.1f} | {r['load']} |")
-  by = {(r["config"], r["mode"].split()[0]): r for r in rows}
-  for name in args.configs.split(","):
-    lines.append(f"\n{name}: batching / sequential throughput = "
-                 f"{by[name, 'batching']['req_s'] / by[name, 'sequential']['req_s']:.2f}x")
+    root = pathlib.Path(args.workdir or tmp)
+    root.mkdir(parents=True, exist_ok=True)
+    for name in args.configs.split(","):
+      lines += [""] + run(name, args, root)
   text = "\n".join(lines) + "\n"
   print(text)
   if args.out:
