@@ -37,9 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser):
                      "as a TFDS dataset under --out; read it with data.source=probe, data.path=OUT.")
   p.add_argument("--out", required=True, help="TFDS data directory to build into")
   p.add_argument("--seed", type=int, default=0, help="generator seed")
-  p.add_argument("--train", type=int, default=4000, help="train examples (families balanced)")
-  p.add_argument("--validation", type=int, default=400, help="validation examples (families balanced)")
-  p.add_argument("--test", type=int, default=400, help="test examples (families balanced)")
+  # Defaults: the probe's DEFAULT_SIZES (read at run time: importing the probe here would slow every `m3 --help`).
+  p.add_argument("--train", type=int, default=None, help="train examples, families balanced (default 4000)")
+  p.add_argument("--validation", type=int, default=None,
+                 help="validation examples, families balanced (default 2000: the router's calibration split)")
+  p.add_argument("--test", type=int, default=None, help="test examples, families balanced (default 400)")
   p.add_argument("--families", default="binding", choices=("binding", "presence"),
                  help="binding (default; see m3_jax/data/probe.py) or presence (the first design)")
   p.add_argument("--aspects", default="1:1", help="image aspects W:H, comma-separated, e.g. 1:1,2:1,1:2 (non-square "
@@ -55,10 +57,10 @@ def run_probe(args) -> int:
   from m3_jax.cli import checks
   from m3_jax.data import probe
   checks.output_dir(args.out, "--out")
-  for flag in ("train", "validation", "test"):
-    checks.at_least(getattr(args, flag), f"--{flag}", 1)
-  b = probe.build(args.out, seed=args.seed, sizes=dict(train=args.train, validation=args.validation, test=args.test),
-                  family_set=args.families, aspects=args.aspects)
+  sizes = {flag: getattr(args, flag) for flag in ("train", "validation", "test") if getattr(args, flag) is not None}
+  for flag, n in sizes.items():
+    checks.at_least(n, f"--{flag}", 1)
+  b = probe.build(args.out, seed=args.seed, sizes=sizes, family_set=args.families, aspects=args.aspects)
   counts = {s: len(b.as_data_source(s)) for s in ("train", "validation", "test")}
   print(json.dumps({"data_dir": str(b.data_dir), "config": b.builder_config.name, "splits": counts}))
   return 0
