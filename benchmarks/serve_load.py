@@ -331,8 +331,9 @@ def run(name: str, args, root: pathlib.Path) -> list[str]:
                  f"{r['compiles']} | {r['exit']} | {r['load']} |")
   seq, one, rule = (r["req_s"] for r in engine_rows)
   lines += ["", f"{name}: served batching / sequential = **{served_rows[0]['req_s'] / served_rows[1]['req_s']:.2f}x**;"
-            f" engine alone: one batch / one at a time = **{one / seq:.2f}x** (the ceiling), the scheduler's batches "
-            f"/ one at a time = {rule / seq:.2f}x (mean batch {engine_rows[2]['mean_batch']:.1f}); host work per "
+            f" engine alone (no HTTP; the ceiling is the better of the two): one batch / one at a time = "
+            f"**{one / seq:.2f}x**, the scheduler's batches / one at a time = **{rule / seq:.2f}x** (mean batch "
+            f"{engine_rows[2]['mean_batch']:.1f}); host work per "
             f"request in-process (validate, tokenize, PNG decode, CLIP preprocessing) {host_ms:.1f} ms."]
   return lines
 
