@@ -73,34 +73,20 @@ def main(argv=None):
           f"{100 * a['gap_closed']:.0f}% |")
 
 
-def _scores(run_dir: pathlib.Path) -> tuple[dict, dict]:
-  """({question_id: {scale: score}}, {question_id: family}) of an eval folder's fixed-scale lines."""
-  scores, family = {}, {}
-  for line in (run_dir / "predictions.jsonl").read_text().splitlines():
-    r = json.loads(line)
-    if isinstance(r["scale"], int):
-      scores.setdefault(r["question_id"], {})[r["scale"]] = float(r["score"])
-      family[r["question_id"]] = r["category"]
-  return scores, family
-
-
 def _family_routing(out: pathlib.Path, auto: dict) -> dict:
   """The family-routing row, in the shape of an analysis auto row (F(t) from the same fixed scales)."""
-  val, val_family = _scores(out / "validation")
-  test, test_family = _scores(out / "fixed")
-  scales = sorted(next(iter(val.values())))
+  from m3_jax.eval.analysis import frontier, read_run
+  val, test = read_run(out / "validation"), read_run(out / "fixed")
+  scales = sorted(val.scales)
   best = {}
-  for fam in set(val_family.values()):
-    acc = {s: sum(val[q][s] for q in val if val_family[q] == fam) / list(val_family.values()).count(fam)
-           for s in scales}
+  for fam in set(val.categories.values()):
+    qids = [q for q in val.scores if val.categories[q] == fam]
+    acc = {s: sum(val.scores[q][s] for q in qids) / len(qids) for s in scales}
     best[fam] = next(s for s in scales if acc[s] >= max(acc.values()) - 0.02)
-  chosen = {q: best[test_family[q]] for q in test}
-  score = sum(test[q][chosen[q]] for q in test) / len(test)
-  tokens = sum(chosen.values()) / len(test) + scales[0]  # + the routing pass at the smallest scale
-  fixed = {s: sum(test[q][s] for q in test) / len(test) for s in scales}
-  lo = max([s for s in scales if s <= tokens], default=scales[0])
-  hi = min([s for s in scales if s >= tokens], default=scales[-1])
-  f = fixed[lo] if hi == lo else fixed[lo] + (fixed[hi] - fixed[lo]) * (tokens - lo) / (hi - lo)
+  chosen = {q: best[test.categories[q]] for q in test.scores}
+  score = sum(test.scores[q][c] for q, c in chosen.items()) / len(chosen)
+  tokens = sum(chosen.values()) / len(chosen) + scales[0]  # + the routing pass at the smallest scale
+  f = frontier({s: sum(per[s] for per in test.scores.values()) / len(test.scores) for s in scales}, tokens)
   return {"score": score, "mean_tokens": tokens, "frontier": f, "oracle": auto["oracle"],
           "gap_closed": (score - f) / (auto["oracle"] - f)}
 

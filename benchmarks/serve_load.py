@@ -61,7 +61,7 @@ from m3_jax.models.config import ModelConfig
 from m3_jax.serve import chat, images
 from m3_jax.serve.metrics import Metrics
 from m3_jax.serve.protocol import ChatRequest
-from m3_jax.serve.scheduler import Job, Scheduler, row_bucket, token_bucket
+from m3_jax.serve.scheduler import Job, Scheduler, encode_by_scale, token_bucket
 
 PROMPT = "what colour is the picture?"
 COMPILED = re.compile(r"Finished XLA compilation of \S+ in ([0-9.]+) sec")
@@ -104,15 +104,12 @@ def run_batch(engine, jobs: list[Job]) -> tuple[float, float]:
   """One engine batch as the scheduler runs it (LLaVA-1.5): the encoder once per scale group, its rows padded to a
   power of two, then one generate_rows -> (encoder seconds, generate seconds)."""
   start = time.perf_counter()
-  visual = {}
-  for scale in sorted({j.prompt.scale for j in jobs}):
-    group = [j for j in jobs if j.prompt.scale == scale]
-    px = np.stack([j.pixels for j in group])
-    px = np.concatenate([px, np.zeros((row_bucket(len(px)) - len(px), *px.shape[1:]), px.dtype)])
-    visual.update(zip(group, engine.visual_tokens(px, scale, batch_size=len(px))))
+  for j in jobs:
+    j.scale = j.prompt.scale
+  encode_by_scale(engine, jobs)
   encoded = time.perf_counter()
   n = len(jobs)
-  engine.generate_rows([j.prompt.ids for j in jobs], [visual[j] for j in jobs],
+  engine.generate_rows([j.prompt.ids for j in jobs], [j.visual for j in jobs],
                        token_bucket(max(j.prompt.max_tokens for j in jobs)), [0.0] * n, [1.0] * n, [0] * n)
   return encoded - start, time.perf_counter() - encoded
 

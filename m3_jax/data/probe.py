@@ -293,10 +293,12 @@ def built(data_dir: str) -> dict[str, str]:
   """{config name: its folder} for every probe built in `data_dir` (`m3 data probe --out data_dir`), any seed and
   sizes ("default" is seed 0 with DEFAULT_SIZES; others are named family_set_sSEED_TRAIN_VALIDATION_TEST)."""
   root = epath.Path(data_dir) / Probe.name  # gs://... too
-  folders = root.glob("*/*/dataset_info.json") if root.is_dir() else []
-  # Any version (an older build is read as built); a config built at several versions: the newest.
-  key = lambda f: tuple(int(x) for x in f.parent.name.split(".") if x.isdigit())  # noqa: E731
-  return {f.parent.parent.name: str(f.parent) for f in sorted(folders, key=key)}
+  # Any finished version (an older build is read as built; TFDS's `incomplete.*` folders are not versions); a config
+  # built at several versions: the newest.
+  folders = [f for f in root.glob("*/*/dataset_info.json") if tfds.core.Version.is_valid(f.parent.name)] \
+      if root.is_dir() else []
+  return {f.parent.parent.name: str(f.parent)
+          for f in sorted(folders, key=lambda f: tfds.core.Version(f.parent.name))}
 
 
 def open_built(data_dir: str, config: str | None = None):

@@ -76,6 +76,17 @@ def token_bucket(n: int) -> int:
   return max(8, row_bucket(n))
 
 
+def encode_by_scale(engine, jobs: list[Job]) -> None:
+  """LLaVA-1.5: sets each job's `visual` (float[scale, D]) from its `pixels` at its `scale`, the encoder run once per
+  scale group with the group's rows padded to a power of two (few compilations)."""
+  for scale in sorted({j.scale for j in jobs}):
+    group = [j for j in jobs if j.scale == scale]
+    px = np.stack([j.pixels for j in group])
+    px = np.concatenate([px, np.zeros((row_bucket(len(px)) - len(px), *px.shape[1:]), px.dtype)])
+    for j, v in zip(group, engine.visual_tokens(px, scale, batch_size=len(px))):
+      j.visual = v
+
+
 class Scheduler:
   def __init__(self, model, metrics: Metrics, *, max_batch: int, max_queue: int, batch_wait_s: float,
                router=None):
@@ -222,12 +233,7 @@ class Scheduler:
         j.scale = j.prompt.scale
     with_image = [j for j in batch if j.scale is not None and not j.cancelled]
     if model.config.type == "llava15":
-      for scale in sorted({j.scale for j in with_image}):
-        group = [j for j in with_image if j.scale == scale]
-        px = np.stack([j.pixels for j in group])
-        px = np.concatenate([px, np.zeros((row_bucket(len(px)) - len(px), *px.shape[1:]), px.dtype)])
-        for j, v in zip(group, model.engine.visual_tokens(px, scale, batch_size=len(px))):
-          j.visual = v
+      encode_by_scale(model.engine, with_image)
     else:
       for j in with_image:
         j.visual = model.visual([j.image], [j.scale])[0]

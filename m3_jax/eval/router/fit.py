@@ -23,7 +23,6 @@ from typing import Sequence
 import numpy as np
 
 from m3_jax.errors import BadFile
-from m3_jax.errors import Incompatible
 from m3_jax.eval import cache, predictions
 from m3_jax.eval.analysis import frontier
 from m3_jax.eval.router import features as features_lib, policy, predictor
@@ -107,18 +106,14 @@ def out_of_fold(x: np.ndarray, y: np.ndarray, folds: int = FOLDS) -> np.ndarray:
   return probs
 
 
-def assess(x: np.ndarray, y: np.ndarray, scales: Sequence[int], routing: int, folds: int) -> dict:
-  """Out-of-fold calibration of features x float[N, F] against scores y float[N, S]: {"table" (per threshold),
-  "target", "default" (its row), "gain" (the default row's accuracy minus the calibration frontier F(t) at its mean
-  tokens)}."""
+def assess(x: np.ndarray, y: np.ndarray, scales: Sequence[int], routing: int, folds: int, fixed: dict[int, float],
+           target: float) -> dict:
+  """Out-of-fold calibration of features x float[N, F] against scores y float[N, S] (`fixed`: each scale's mean
+  score; `target`: the accuracy the default threshold must reach): {"table" (per threshold), "default" (its row),
+  "gain" (the default row's accuracy minus the calibration frontier F(t) at its mean tokens)}."""
   rows = policy.table(out_of_fold(x, y, folds), y, scales, routing)
-  fixed = {int(s): float(y[:, j].mean()) for j, s in enumerate(scales)}
-  # "Matches the best fixed scale": an exact match of a noisy out-of-fold estimate degenerates into always the
-  # largest scale, so the target is the lower end of the best fixed scale's 95% bootstrap interval.
-  target = bootstrap_ci(y[:, int(np.argmax([fixed[s] for s in scales]))])[0]
   default = policy.default_threshold(rows, target)
-  return {"table": rows, "target": target, "default": default,
-          "gain": default["accuracy"] - frontier(fixed, default["mean_tokens"])}
+  return {"table": rows, "default": default, "gain": default["accuracy"] - frontier(fixed, default["mean_tokens"])}
 
 
 def fit(model, ckpt_identity: str, runs: Sequence[str], kind: str = "auto") -> Router:
@@ -144,11 +139,15 @@ def fit(model, ckpt_identity: str, runs: Sequence[str], kind: str = "auto") -> R
   ids = [model.prompt_ids(s.prompt, True) for s in samples]
   kinds = features_lib.KINDS if kind == "auto" else (features_lib.check(kind),)
   pixels = model.pixels(images)
+  fixed = {int(s): float(y[:, j].mean()) for j, s in enumerate(scales)}
+  # "Matches the best fixed scale": an exact match of a noisy out-of-fold estimate degenerates into always the
+  # largest scale, so the target is the lower end of the best fixed scale's 95% bootstrap interval.
+  target = bootstrap_ci(y[:, int(np.argmax([fixed[s] for s in scales]))])[0]
   xs = {k: features_lib.features(model, k, scales[0], pixels, ids) for k in kinds}
-  assessed = {k: assess(xs[k], y, scales, features_lib.routing_tokens(k, scales[0]), folds) for k in kinds}
+  assessed = {k: assess(xs[k], y, scales, features_lib.routing_tokens(k, scales[0]), folds, fixed, target)
+              for k in kinds}
   kind = max(kinds, key=lambda k: assessed[k]["gain"])  # ties: the first of KINDS
   x, chosen = xs[kind], assessed[kind]
-  fixed = {int(s): float(y[:, j].mean()) for j, s in enumerate(scales)}
   best = y.max(axis=1)
   meta = {
       "format": FORMAT, "features": kind, "routing_scale": scales[0],
@@ -160,7 +159,7 @@ def fit(model, ckpt_identity: str, runs: Sequence[str], kind: str = "auto") -> R
       "selection": {k: {"gain": a["gain"], **a["default"]} for k, a in assessed.items()},
       "calibration": {"runs": [str(r) for r in runs], "num_samples": len(samples), "folds": folds,
                       "fixed": {str(s): a for s, a in fixed.items()},
-                      "default_target": chosen["target"],
+                      "default_target": target,
                       "oracle": {"score": float(best.mean()),
                                  "mean_tokens": float(np.mean([scales[int(np.argmax(r >= r.max()))] for r in y]))},
                       "default": chosen["default"], "table": chosen["table"]},

@@ -23,7 +23,6 @@ from typing import Sequence
 import numpy as np
 
 from m3_jax.errors import Incompatible
-from m3_jax.errors import Incompatible
 from m3_jax.eval.router import features as features_lib, policy, predictor
 
 FORMAT = "m3-router/1"
