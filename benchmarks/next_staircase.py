@@ -1,10 +1,11 @@
 """The LLaVA-NeXT staircase: `m3 train --config tiny:next` on the non-square probe, then `m3 eval --task probe` at
 every scale; one accuracy table per family and scale.
 
-    python -m benchmarks.next_staircase --workdir /tmp/next [--steps 900] [--limit 400] [--config.KEY=VALUE ...]
+    python -m benchmarks.next_staircase --workdir /tmp/next [--steps 900] [--limit 400] [--train 4000] [--test 400]
+        [--config.KEY=VALUE ...]
 
 Runs, as subprocesses (the commands are printed):
-  m3 data probe --out WORKDIR/probe --aspects 1:1,2:1,1:2
+  m3 data probe --out WORKDIR/probe --aspects 1:1,2:1,1:2 [--train N --test N]
   m3 train --config tiny:next --workdir WORKDIR/run --config.data.path=WORKDIR/probe --config.train.num_steps=STEPS
   m3 eval --ckpt WORKDIR/run --task probe --data WORKDIR/probe --scales 144,36,9,1 --out WORKDIR/eval
 The claim checked: each detail family (blocks, tiles, patches) at the scale it needs is >= 20 points above its
@@ -48,9 +49,12 @@ def main(argv=None):
   p.add_argument("--workdir", required=True)
   p.add_argument("--steps", type=int, default=900)
   p.add_argument("--limit", type=int, default=400, help="test questions evaluated (balanced over families)")
+  p.add_argument("--train", type=int, default=None, help="probe train examples (m3 data probe's default if unset)")
+  p.add_argument("--test", type=int, default=None, help="probe test examples (m3 data probe's default if unset)")
   args = p.parse_args(argv)
   wd = pathlib.Path(args.workdir)
-  m3("data", "probe", "--out", str(wd / "probe"), "--aspects", "1:1,2:1,1:2")
+  sizes = [a for k in ("train", "test") if getattr(args, k) is not None for a in (f"--{k}", str(getattr(args, k)))]
+  m3("data", "probe", "--out", str(wd / "probe"), "--aspects", "1:1,2:1,1:2", *sizes)
   m3("train", "--config", "tiny:next", "--workdir", str(wd / "run"), "--no-progress",
      f"--config.data.path={wd / 'probe'}", f"--config.train.num_steps={args.steps}", *overrides)
   m3("eval", "--ckpt", str(wd / "run"), "--task", "probe", "--data", str(wd / "probe"), "--scales",
