@@ -1,6 +1,6 @@
 """Batching: concurrent requests wait in a bounded queue; one worker thread gathers up to --max-batch of them (for
-at most --batch-wait-ms after the first) into one engine batch with mixed scales, per-request sampling and
-streaming, and hands each request its tokens as they are decoded.
+at most --batch-wait-ms after the first arrived or the last batch ended, whichever is later) into one engine batch
+with mixed scales, per-request sampling and streaming, and hands each request its tokens as they are decoded.
 
 A request's answer does not depend on its batch: the engine's padding is out of attention and of the RoPE
 positions, and each row samples from its own seed (`Engine.generate_rows`). A request that times out or whose
@@ -96,6 +96,7 @@ class Scheduler:
     self.cond = threading.Condition()
     self.stopping = False
     self.batch_seconds = 1.0  # running mean, for Retry-After
+    self.last_batch_end = float("-inf")
     self.thread = threading.Thread(target=self._loop, name="m3-serve-scheduler", daemon=True)
     self.run_batch: Callable[[list[Job]], None] = self._run_batch  # tests may wrap it (to hold a batch)
 
@@ -156,8 +157,10 @@ class Scheduler:
         self.cond.wait()
       if not self.waiting:
         return None
-      # Gather for batch_wait_s after the oldest request arrived (already past when a batch just ran).
-      deadline = self.waiting[0].queued_at + self.batch_wait_s
+      # Gather for batch_wait_s after the oldest request arrived or the last batch ended, whichever is later. The
+      # wait after a batch lets the clients it just answered send their next requests and join the ones that
+      # queued during it: closed-loop clients otherwise split into cohorts that alternate in half-full batches.
+      deadline = max(self.waiting[0].queued_at, self.last_batch_end) + self.batch_wait_s
       while len(self.waiting) < self.max_batch and not self.stopping:
         left = deadline - time.monotonic()
         if left <= 0:
@@ -190,7 +193,8 @@ class Scheduler:
         log.exception("batch of %d failed", len(batch))
         for job in batch:
           self._finish(job, error=ApiError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error"))
-      seconds = time.monotonic() - start
+      self.last_batch_end = time.monotonic()
+      seconds = self.last_batch_end - start
       self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * seconds
       self.metrics.batch_seconds.observe(seconds)
       self.metrics.batch_size.observe(len(batch))
