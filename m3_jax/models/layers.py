@@ -54,7 +54,7 @@ def attention(q, k, v, allowed, dtype: Dtype, past=None):
   """Softmax attention in float32 with grouped key/value heads.
 
   q: [B, T, H, D]; k, v: [B, S, K, D] with H a multiple of K; allowed: bool[B, T, S] (or broadcastable).
-  past: None, or (k, v, allowed) of keys already in a KV cache, [B, P, K, D] and bool[B, T, P]: scored in the same
+  past: None, or (k, v, allowed) of keys already in a KV cache, [B, K, P, D] and bool[B, T, P]: scored in the same
   softmax as k, v but never concatenated with them (that would copy the whole cache on every decode step).
   Returns [B, T, H, D]. A row with no allowed key (a padding query) yields finite values, never NaN.
   """
@@ -62,18 +62,24 @@ def attention(q, k, v, allowed, dtype: Dtype, past=None):
   groups = h // k.shape[2]
   q = q.reshape(b, t, k.shape[2], groups, d)
 
-  def scores(k, allowed):  # -> float32[B, K, G, T, S]
-    s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+  def scores(k, allowed, spec="bskd"):  # -> float32[B, K, G, T, S]
+    s = jnp.einsum(f"btkgd,{spec}->bkgts", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
     return jnp.where(allowed[:, None, None, :, :], s, jnp.finfo(jnp.float32).min)
 
   if past is None:
     probs = jax.nn.softmax(scores(k, allowed), axis=-1).astype(dtype)
     return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
   past_k, past_v, past_allowed = past
-  p = past_k.shape[1]
-  probs = jax.nn.softmax(jnp.concatenate([scores(past_k, past_allowed), scores(k, allowed)], axis=-1),
+  p = past_k.shape[2]
+  probs = jax.nn.softmax(jnp.concatenate([scores(past_k, past_allowed, "bksd"), scores(k, allowed)], axis=-1),
                          axis=-1).astype(dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs[..., :p], past_v) + jnp.einsum("bkgts,bskd->btkgd", probs[..., p:], v)
+  # probs @ past_v as a plain batched matmul [B, K, G*T, P] @ [B, K, P, D] (an einsum let XLA:CPU put the cache first
+  # and fall back to its slow generic dot).
+  kh = past_v.shape[1]
+  from_past = jax.lax.dot_general(probs[..., :p].reshape(b, kh, groups * t, p), past_v,
+                                  (((3,), (2,)), ((0, 1), (0, 1))))
+  from_past = jnp.transpose(from_past.reshape(b, kh, groups, t, d), (0, 3, 1, 2, 4))
+  out = from_past + jnp.einsum("bkgts,bskd->btkgd", probs[..., p:], v)
   return out.reshape(b, t, h, d)
 
 

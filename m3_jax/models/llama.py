@@ -40,7 +40,7 @@ class LlamaAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, kv_mask, cache, cache_index):
-    """x float[B, T, D]; cache: this layer's earlier slots {"k", "v"}: float[B, S, K, D] (read only), or None (no
+    """x float[B, T, D]; cache: this layer's earlier slots {"k", "v"}: float[B, K, S, D] (read only), or None (no
     cache, or a prefill) -> (float[B, T, D], this call's keys and values {"k", "v"}: cache_dtype[B, T, K, D], or
     None without a cache_dtype)."""
     c = self.config
@@ -63,7 +63,7 @@ class LlamaAttention(nn.Module):
       new = {"k": k, "v": v}
       k, v = k.astype(self.dtype), v.astype(self.dtype)
       if cache is not None:  # slots before cache_index hold earlier calls' keys; the rest are not written yet
-        older = jnp.arange(cache["k"].shape[1]) < cache_index
+        older = jnp.arange(cache["k"].shape[2]) < cache_index
         past = (cache["k"].astype(self.dtype), cache["v"].astype(self.dtype), keys & older)
       keys = jax.lax.dynamic_slice_in_dim(keys, cache_index, t, axis=2)  # the new tokens' own slots
     o = constrain(attention(q, k, v, causal & keys, self.dtype, past), (BATCH, LENGTH, HEADS, None))
@@ -123,7 +123,7 @@ class Llama(nn.Module):
 
   def __call__(self, x, positions, kv_mask, cache=None, cache_index=0):
     """float[B, T, D] -> (final-normed hidden float[B, T, D], updated cache or None).
-    cache {"k", "v"}: float[L, B, S, K, D] or None; kv_mask bool[B, S] (or [B, T, S]); cache_index: int or int32[],
+    cache {"k", "v"}: float[L, B, K, S, D] or None; kv_mask bool[B, S] (or [B, T, S]); cache_index: int or int32[],
     the slot of the first of the T new tokens (a Python 0 is a prefill: no cached slot is read)."""
     c = self.config
     # Decided here, not in the layers, where cache_index is a traced scan carry: a prefill reads no cached slot.
@@ -133,7 +133,8 @@ class Llama(nn.Module):
                              carry=(x, positions, kv_mask, cache_index), xs=past, layers=self.layers)
     if cache is not None:
       # new {"k", "v"}: float[L, B, T, K, D]; one write of T slots per array, in place in a decode loop's state.
-      cache = {n: jax.lax.dynamic_update_slice(cache[n], new[n], (0, 0, cache_index, 0, 0)) for n in ("k", "v")}
+      cache = {n: jax.lax.dynamic_update_slice(cache[n], jnp.swapaxes(new[n], 2, 3), (0, 0, 0, cache_index, 0))
+               for n in ("k", "v")}
     return self.norm(x), cache
 
   def logits(self, hidden):
@@ -142,5 +143,7 @@ class Llama(nn.Module):
 
 
 def init_cache(config: LLMConfig, batch: int, length: int, dtype=jnp.float32) -> dict:
-  shape = (config.depth, batch, length, config.kv_heads, config.dim_per_head)
+  """{"k", "v"}: zeros[L, B, K, S, D]: key/value heads before slots, the layout the attention dots read as it is (a
+  slot-major [B, S, K, D] cache made XLA transpose-copy all of it twice per layer on every decode step)."""
+  shape = (config.depth, batch, config.kv_heads, length, config.dim_per_head)
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
