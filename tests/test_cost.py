@@ -115,7 +115,7 @@ def test_decode_step_matches_xla_cost_analysis_on_tiny():
     return model.apply(v, hidden[:, 0], method=model.logits)
 
   d, c = cfg.llm.width, cfg.llm
-  cache = {k: jax.ShapeDtypeStruct((1, 1, length + 1, c.kv_heads, c.dim_per_head), jnp.float32) for k in "kv"}
+  cache = {k: jax.ShapeDtypeStruct((1, 1, c.kv_heads, length + 1, c.dim_per_head), jnp.float32) for k in "kv"}  # [L, B, K, S, D]
   xla = jax.jit(step).lower(params, jax.ShapeDtypeStruct((1, 1, d), jnp.float32),
                             jax.ShapeDtypeStruct((1, 1), jnp.int32), jax.ShapeDtypeStruct((1, length + 1), jnp.bool_),
                             cache).compile().cost_analysis()["flops"]
