@@ -27,8 +27,8 @@ def add_arguments(p: argparse.ArgumentParser):
   p.add_argument("--max-queue", type=int, default=64,
                  help="requests waiting for a batch; beyond it the server answers 503 with Retry-After")
   p.add_argument("--batch-wait-ms", type=float, default=5.0,
-                 help="how long a batch gathers requests before it runs: from the first waiting request's arrival or "
-                 "the previous batch's end, whichever is later (default 5)")
+                 help="a batch gathers requests while they arrive less than this apart (from the first waiting "
+                 "request's arrival or the previous batch's end, whichever is later; at most 4 such waits; default 5)")
   p.add_argument("--request-timeout", type=float, default=600.0,
                  help="seconds from receipt to answer; later requests get 504 and leave the queue")
   p.add_argument("--allowed-image-dir", default=None,

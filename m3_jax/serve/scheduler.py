@@ -1,5 +1,6 @@
-"""Batching: concurrent requests wait in a bounded queue; one worker thread gathers up to --max-batch of them (for
-at most --batch-wait-ms after the first arrived or the last batch ended, whichever is later) into one engine batch
+"""Batching: concurrent requests wait in a bounded queue; one worker thread gathers up to --max-batch of them (from
+the first one's arrival or the last batch's end, while they keep arriving less than --batch-wait-ms apart, for at
+most 4 of those waits) into one engine batch
 with mixed scales, per-request sampling and streaming, and hands each request its tokens as they are decoded.
 
 A request's answer does not depend on its batch: the engine's padding is out of attention and of the RoPE
@@ -60,6 +61,10 @@ class Job:
 
   def post(self, kind: str, payload):
     self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+
+
+# A gather lasts at most this many --batch-wait-ms (while requests keep arriving less than one apart).
+GATHER_WAITS = 4
 
 
 class QueueFull(Exception):
@@ -157,12 +162,14 @@ class Scheduler:
         self.cond.wait()
       if not self.waiting:
         return None
-      # Gather for batch_wait_s after the oldest request arrived or the last batch ended, whichever is later. The
-      # wait after a batch lets the clients it just answered send their next requests and join the ones that
-      # queued during it: closed-loop clients otherwise split into cohorts that alternate in half-full batches.
-      deadline = max(self.waiting[0].queued_at, self.last_batch_end) + self.batch_wait_s
+      # Gather from the oldest request's arrival or the last batch's end, whichever is later, while requests keep
+      # arriving less than batch_wait_s apart, for at most GATHER_WAITS x batch_wait_s. The gather after a batch
+      # lets the clients it just answered send their next requests and join the ones that queued during it:
+      # closed-loop clients otherwise split into cohorts that alternate in half-full batches.
+      opened = max(self.waiting[0].queued_at, self.last_batch_end)
       while len(self.waiting) < self.max_batch and not self.stopping:
-        left = deadline - time.monotonic()
+        quiet = max(opened, self.waiting[-1].queued_at) + self.batch_wait_s
+        left = min(quiet, opened + GATHER_WAITS * self.batch_wait_s) - time.monotonic()
         if left <= 0:
           break
         self.cond.wait(left)

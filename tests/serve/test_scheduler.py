@@ -7,11 +7,9 @@ from m3_jax.serve.metrics import Metrics
 from m3_jax.serve.scheduler import Job, Scheduler
 
 
-def test_closed_loop_clients_that_arrive_staggered_merge_into_full_batches():
-  """8 closed-loop clients of 5 requests start 20 ms apart: the first batch takes the first three (its 50 ms wait),
-  the other five queue while it runs. A worker that at once ran the queued five would answer the two cohorts in turn
-  (3, 5, 3, 5, ...); waiting --batch-wait-ms after a batch ends lets the answered clients' next requests join: one
-  cohort of 8 from the second batch on, and the late starters' last requests at the end."""
+def batch_sizes(starts_ms: list[int], rounds: int = 5, think_ms: int = 10) -> list[int]:
+  """Closed-loop clients (client i starts at starts_ms[i], then sends its next request think_ms after each answer)
+  against a scheduler whose batches take 100 ms; --batch-wait-ms 50, --max-batch 8. The batch sizes, in order."""
   model = types.SimpleNamespace(scales=(1,), engine=types.SimpleNamespace(length_step=16))
   sched = Scheduler(model, Metrics(), max_batch=8, max_queue=64, batch_wait_s=0.05)
   sizes, done = [], {}
@@ -24,20 +22,34 @@ def test_closed_loop_clients_that_arrive_staggered_merge_into_full_batches():
 
   sched.run_batch = run_batch
   sched.start()
+  t0 = time.monotonic()
 
-  def client(rounds=5):
+  def client(start_ms):
+    time.sleep(max(0.0, t0 + start_ms / 1000 - time.monotonic()))
     for _ in range(rounds):
       job = Job(types.SimpleNamespace(scale=1, max_tokens=8), None, None, 0.0, 1.0, 0, False, None, None)
       done[id(job)] = threading.Event()
       sched.submit(job)
       assert done[id(job)].wait(10)
+      time.sleep(think_ms / 1000)
 
-  threads = [threading.Thread(target=client) for _ in range(8)]
+  threads = [threading.Thread(target=client, args=(s,)) for s in starts_ms]
   for t in threads:
     t.start()
-    time.sleep(0.02)
   for t in threads:
     t.join()
   sched.stop(5)
-  assert sum(sizes) == 40
-  assert sizes[1:-1] == [8] * 4 and sizes[0] + sizes[-1] == 8, sizes
+  assert sum(sizes) == rounds * len(starts_ms)
+  return sizes
+
+
+def test_a_batch_gathers_while_requests_keep_arriving():
+  """8 clients 20 ms apart (less than --batch-wait-ms): the first batch waits for all of them."""
+  assert batch_sizes([20 * i for i in range(8)]) == [8] * 5
+
+
+def test_answered_clients_rejoin_the_requests_that_queued_during_their_batch():
+  """3 clients at 0 ms and 5 at 60 ms: the first batch closes at 50 ms with 3, the 5 queue while it runs. A worker
+  that at once ran the queued 5 would answer the two cohorts in turn (3, 5, 3, 5, ...); gathering after a batch
+  ends lets the 3 answered clients' next requests (10 ms later) join them."""
+  assert batch_sizes([0, 0, 0] + [60] * 5) == [3, 8, 8, 8, 8, 5]
