@@ -2,7 +2,8 @@
 engine alone.
 
     python -m benchmarks.serve_load [--configs tiny] [--clients 8] [--requests 6] [--max-tokens 16] [--scales 9,1]
-                                    [--batch-wait-ms 5] [--repeats 3] [--out benchmarks/serve_load.md]
+                                    [--batch-wait-ms 5] [--batching static,continuous] [--repeats 3]
+                                    [--out benchmarks/serve_load.md]
 
 For each config a random checkpoint (the probe tokenizer, vicuna_v1) is written. The workload: client c's r-th
 request asks about its own random PNG (a data: URI) at scale `scales[(c + r) % len(scales)]` (`--scales`, default
@@ -15,9 +16,10 @@ the checkpoint's chain), greedy, `--max-tokens` (random weights rarely stop earl
   when they wait together in client order (the oldest leads; others join only when their visual tokens fit its
   padded count). Median of `--repeats`. (b) / (a) is the most batching can buy on this machine; (c) / (a) what the
   rule leaves of it.
-- Served: `python -m m3_jax serve --ckpt CKPT --port P --max-batch B --warmup` as a subprocess on 127.0.0.1 (its own
-  GIL), B = 8 (batching) and 1 (sequential), each ended by SIGTERM (it drains; its exit status is reported). The
-  clients are threads of this process, each a closed loop over httpx sending `--requests` requests one after the
+- Served: `python -m m3_jax serve --ckpt CKPT --port P --max-batch B --batching MODE --warmup` as a subprocess on
+  127.0.0.1 (its own GIL), B = 8 with each `--batching` mode and B = 1 (sequential), each ended by SIGTERM (it
+  drains; its exit status is reported); with continuous batching, "mean batch" is the mean of active rows per chunk
+  of decode steps and "worker busy" the chunks' share of the wall. The clients are threads of this process, each a closed loop over httpx sending `--requests` requests one after the
   other. Warm-up passes (2 requests per client) run until one compiles nothing.
 
 Every XLA program the server can meet is compiled here first (`Scheduler.warmup` for this prompt and max_tokens,
@@ -161,14 +163,14 @@ class Server:
   """`python -m m3_jax serve` in a subprocess on 127.0.0.1, its output (compilations logged) in `log`."""
 
   def __init__(self, ckpt: pathlib.Path, log: pathlib.Path, max_batch: int, batch_wait_ms: float,
-               start_timeout: float = 3600):
+               batching: str = "static", start_timeout: float = 3600):
     with socket.socket() as s:
       s.bind(("127.0.0.1", 0))
       port = s.getsockname()[1]
     self.url, self.log = f"http://127.0.0.1:{port}", log
     self.cmd = [sys.executable, "-m", "m3_jax", "serve", "--ckpt", str(ckpt), "--host", "127.0.0.1", "--port",
                 str(port), "--max-batch", str(max_batch), "--batch-wait-ms", str(batch_wait_ms), "--warmup",
-                "--served-model-name", "bench"]
+                "--served-model-name", "bench", "--batching", batching]
     with open(log, "wb") as out:
       self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT,
                                    env=dict(os.environ, JAX_LOG_COMPILES="1"))
@@ -246,8 +248,10 @@ def served(ckpt: pathlib.Path, log_prefix: pathlib.Path, images_: list[str], sca
   # and before the engine; what HTTP, JSON and pydantic cost per request.
   refused = workload(max(args.requests, 8), [-1])
   rows = []
-  for label, max_batch in (("batching (--max-batch 8)", 8), ("sequential (--max-batch 1)", 1)):
-    server = Server(ckpt, pathlib.Path(f"{log_prefix}serve-{max_batch}.log"), max_batch, args.batch_wait_ms)
+  modes = [(f"batching (--max-batch 8, --batching {b})", 8, b) for b in args.batching.split(",")]
+  for label, max_batch, batching in modes + [("sequential (--max-batch 1)", 1, "static")]:
+    server = Server(ckpt, pathlib.Path(f"{log_prefix}serve-{max_batch}-{batching}.log"), max_batch,
+                    args.batch_wait_ms, batching)
     try:
       # Warm-up until a round compiles nothing (`--warmup` compiled the decode for max_tokens 32 only): bursts of
       # b requests at one scale, which the scheduler batches into each power-of-two size, then the workload.
@@ -327,7 +331,10 @@ def run(name: str, args, root: pathlib.Path) -> list[str]:
                  f"{r['p95']:.3f} | {r['client_ms']:.1f} / {r['server_ms']} | {r['mean_batch']} | {r['busy']} | "
                  f"{r['compiles']} | {r['exit']} | {r['load']} |")
   seq, one, rule = (r["req_s"] for r in engine_rows)
-  lines += ["", f"{name}: served batching / sequential = **{served_rows[0]['req_s'] / served_rows[1]['req_s']:.2f}x**;"
+  sequential = next(r["req_s"] for r in served_rows if r["mode"].startswith("sequential"))
+  ratios = ", ".join(f"{r['mode'].split('--batching ')[1].rstrip(')')} **{r['req_s'] / sequential:.2f}x**"
+                     for r in served_rows if "--batching" in r["mode"])
+  lines += ["", f"{name}: served batching / sequential: {ratios};"
             f" engine alone (no HTTP; the ceiling is the better of the two): one batch / one at a time = "
             f"**{one / seq:.2f}x**, the scheduler's batches / one at a time = **{rule / seq:.2f}x** (mean batch "
             f"{engine_rows[2]['mean_batch']:.1f}); host work per "
@@ -344,6 +351,8 @@ def main(argv=None):
   p.add_argument("--scales", default=None,
                  help="comma-separated visual-token scales the requests cycle over (default: the checkpoint's)")
   p.add_argument("--batch-wait-ms", type=float, default=5.0)
+  p.add_argument("--batching", default="static",
+                 help="the server's batching modes to measure at --max-batch 8, comma-separated (static,continuous)")
   p.add_argument("--repeats", type=int, default=3, help="engine-only timings: the median of this many")
   p.add_argument("--out", default=None, help="write the tables (markdown) here")
   p.add_argument("--workdir", default=None, help="keep the checkpoints and the servers' logs here (default: a "

@@ -1,5 +1,5 @@
 """`m3 serve --ckpt CKPT [--host H] [--port P] [--max-batch B] [--max-queue Q] [--allowed-image-dir DIR]
-[--request-timeout S] [--batch-wait-ms MS]`: an OpenAI-compatible chat server (m3_jax/serve/)."""
+[--request-timeout S] [--batch-wait-ms MS] [--batching static|continuous]`: an OpenAI-compatible chat server (m3_jax/serve/)."""
 from __future__ import annotations
 
 import argparse
@@ -29,6 +29,10 @@ def add_arguments(p: argparse.ArgumentParser):
   p.add_argument("--batch-wait-ms", type=float, default=5.0,
                  help="a batch gathers requests while they arrive less than this apart (from the first waiting "
                  "request's arrival or the previous batch's end, whichever is later; at most 4 such waits; default 5)")
+  p.add_argument("--batching", choices=("static", "continuous"), default="static",
+                 help="static (default): a batch decodes until its longest answer ends, then the next batch is "
+                 "gathered; continuous: requests join and leave the running decode every 8 steps, in --max-batch "
+                 "rows (LLaVA-1.5 and NeXT)")
   p.add_argument("--request-timeout", type=float, default=600.0,
                  help="seconds from receipt to answer; later requests get 504 and leave the queue")
   p.add_argument("--allowed-image-dir", default=None,
@@ -56,7 +60,8 @@ def run(args) -> int:
   name = args.served_model_name or pathlib.Path(args.ckpt).resolve().name
   app = create_app(model, name=name, max_batch=args.max_batch, max_queue=args.max_queue,
                    batch_wait_ms=args.batch_wait_ms, request_timeout=args.request_timeout,
-                   allowed_image_dir=args.allowed_image_dir, max_image_pixels=args.max_image_pixels)
+                   allowed_image_dir=args.allowed_image_dir, max_image_pixels=args.max_image_pixels,
+                   batching=args.batching)
   if args.warmup:
     logging.getLogger("m3.serve").info("warm-up: %d engine calls", app.state.scheduler.warmup())
   # On SIGTERM / SIGINT uvicorn stops accepting and waits for the requests in flight, then the app's lifespan

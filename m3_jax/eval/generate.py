@@ -42,6 +42,29 @@ def bucket(n: int, step: int) -> int:
   return max(step, -(-n // step) * step)
 
 
+def pick(logits, rng, temperature, top_p, *, greedy: bool, per_row: bool):
+  """The next token of each row, int32[B], from logits float32[B, V]: argmax when greedy; else softmax at
+  `temperature` within nucleus `top_p`, scalars and one key, or with per_row float32[B] and key[B] (one per row;
+  temperature <= 0 is greedy for that row)."""
+  b = logits.shape[0]
+  if greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  # temperature, top_p: scalars, or float32[B] with per_row (then [B, 1] against the vocabulary).
+  scaled = logits / jnp.maximum(jnp.reshape(temperature, (-1, 1)), 1e-6)
+  probs = jax.nn.softmax(scaled, axis=-1)
+  order = jnp.argsort(-probs, axis=-1)
+  sorted_p = jnp.take_along_axis(probs, order, axis=-1)
+  keep_sorted = jnp.cumsum(sorted_p, axis=-1) - sorted_p < jnp.reshape(top_p, (-1, 1))  # keeps the top token
+  keep = jnp.zeros_like(keep_sorted).at[jnp.arange(b)[:, None], order].set(keep_sorted)
+  masked = jnp.where(keep, scaled, -jnp.inf)
+  if not per_row:
+    return jax.random.categorical(rng, masked, axis=-1).astype(jnp.int32)
+  # Each row draws from its own key: vmap gives row i the draw a batch of one with key i makes, wherever the
+  # row sits in the batch (one key over [B, V] would make the draw depend on B and on the row's position).
+  drawn = jax.vmap(jax.random.categorical)(rng, masked).astype(jnp.int32)
+  return jnp.where(temperature <= 0, jnp.argmax(logits, axis=-1).astype(jnp.int32), drawn)
+
+
 class Engine:
   """Generation and scoring for one LlavaM3 checkpoint.
 
@@ -201,24 +224,6 @@ class Engine:
     stop = jnp.asarray(self.stop_ids, jnp.int32)
     pad = self.config.pad_token_id
 
-    def pick(logits, rng):
-      if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-      # temperature, top_p: scalars, or float32[B] with per_row (then [B, 1] against the vocabulary).
-      scaled = logits / jnp.maximum(jnp.reshape(temperature, (-1, 1)), 1e-6)
-      probs = jax.nn.softmax(scaled, axis=-1)
-      order = jnp.argsort(-probs, axis=-1)
-      sorted_p = jnp.take_along_axis(probs, order, axis=-1)
-      keep_sorted = jnp.cumsum(sorted_p, axis=-1) - sorted_p < jnp.reshape(top_p, (-1, 1))  # keeps the top token
-      keep = jnp.zeros_like(keep_sorted).at[jnp.arange(b)[:, None], order].set(keep_sorted)
-      masked = jnp.where(keep, scaled, -jnp.inf)
-      if not per_row:
-        return jax.random.categorical(rng, masked, axis=-1).astype(jnp.int32)
-      # Each row draws from its own key: vmap gives row i the draw a batch of one with key i makes, wherever the
-      # row sits in the batch (one key over [B, V] would make the draw depend on B and on the row's position).
-      drawn = jax.vmap(jax.random.categorical)(rng, masked).astype(jnp.int32)
-      return jnp.where(temperature <= 0, jnp.argmax(logits, axis=-1).astype(jnp.int32), drawn)
-
     def cond(state):
       step, _, _, _, _, done, _, _ = state
       return (step < max_new) & ~jnp.all(done)
@@ -230,7 +235,7 @@ class Engine:
         rng, sub = keys[:, 0], keys[:, 1]
       else:
         rng, sub = jax.random.split(rng)
-      tok = jnp.where(done, pad, pick(logits, sub))
+      tok = jnp.where(done, pad, pick(logits, sub, temperature, top_p, greedy=greedy, per_row=per_row))
       out = out.at[:, step].set(tok)
       if stream:
         io_callback(self._emit, None, step, tok, ordered=True)

@@ -23,13 +23,13 @@ from m3_jax.serve.scheduler import Job, Result, Scheduler
 
 def create_app(model, *, name: str, max_batch: int = 8, max_queue: int = 64, batch_wait_ms: float = 5.0,
                request_timeout: float = 600.0, allowed_image_dir: str | pathlib.Path | None = None,
-               max_image_pixels: int = 4096 * 4096, router=None) -> FastAPI:
+               max_image_pixels: int = 4096 * 4096, router=None, batching: str = "static") -> FastAPI:
   """`model`: an `m3_jax.load(...)` model. `router`: what answers visual_tokens="auto" (default: the model's
   `router` attribute, which the router issue's loader sets; None refuses "auto" with a 400)."""
   router = router if router is not None else getattr(model, "router", None)
   metrics = Metrics()
   scheduler = Scheduler(model, metrics, max_batch=max_batch, max_queue=max_queue,
-                        batch_wait_s=batch_wait_ms / 1000, router=router)
+                        batch_wait_s=batch_wait_ms / 1000, router=router, batching=batching)
   allowed = pathlib.Path(allowed_image_dir) if allowed_image_dir is not None else None
   created = int(time.time())
 

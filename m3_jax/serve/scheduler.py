@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from m3_jax.eval.continuous import Slots
 from m3_jax.serve import chat
 from m3_jax.serve.detok import TextStream, answer_text
 from m3_jax.serve.metrics import Metrics
@@ -63,6 +64,11 @@ class Job:
     self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
 
 
+# static: a batch runs to its longest answer, then the next is gathered; continuous: requests join and leave the
+# running decode between chunks of CHUNK steps (`eval/continuous.Slots`, --max-batch rows).
+BATCHING = ("static", "continuous")
+CHUNK = 8
+
 # A gather lasts at most this many --batch-wait-ms (while requests keep arriving less than one apart).
 GATHER_WAITS = 4
 
@@ -94,8 +100,10 @@ def encode_by_scale(engine, jobs: list[Job]) -> None:
 
 class Scheduler:
   def __init__(self, model, metrics: Metrics, *, max_batch: int, max_queue: int, batch_wait_s: float,
-               router=None):
-    self.model, self.metrics, self.router = model, metrics, router
+               router=None, batching: str = "static"):
+    if batching not in BATCHING:
+      raise ValueError(f"batching={batching!r}: expected one of {', '.join(BATCHING)}")
+    self.model, self.metrics, self.router, self.batching = model, metrics, router, batching
     self.max_batch, self.max_queue, self.batch_wait_s = max_batch, max_queue, batch_wait_s
     self.waiting: collections.deque[Job] = collections.deque()
     self.cond = threading.Condition()
@@ -189,6 +197,8 @@ class Scheduler:
     return n if n <= 1 else -(-n // self.model.engine.length_step) * self.model.engine.length_step
 
   def _loop(self):
+    if self.batching == "continuous":
+      return self._loop_continuous()
     while (batch := self._next_batch()) is not None:
       start = time.monotonic()
       for job in batch:
@@ -206,6 +216,71 @@ class Scheduler:
       self.metrics.batch_seconds.observe(seconds)
       self.metrics.batch_size.observe(len(batch))
       self.metrics.running.set(0)
+
+  def _loop_continuous(self):
+    """Between chunks of decode steps, waiting requests take free rows (prefilled together, a group per scale) and
+    finished or abandoned ones leave. When no row is active, the first requests are gathered as in static mode."""
+    slots = Slots(self.model.engine, self.max_batch, chunk=CHUNK)
+    rows: dict[int, Job] = {}
+    while True:
+      if not rows:
+        joiners = self._next_batch()
+        if joiners is None:
+          return
+      else:
+        with self.cond:
+          joiners = list(self.waiting)[:len(slots.free_rows())]
+          for j in joiners:
+            self.waiting.remove(j)
+          self.metrics.queue_depth.set(len(self.waiting))
+      start = time.monotonic()
+      try:
+        self._admit(slots, rows, joiners)
+        if not rows:
+          continue
+        self.metrics.running.set(len(rows))
+        self.metrics.batch_size.observe(len(rows))
+        tokens = slots.run()
+      except Exception as e:  # the server keeps serving; the requests in the rows get a 500
+        log.exception("continuous decode of %d rows failed", len(rows))
+        for job in list(rows.values()) + [j for j in joiners if not j.finished]:
+          self._finish(job, error=ApiError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error"))
+        rows.clear()
+        slots = Slots(self.model.engine, self.max_batch, chunk=CHUNK)
+        continue
+      for row, job in list(rows.items()):
+        for tok in tokens[row].tolist():
+          self._step(job, tok)
+          if job.finished or job.cancelled:
+            break
+        if job.finished or job.cancelled:
+          slots.free(row)
+          del rows[row]
+      self.metrics.batch_seconds.observe(time.monotonic() - start)
+      self.metrics.running.set(len(rows))
+
+  def _admit(self, slots, rows: dict[int, Job], joiners: list[Job]):
+    """Moves `joiners` (taken from the queue) into free rows of `slots`, those that fit the timeline now; the
+    rest go back to the front of the queue."""
+    now = time.monotonic()
+    for job in joiners:
+      self.metrics.queue_wait.observe(now - job.queued_at)
+    jobs = [j for j in self._encode([j for j in joiners if not j.cancelled]) if not j.finished]
+    later = []
+    for scale in sorted({j.visual_tokens for j in jobs}):
+      group = [j for j in jobs if j.visual_tokens == scale]
+      prompts, visual = [j.prompt.ids for j in group], [j.visual for j in group]
+      if not slots.fits(slots.prefill_length(prompts, visual)):
+        later += group
+        continue
+      free = slots.free_rows()[:len(group)]
+      slots.admit(free, prompts, visual, [j.temperature for j in group], [j.top_p for j in group],
+                  [j.seed for j in group])
+      rows.update(zip(free, group))
+    if later:  # back to the front of the queue, encoded (their scale and visual tokens are kept)
+      with self.cond:
+        self.waiting.extendleft(reversed(later))
+        self.metrics.queue_depth.set(len(self.waiting))
 
   def _run_batch(self, batch: list[Job]):
     batch = [j for j in self._encode([j for j in batch if not j.cancelled]) if not j.finished]

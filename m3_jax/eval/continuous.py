@@ -1,0 +1,199 @@
+"""Continuous batching: requests join and leave a running decode at chunk boundaries (`m3 serve --batching
+continuous`).
+
+`Slots` keeps `n` decode rows that share one KV-cache timeline float[L, n, K, C, D]. Every row writes its next
+token at the same slot `w` (the engine's scalar cache index); a row's own keys are wherever its mask says
+(`kv_mask` bool[n, C]), so rows that joined at different times, with prompts of different lengths, attend only to
+themselves. A joining request is prefilled with the engine's own program (left-padded, as `generate_rows`), and its
+keys are copied to slots [w - T, w) of a free row (w first moves up to T if it is smaller). Decoding runs `chunk`
+steps per call for every row; the host reads each row's tokens, stops it at its stop id or length, and frees its
+row. Attention reads the whole timeline every step, so it is kept short: the slots no active row uses are dropped
+from its front (a shift of every row alike: keys carry their RoPE positions, so attention does not change) and its
+length is the smallest power of two that holds w + a chunk (a compiled shape each, at most log2(max_len / 64)).
+
+A row's tokens equal `Engine.generate_rows` of that request alone (its padding and the other rows are masked out of
+its attention, and it samples from its own key, split once per step as there).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from m3_jax.eval.generate import Engine, bucket, pick
+from m3_jax.models import llama
+
+MIN_CAPACITY = 64
+
+
+class Slots:
+  """`n` decode rows over one shared KV-cache timeline; `admit` rows, `run` a chunk of steps, `free` rows."""
+
+  def __init__(self, engine: Engine, n: int, chunk: int = 8):
+    self.engine, self.n, self.chunk = engine, n, chunk
+    c = engine.config
+    self.vocab = c.llm.vocab_size
+    # A row spans at most its prompt + max_tokens (<= max_len) + the rest of the chunk it finished in.
+    self.max_capacity = 1 << (c.llm.max_len + chunk - 1).bit_length()
+    self.start = np.zeros(n, np.int64)        # each active row's first slot
+    self.active = np.zeros(n, bool)
+    self._prefill = jax.jit(self._prefill_impl)
+    self._place = jax.jit(self._place_impl, donate_argnums=(0,))
+    self._shift = jax.jit(self._shift_impl, donate_argnums=(0,))
+    self._chunk = jax.jit(self._chunk_impl, static_argnames=("steps", "greedy"), donate_argnums=(1,))
+    self._reset(MIN_CAPACITY)
+
+  def _reset(self, capacity: int):
+    c = self.engine.config
+    self.w = 0
+    self.state = {
+        "cache": llama.init_cache(c.llm, self.n, capacity),
+        "kv_mask": jnp.zeros((self.n, capacity), bool),
+        "pos": jnp.zeros((self.n,), jnp.int32),
+        "logits": jnp.zeros((self.n, self.vocab), jnp.float32),
+        "keys": jnp.stack([jax.random.key(0)] * self.n),
+        "temperature": jnp.zeros((self.n,), jnp.float32),
+        "top_p": jnp.ones((self.n,), jnp.float32),
+    }
+
+  @property
+  def capacity(self) -> int:
+    return int(self.state["kv_mask"].shape[1])
+
+  def free_rows(self) -> list[int]:
+    return [int(r) for r in np.flatnonzero(~self.active)]
+
+  def prefill_length(self, prompts: Sequence[np.ndarray], visual: Sequence[np.ndarray | None]) -> int:
+    """T: the slots `admit` gives these requests (prompts and visual tokens padded to the engine's buckets)."""
+    e = self.engine
+    step = e.length_step
+    n_vis = max([0 if v is None else len(v) for v in visual] + [1])
+    t = max(bucket(len(p), step) for p in prompts)
+    return t + (bucket(n_vis, step) if n_vis > 1 else 1) - 1
+
+  def fits(self, t: int) -> bool:
+    """Whether requests of prefill length `t` can join now: the span from the oldest active row's first slot to
+    the end of the next chunk stays within the largest timeline (else they wait for rows to finish)."""
+    w = max(self.w, t)
+    first = min(int(self.start[self.active].min()), w - t) if self.active.any() else w - t
+    return w - first + self.chunk <= self.max_capacity
+
+  # ------------------------------------------------------------------------------------------- admission
+  def _prefill_impl(self, params, ids, mask, img, n_vis):
+    """The engine's prefill: -> cache float[L, B, K, T, D], valid bool[B, T], next position int32[B], logits."""
+    m, e = self.engine.model, self.engine
+    x, valid, positions, _ = e._inputs(params, ids, mask, img, n_vis, "left")
+    b, length = valid.shape
+    cache = llama.init_cache(e.config.llm, b, length, x.dtype)
+    hidden, cache = m.apply({"params": params}, x, positions, valid, cache, 0, method=m.decode)
+    logits = m.apply({"params": params}, hidden[:, -1], method=m.logits)
+    return cache, valid, positions[:, -1] + 1, logits
+
+  @staticmethod
+  def _place_impl(state, cache, valid, pos, logits, key, temperature, top_p, row, source, start):
+    """Copies prefill row `source` (T slots) to row `row`, slots [start, start + T) of the timeline."""
+    new = dict(state)
+    new["cache"] = {n: jax.lax.dynamic_update_slice(
+        state["cache"][n], jax.lax.dynamic_slice_in_dim(cache[n], source, 1, axis=1), (0, row, 0, start, 0))
+        for n in ("k", "v")}
+    row_mask = jax.lax.dynamic_update_slice(jnp.zeros((state["kv_mask"].shape[1],), bool), valid[source], (start,))
+    new["kv_mask"] = state["kv_mask"].at[row].set(row_mask)
+    new["pos"] = state["pos"].at[row].set(pos[source])
+    new["logits"] = state["logits"].at[row].set(logits[source])
+    new["keys"] = state["keys"].at[row].set(key)
+    new["temperature"] = state["temperature"].at[row].set(temperature)
+    new["top_p"] = state["top_p"].at[row].set(top_p)
+    return new
+
+  def admit(self, rows: Sequence[int], prompts: Sequence[np.ndarray], visual: Sequence[np.ndarray | None],
+            temperature: Sequence[float], top_p: Sequence[float], seeds: Sequence[int]):
+    """Prefills the requests (one engine batch, padded as `generate_rows` pads) and puts request i in row
+    rows[i] (a free row), ready to decode its first token."""
+    e = self.engine
+    if not self.active.any():  # idle: start a fresh, short timeline
+      self._reset(MIN_CAPACITY)
+    n = len(prompts)
+    bucket_rows = 1 << max(n - 1, 0).bit_length()
+    padded = list(prompts) + [np.array([e.config.bos_token_id], np.int32)] * (bucket_rows - n)
+    ids, mask, img, n_vis = e._pack(padded, list(visual) + [None] * (bucket_rows - n), "left")
+    cache, valid, pos, logits = self._prefill(e.params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(img),
+                                              jnp.asarray(n_vis))
+    t = ids.shape[1] + img.shape[1] - 1
+    self._fit(0)
+    self.w = max(self.w, t)  # the joiners' prompts end at the shared write slot
+    self._fit(0)
+    for i, row in enumerate(rows):
+      self.state = self._place(self.state, cache, valid, pos, logits, jax.random.key(int(seeds[i])),
+                               jnp.float32(temperature[i]), jnp.float32(top_p[i]), row, i, self.w - t)
+      self.active[row], self.start[row] = True, self.w - t
+
+  def free(self, row: int):
+    self.active[row] = False
+
+  # ---------------------------------------------------------------------------------------------- decoding
+  @staticmethod
+  def _shift_impl(state, by):
+    """Drops the first `by` slots of the timeline (every row alike); the freed tail is masked out."""
+    new = dict(state)
+    c = state["kv_mask"].shape[1]
+    new["cache"] = {n: jnp.roll(state["cache"][n], -by, axis=3) for n in ("k", "v")}
+    new["kv_mask"] = jnp.roll(state["kv_mask"], -by, axis=1) & (jnp.arange(c) < c - by)[None]
+    return new
+
+  def _resize(self, capacity: int):
+    """Pads or cuts the timeline to `capacity` slots (cut only past w, where no row has keys)."""
+    s = dict(self.state)
+    if capacity > self.capacity:
+      pad = ((0, 0), (0, 0), (0, 0), (0, capacity - self.capacity), (0, 0))
+      s["cache"] = {n: jnp.pad(s["cache"][n], pad) for n in ("k", "v")}
+      s["kv_mask"] = jnp.pad(s["kv_mask"], ((0, 0), (0, capacity - self.capacity)))
+    else:
+      s["cache"] = {n: s["cache"][n][:, :, :, :capacity] for n in ("k", "v")}
+      s["kv_mask"] = s["kv_mask"][:, :capacity]
+    self.state = s
+
+  def _fit(self, steps: int):
+    """Keeps the timeline short (attention reads all of it every step): drops the front slots no active row uses
+    once they are a quarter of it or room is needed, then takes the smallest power-of-two length >= w + steps."""
+    first = int(self.start[self.active].min()) if self.active.any() else 0
+    if first > 0 and (self.w + steps > self.capacity or 4 * first >= self.capacity):
+      self.state = self._shift(self.state, jnp.int32(first))
+      self.start[self.active] -= first
+      self.w -= first
+    capacity = max(MIN_CAPACITY, 1 << (self.w + steps - 1).bit_length())
+    if capacity > self.max_capacity:
+      raise ValueError(f"the decode timeline needs {self.w + steps} slots, over the model's context "
+                       f"({self.engine.config.llm.max_len})")
+    if capacity != self.capacity:
+      self._resize(capacity)
+
+  def _chunk_impl(self, params, state, w, *, steps: int, greedy: bool):
+    m = self.engine.model
+
+    def body(i, carry):
+      state, out = carry
+      keys = jax.vmap(jax.random.split)(state["keys"])
+      keys, sub = keys[:, 0], keys[:, 1]
+      tok = pick(state["logits"], sub, state["temperature"], state["top_p"], greedy=greedy, per_row=True)
+      out = out.at[:, i].set(tok)
+      kv_mask = state["kv_mask"].at[:, w + i].set(True)
+      emb = m.apply({"params": params}, tok[:, None], method=m.embed_text)
+      hidden, cache = m.apply({"params": params}, emb, state["pos"][:, None], kv_mask, state["cache"], w + i,
+                              method=m.decode)
+      logits = m.apply({"params": params}, hidden[:, 0], method=m.logits)
+      state = dict(state, cache=cache, kv_mask=kv_mask, pos=state["pos"] + 1, logits=logits, keys=keys)
+      return state, out
+
+    out = jnp.zeros((self.n, steps), jnp.int32)
+    return jax.lax.fori_loop(0, steps, body, (state, out))
+
+  def run(self, steps: int | None = None) -> np.ndarray:
+    """Decodes `steps` (default: chunk) tokens for every row -> int32[n, steps] (rows not active: garbage)."""
+    steps = steps or self.chunk
+    self._fit(steps)
+    greedy = bool(np.all(np.asarray(self.state["temperature"])[self.active] <= 0))
+    self.state, out = self._chunk(self.engine.params, self.state, jnp.int32(self.w), steps=steps, greedy=greedy)
+    self.w += steps
+    return np.asarray(out)

@@ -1,0 +1,88 @@
+"""`m3 serve --batching continuous`: requests join and leave a running decode between chunks of steps; each answer
+still equals `m3_jax.load(ckpt).generate` of that request alone (greedy and seeded sampling, every scale, streamed
+or not, different max_tokens in one decode)."""
+import concurrent.futures
+import functools
+
+import openai
+import pytest
+
+from conftest import NAME, data_uri, serving
+from m3_jax.eval.continuous import Slots
+
+Q = "what colour is the picture?"
+
+
+@pytest.fixture(scope="module")
+def client(model):
+  with serving(model, max_batch=4, batch_wait_ms=20, batching="continuous") as (url, _):
+    yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def reference(model, images):
+  @functools.cache
+  def answer(image: int, scale: int, max_tokens: int, temperature: float = 0.0, seed: int = 0):
+    return model.generate([str(images / f"{image}.png")], [Q], scale=scale, max_new_tokens=max_tokens,
+                          temperature=temperature, seed=seed)[0]["text"]
+  return answer
+
+
+def test_concurrent_requests_joining_a_running_decode_equal_their_single_answers(client, model, images, reference):
+  """12 requests on 4 rows, scales cycling, answers of 3 to 21 tokens (rows leave and are refilled mid-decode),
+  a third streamed, two sampled with a seed."""
+  scales = sorted(model.scales)
+  jobs = [(i % 4, scales[i % len(scales)], 3 + (5 * i) % 19, i % 3 == 0, 1.0 if i in (4, 9) else 0.0)
+          for i in range(12)]
+
+  def one(job):
+    image, scale, max_tokens, stream, temperature = job
+    r = client.chat.completions.create(
+        model=NAME, max_tokens=max_tokens, stream=stream, temperature=temperature, seed=7,
+        messages=[{"role": "user", "content": [{"type": "text", "text": Q}, {"type": "image_url", "image_url": {
+            "url": data_uri(images / f"{image}.png")}}]}], extra_body={"visual_tokens": scale})
+    if stream:
+      return "".join(c.choices[0].delta.content or "" for c in r if c.choices)
+    return r.choices[0].message.content
+
+  with concurrent.futures.ThreadPoolExecutor(12) as pool:
+    got = list(pool.map(one, jobs))
+  assert got == [reference(image, scale, n, t, 7) for image, scale, n, _, t in jobs]
+
+
+def test_the_timeline_drops_unused_front_slots_and_rows_keep_their_answers(model, images):
+  """Slots directly, 2 rows: A and B decode, A leaves, C takes its row (its prompt ends at the shared write slot,
+  so it starts past slot 0), B leaves; when C's decode reaches the end of the timeline, the front slots no row
+  uses are dropped (w moves back). Every request's tokens equal generate_rows of it alone."""
+  engine = model.engine
+  pixels = model.pixels([str(images / f"{i}.png") for i in range(3)])
+  ids = model.prompt_ids(Q, True)
+  visual = [engine.visual_tokens(pixels[i:i + 1], s)[0] for i, s in enumerate((1, 9, 1))]
+  alone = [engine.generate_rows([ids], [v], 64, [0.0], [1.0], [0])[0] for v in visual]
+  slots = Slots(engine, 2, chunk=8)
+  out = {0: [], 1: [], 2: []}
+
+  def run(rows: dict[int, int], chunks: int):
+    for _ in range(chunks):
+      tokens = slots.run()
+      for row, req in rows.items():
+        out[req] += tokens[row].tolist()
+
+  slots.admit([0, 1], [ids, ids], visual[:2], [0.0] * 2, [1.0] * 2, [0] * 2)
+  run({0: 0, 1: 1}, 2)
+  slots.free(0)
+  slots.admit([0], [ids], [visual[2]], [0.0], [1.0], [0])
+  c_start = int(slots.start[0])
+  assert c_start > 0
+  run({0: 2, 1: 1}, 2)
+  slots.free(1)
+  ws = []
+  for _ in range(5):
+    run({0: 2}, 1)
+    ws.append(slots.w)
+  assert any(b < a for a, b in zip(ws, ws[1:])), f"the timeline never dropped its front slots: w {ws}"
+  assert slots.start[0] == 0  # C's first slot moved to the front
+  for req in range(3):
+    cut = next((i for i, t in enumerate(out[req]) if t in engine.stop_ids), len(out[req]))
+    n = min(cut, len(alone[req]))
+    assert n >= 16 and out[req][:n] == alone[req][:n], req
