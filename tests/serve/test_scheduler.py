@@ -7,16 +7,17 @@ from m3_jax.serve.metrics import Metrics
 from m3_jax.serve.scheduler import Job, Scheduler
 
 
-def batch_sizes(starts_ms: list[int], rounds: int = 5, think_ms: int = 10) -> list[int]:
+def batch_sizes(starts_ms: list[int], wait_ms: int, run_ms: int, rounds: int = 5, think_ms: int = 10) -> list[int]:
   """Closed-loop clients (client i starts at starts_ms[i], then sends its next request think_ms after each answer)
-  against a scheduler whose batches take 100 ms; --batch-wait-ms 50, --max-batch 8. The batch sizes, in order."""
+  against a scheduler whose batches take run_ms; --batch-wait-ms wait_ms, --max-batch 8. The batch sizes, in order.
+  The margins are tens of ms: a loaded machine wakes threads late."""
   model = types.SimpleNamespace(scales=(1,), engine=types.SimpleNamespace(length_step=16))
-  sched = Scheduler(model, Metrics(), max_batch=8, max_queue=64, batch_wait_s=0.05)
+  sched = Scheduler(model, Metrics(), max_batch=8, max_queue=64, batch_wait_s=wait_ms / 1000)
   sizes, done = [], {}
 
   def run_batch(batch):
     sizes.append(len(batch))
-    time.sleep(0.1)
+    time.sleep(run_ms / 1000)
     for job in batch:
       done[id(job)].set()
 
@@ -44,12 +45,12 @@ def batch_sizes(starts_ms: list[int], rounds: int = 5, think_ms: int = 10) -> li
 
 
 def test_a_batch_gathers_while_requests_keep_arriving():
-  """8 clients 20 ms apart (less than --batch-wait-ms): the first batch waits for all of them."""
-  assert batch_sizes([20 * i for i in range(8)]) == [8] * 5
+  """8 clients 20 ms apart (less than --batch-wait-ms, 100): the first batch waits for all of them."""
+  assert batch_sizes([20 * i for i in range(8)], wait_ms=100, run_ms=100) == [8] * 5
 
 
 def test_answered_clients_rejoin_the_requests_that_queued_during_their_batch():
-  """3 clients at 0 ms and 5 at 60 ms: the first batch closes at 50 ms with 3, the 5 queue while it runs. A worker
-  that at once ran the queued 5 would answer the two cohorts in turn (3, 5, 3, 5, ...); gathering after a batch
-  ends lets the 3 answered clients' next requests (10 ms later) join them."""
-  assert batch_sizes([0, 0, 0] + [60] * 5) == [3, 8, 8, 8, 8, 5]
+  """3 clients at 0 ms and 5 at 150 ms: the first batch closes at 50 ms (--batch-wait-ms) with 3 and runs for
+  300 ms; the 5 queue while it runs. A worker that at once ran the queued 5 would answer the two cohorts in turn
+  (3, 5, 3, 5, ...); gathering after a batch ends lets the 3 answered clients' next requests (10 ms later) join."""
+  assert batch_sizes([0, 0, 0] + [150] * 5, wait_ms=50, run_ms=300) == [3, 8, 8, 8, 8, 5]
