@@ -35,9 +35,11 @@ class Slots:
     self.engine, self.n, self.chunk = engine, n, chunk
     c = engine.config
     self.vocab = c.llm.vocab_size
-    # A row spans at most its prompt + max_tokens (<= max_len) + the rest of the chunk it finished in.
-    self.max_capacity = 1 << (c.llm.max_len + chunk - 1).bit_length()
+    # A request alone spans its prompt and visual tokens (<= max_len with its max_tokens, each padded by less than
+    # a length step) + its max_tokens + the rest of the chunk it ends in: it always fits.
+    self.max_capacity = 1 << (c.llm.max_len + 2 * engine.length_step + chunk - 1).bit_length()
     self.start = np.zeros(n, np.int64)        # each active row's first slot
+    self.end = np.zeros(n, np.int64)          # the slot each active row's decode ends by (its max_new + a chunk)
     self.active = np.zeros(n, bool)
     self._prefill = jax.jit(self._prefill_impl)
     self._place = jax.jit(self._place_impl, donate_argnums=(0,))
@@ -49,7 +51,7 @@ class Slots:
     c = self.engine.config
     self.w = 0
     self.state = {
-        "cache": llama.init_cache(c.llm, self.n, capacity),
+        "cache": llama.init_cache(c.llm, self.n, capacity, jnp.dtype(c.dtype)),  # the prefill's, as generate's
         "kv_mask": jnp.zeros((self.n, capacity), bool),
         "pos": jnp.zeros((self.n,), jnp.int32),
         "logits": jnp.zeros((self.n, self.vocab), jnp.float32),
@@ -73,12 +75,15 @@ class Slots:
     t = max(bucket(len(p), step) for p in prompts)
     return t + (bucket(n_vis, step) if n_vis > 1 else 1) - 1
 
-  def fits(self, t: int) -> bool:
-    """Whether requests of prefill length `t` can join now: the span from the oldest active row's first slot to
-    the end of the next chunk stays within the largest timeline (else they wait for rows to finish)."""
+  def fits(self, t: int, max_new: int) -> bool:
+    """Whether requests of prefill length `t` generating up to `max_new` tokens can join now: from the oldest
+    active row's first slot to the last slot any row (they included) may decode to stays within the largest
+    timeline, whatever the rows do until they end (else they wait for rows to finish). A request alone fits."""
     w = max(self.w, t)
-    first = min(int(self.start[self.active].min()), w - t) if self.active.any() else w - t
-    return w - first + self.chunk <= self.max_capacity
+    first, last = w - t, w + max_new + self.chunk
+    if self.active.any():
+      first, last = min(first, int(self.start[self.active].min())), max(last, int(self.end[self.active].max()))
+    return last - first <= self.max_capacity
 
   # ------------------------------------------------------------------------------------------- admission
   def _prefill_impl(self, params, ids, mask, img, n_vis):
@@ -108,9 +113,10 @@ class Slots:
     return new
 
   def admit(self, rows: Sequence[int], prompts: Sequence[np.ndarray], visual: Sequence[np.ndarray | None],
-            temperature: Sequence[float], top_p: Sequence[float], seeds: Sequence[int]):
+            temperature: Sequence[float], top_p: Sequence[float], seeds: Sequence[int], max_new: int):
     """Prefills the requests (one engine batch, padded as `generate_rows` pads) and puts request i in row
-    rows[i] (a free row), ready to decode its first token."""
+    rows[i] (a free row), ready to decode its first token; none decodes more than `max_new` tokens (the caller
+    checked `fits`)."""
     e = self.engine
     if not self.active.any():  # idle: start a fresh, short timeline
       self._reset(MIN_CAPACITY)
@@ -121,13 +127,14 @@ class Slots:
     cache, valid, pos, logits = self._prefill(e.params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(img),
                                               jnp.asarray(n_vis))
     t = ids.shape[1] + img.shape[1] - 1
-    self._fit(0)
-    self.w = max(self.w, t)  # the joiners' prompts end at the shared write slot
-    self._fit(0)
+    self._fit(0)                       # drop unused front slots first: the joiners are placed after it
+    self.w = max(self.w, t)            # the joiners' prompts end at the shared write slot
+    self._fit(0, shift=False)          # room up to w, without moving w below t
+    assert self.w >= t, (self.w, t)
     for i, row in enumerate(rows):
       self.state = self._place(self.state, cache, valid, pos, logits, jax.random.key(int(seeds[i])),
                                jnp.float32(temperature[i]), jnp.float32(top_p[i]), row, i, self.w - t)
-      self.active[row], self.start[row] = True, self.w - t
+      self.active[row], self.start[row], self.end[row] = True, self.w - t, self.w + max_new + self.chunk
 
   def free(self, row: int):
     self.active[row] = False
@@ -154,13 +161,14 @@ class Slots:
       s["kv_mask"] = s["kv_mask"][:, :capacity]
     self.state = s
 
-  def _fit(self, steps: int):
+  def _fit(self, steps: int, shift: bool = True):
     """Keeps the timeline short (attention reads all of it every step): drops the front slots no active row uses
     once they are a quarter of it or room is needed, then takes the smallest power-of-two length >= w + steps."""
     first = int(self.start[self.active].min()) if self.active.any() else 0
-    if first > 0 and (self.w + steps > self.capacity or 4 * first >= self.capacity):
+    if shift and first > 0 and (self.w + steps > self.capacity or 4 * first >= self.capacity):
       self.state = self._shift(self.state, jnp.int32(first))
       self.start[self.active] -= first
+      self.end[self.active] -= first
       self.w -= first
     capacity = max(MIN_CAPACITY, 1 << (self.w + steps - 1).bit_length())
     if capacity > self.max_capacity:

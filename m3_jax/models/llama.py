@@ -1,7 +1,7 @@
 """Vicuna / LLaMA decoder: float32 RMSNorm, RoPE (rotate_half, cat(freqs, freqs): HF weights need no
 permutation), SwiGLU, grouped-query attention, causal + padding masks, a KV cache, untied head.
 
-The KV cache is explicit state, not a Flax collection: `{"k", "v"}: float[L, B, S, K, D]`. A call writes its T
+The KV cache is explicit state, not a Flax collection: `{"k", "v"}: float[L, B, K, S, D]`. A call writes its T
 new keys at slots [cache_index, cache_index + T) and attends to every slot j <= its own slot where
 `kv_mask[b, j]`; without a cache, slots are the T positions themselves. Positions (for RoPE) are per token, so
 left padding works: pass cumsum(mask) - 1.
@@ -93,7 +93,7 @@ class LlamaBlock(nn.Module):
   @nn.compact
   def __call__(self, carry, cache):
     """carry = (x float[B,T,D], positions int[B,T], kv_mask bool[B,S], cache_index); cache: this layer's
-    {"k", "v"}: float[B, S, K, D] (read only) or None -> (carry, this layer's T new {"k", "v"} as LlamaAttention's)."""
+    {"k", "v"}: float[B, K, S, D] (read only) or None -> (carry, this layer's T new {"k", "v"} as LlamaAttention's)."""
     x, positions, kv_mask, cache_index = carry
     c = self.config
     x = constrain(x, (BATCH, LENGTH, EMBED))  # the residual stream

@@ -166,21 +166,24 @@ class Scheduler:
   # ------------------------------------------------------------------------------------------ worker thread
   def _next_batch(self) -> list[Job] | None:
     with self.cond:
-      while not self.waiting and not self.stopping:
-        self.cond.wait()
-      if not self.waiting:
-        return None
-      # Gather from the oldest request's arrival or the last batch's end, whichever is later, while requests keep
-      # arriving less than batch_wait_s apart, for at most GATHER_WAITS x batch_wait_s. The gather after a batch
-      # lets the clients it just answered send their next requests and join the ones that queued during it:
-      # closed-loop clients otherwise split into cohorts that alternate in half-full batches.
-      opened = max(self.waiting[0].queued_at, self.last_batch_end)
-      while len(self.waiting) < self.max_batch and not self.stopping:
-        quiet = max(opened, self.waiting[-1].queued_at) + self.batch_wait_s
-        left = min(quiet, opened + GATHER_WAITS * self.batch_wait_s) - time.monotonic()
-        if left <= 0:
+      while True:
+        while not self.waiting and not self.stopping:
+          self.cond.wait()
+        if not self.waiting:
+          return None
+        # Gather from the oldest request's arrival or the last batch's end, whichever is later, while requests
+        # keep arriving less than batch_wait_s apart, for at most GATHER_WAITS x batch_wait_s. The gather after a
+        # batch lets the clients it just answered send their next requests and join the ones that queued during
+        # it: closed-loop clients otherwise split into cohorts that alternate in half-full batches.
+        opened = max(self.waiting[0].queued_at, self.last_batch_end)
+        while self.waiting and len(self.waiting) < self.max_batch and not self.stopping:
+          quiet = max(opened, self.waiting[-1].queued_at) + self.batch_wait_s
+          left = min(quiet, opened + GATHER_WAITS * self.batch_wait_s) - time.monotonic()
+          if left <= 0:
+            break
+          self.cond.wait(left)
+        if self.waiting:  # (a cancel may have emptied the queue during the gather: wait again)
           break
-        self.cond.wait(left)
       # The oldest request leads; others join when their visual tokens fit its padded count (the engine pads
       # every row to the batch's largest image: a 1-token request in a 576-token batch pays for 576).
       limit = self.visual_slots(self.waiting[0])
@@ -222,6 +225,7 @@ class Scheduler:
     finished or abandoned ones leave. When no row is active, the first requests are gathered as in static mode."""
     slots = Slots(self.model.engine, self.max_batch, chunk=CHUNK)
     rows: dict[int, Job] = {}
+    admitted: dict[int, float] = {}   # row -> when its request joined (its service time feeds Retry-After)
     while True:
       if not rows:
         joiners = self._next_batch()
@@ -233,54 +237,69 @@ class Scheduler:
           for j in joiners:
             self.waiting.remove(j)
           self.metrics.queue_depth.set(len(self.waiting))
+      if joiners:
+        for row in self._admit(slots, rows, joiners):
+          admitted[row] = time.monotonic()
+      if not rows:
+        continue
       start = time.monotonic()
+      self.metrics.running.set(len(rows))
+      self.metrics.batch_size.observe(len(rows))
       try:
-        self._admit(slots, rows, joiners)
-        if not rows:
-          continue
-        self.metrics.running.set(len(rows))
-        self.metrics.batch_size.observe(len(rows))
         tokens = slots.run()
+        for row, job in list(rows.items()):
+          for tok in tokens[row].tolist():
+            self._step(job, tok)
+            if job.finished or job.cancelled:
+              break
+          if job.finished or job.cancelled:
+            slots.free(row)
+            del rows[row]
+            self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * (time.monotonic() - admitted.pop(row))
       except Exception as e:  # the server keeps serving; the requests in the rows get a 500
         log.exception("continuous decode of %d rows failed", len(rows))
-        for job in list(rows.values()) + [j for j in joiners if not j.finished]:
+        for job in rows.values():
           self._finish(job, error=ApiError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error"))
         rows.clear()
+        admitted.clear()
         slots = Slots(self.model.engine, self.max_batch, chunk=CHUNK)
-        continue
-      for row, job in list(rows.items()):
-        for tok in tokens[row].tolist():
-          self._step(job, tok)
-          if job.finished or job.cancelled:
-            break
-        if job.finished or job.cancelled:
-          slots.free(row)
-          del rows[row]
       self.metrics.batch_seconds.observe(time.monotonic() - start)
       self.metrics.running.set(len(rows))
 
-  def _admit(self, slots, rows: dict[int, Job], joiners: list[Job]):
-    """Moves `joiners` (taken from the queue) into free rows of `slots`, those that fit the timeline now; the
-    rest go back to the front of the queue."""
+  def _admit(self, slots, rows: dict[int, Job], joiners: list[Job]) -> list[int]:
+    """Moves `joiners` (taken from the queue) into free rows of `slots`, those that fit the timeline now (the rest
+    go back to the front of the queue, their visual tokens kept); returns the rows filled. A failure answers the
+    joiners with a 500 and leaves the running rows alone."""
+    fresh = [j for j in joiners if j.visual is None]   # not yet encoded (a request sent back keeps its tokens)
     now = time.monotonic()
-    for job in joiners:
+    for job in fresh:
       self.metrics.queue_wait.observe(now - job.queued_at)
-    jobs = [j for j in self._encode([j for j in joiners if not j.cancelled]) if not j.finished]
-    later = []
-    for scale in sorted({j.visual_tokens for j in jobs}):
-      group = [j for j in jobs if j.visual_tokens == scale]
-      prompts, visual = [j.prompt.ids for j in group], [j.visual for j in group]
-      if not slots.fits(slots.prefill_length(prompts, visual)):
-        later += group
-        continue
-      free = slots.free_rows()[:len(group)]
-      slots.admit(free, prompts, visual, [j.temperature for j in group], [j.top_p for j in group],
-                  [j.seed for j in group])
-      rows.update(zip(free, group))
-    if later:  # back to the front of the queue, encoded (their scale and visual tokens are kept)
+    filled, later = [], []
+    try:
+      self._encode([j for j in fresh if not j.cancelled])
+      jobs = [j for j in joiners if not j.finished and not j.cancelled]
+      for scale in sorted({j.visual_tokens for j in jobs}):
+        group = [j for j in jobs if j.visual_tokens == scale]
+        prompts, visual = [j.prompt.ids for j in group], [j.visual for j in group]
+        max_new = max(j.prompt.max_tokens for j in group)
+        if not slots.fits(slots.prefill_length(prompts, visual), max_new):
+          later += group
+          continue
+        free = slots.free_rows()[:len(group)]
+        slots.admit(free, prompts, visual, [j.temperature for j in group], [j.top_p for j in group],
+                    [j.seed for j in group], max_new)
+        rows.update(zip(free, group))
+        filled += free
+    except Exception as e:
+      log.exception("admitting %d requests failed", len(joiners))
+      for job in joiners:
+        if job not in rows.values() and job not in later:
+          self._finish(job, error=ApiError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error"))
+    if later:  # back to the front of the queue
       with self.cond:
         self.waiting.extendleft(reversed(later))
         self.metrics.queue_depth.set(len(self.waiting))
+    return filled
 
   def _run_batch(self, batch: list[Job]):
     batch = [j for j in self._encode([j for j in batch if not j.cancelled]) if not j.finished]

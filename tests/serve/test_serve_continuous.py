@@ -2,6 +2,7 @@
 still equals `m3_jax.load(ckpt).generate` of that request alone (greedy and seeded sampling, every scale, streamed
 or not, different max_tokens in one decode)."""
 import concurrent.futures
+import dataclasses
 import functools
 
 import openai
@@ -9,6 +10,7 @@ import pytest
 
 from conftest import NAME, data_uri, serving
 from m3_jax.eval.continuous import Slots
+from m3_jax.eval.generate import Engine
 
 Q = "what colour is the picture?"
 
@@ -68,10 +70,10 @@ def test_the_timeline_drops_unused_front_slots_and_rows_keep_their_answers(model
       for row, req in rows.items():
         out[req] += tokens[row].tolist()
 
-  slots.admit([0, 1], [ids, ids], visual[:2], [0.0] * 2, [1.0] * 2, [0] * 2)
+  slots.admit([0, 1], [ids, ids], visual[:2], [0.0] * 2, [1.0] * 2, [0] * 2, 64)
   run({0: 0, 1: 1}, 2)
   slots.free(0)
-  slots.admit([0], [ids], [visual[2]], [0.0], [1.0], [0])
+  slots.admit([0], [ids], [visual[2]], [0.0], [1.0], [0], 64)
   c_start = int(slots.start[0])
   assert c_start > 0
   run({0: 2, 1: 1}, 2)
@@ -86,3 +88,37 @@ def test_the_timeline_drops_unused_front_slots_and_rows_keep_their_answers(model
     cut = next((i for i, t in enumerate(out[req]) if t in engine.stop_ids), len(out[req]))
     n = min(cut, len(alone[req]))
     assert n >= 16 and out[req][:n] == alone[req][:n], req
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_long_joiner_after_the_front_was_dropped_and_bfloat16(model, images, dtype):
+  """A (1 token) decodes 3 chunks, B (1 token) joins behind it and decodes one, A leaves, then C (144 tokens, a
+  prefill longer than the whole timeline) joins: C's prompt ends at the write slot (dropping B's unused front slots
+  after the jump would have put it at a negative slot). B's and
+  C's tokens equal generate_rows of each alone, in float32 and in a bfloat16 engine (the timeline in the
+  model's dtype, as generate's cache)."""
+  engine = model.engine
+  if dtype != "float32":
+    engine = Engine(dataclasses.replace(engine.config, dtype=dtype), engine.params, stop_ids=engine.stop_ids)
+  pixels = model.pixels([str(images / f"{i}.png") for i in range(3)])
+  ids = model.prompt_ids(Q, True)
+  visual = [engine.visual_tokens(pixels[i:i + 1], s)[0] for i, s in enumerate((1, 1, 144))]
+  alone = [engine.generate_rows([ids], [v], 32, [0.0], [1.0], [0])[0] for v in visual]
+  slots = Slots(engine, 2, chunk=8)
+  out = {1: [], 2: []}
+  slots.admit([0], [ids], [visual[0]], [0.0], [1.0], [0], 32)
+  for _ in range(3):  # the timeline grows to 128 slots
+    slots.run()
+  slots.admit([1], [ids], [visual[1]], [0.0], [1.0], [0], 32)
+  assert slots.capacity == 128 and 0 < 4 * slots.start[1] < 128  # too few front slots to drop yet
+  out[1] += slots.run()[1].tolist()
+  slots.free(0)
+  slots.admit([0], [ids], [visual[2]], [0.0], [1.0], [0], 32)
+  for _ in range(3):
+    tokens = slots.run()
+    out[1] += tokens[1].tolist()
+    out[2] += tokens[0].tolist()
+  for req in (1, 2):
+    cut = next((i for i, t in enumerate(out[req]) if t in engine.stop_ids), len(out[req]))
+    n = min(cut, len(alone[req]))
+    assert n >= 8 and out[req][:n] == alone[req][:n], (req, out[req][:n], alone[req][:n])
