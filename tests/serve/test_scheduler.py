@@ -54,3 +54,23 @@ def test_answered_clients_rejoin_the_requests_that_queued_during_their_batch():
   300 ms; the 5 queue while it runs. A worker that at once ran the queued 5 would answer the two cohorts in turn
   (3, 5, 3, 5, ...); gathering after a batch ends lets the 3 answered clients' next requests (10 ms later) join."""
   assert batch_sizes([0, 0, 0] + [150] * 5, wait_ms=50, run_ms=300) == [3, 8, 8, 8, 8, 5]
+
+
+def test_a_request_cancelled_during_the_gather_leaves_the_worker_serving():
+  """The only waiting request is cancelled (timeout, disconnect) while its batch gathers: the worker waits again
+  and serves the next request (it used to raise IndexError on the empty queue and die)."""
+  model = types.SimpleNamespace(scales=(1,), engine=types.SimpleNamespace(length_step=16))
+  sched = Scheduler(model, Metrics(), max_batch=8, max_queue=64, batch_wait_s=0.2)
+  ran = []
+  sched.run_batch = lambda batch: ran.append(len(batch))
+  sched.start()
+  jobs = [Job(types.SimpleNamespace(scale=1, max_tokens=8), None, None, 0.0, 1.0, 0, False, None, None)
+          for _ in range(2)]
+  sched.submit(jobs[0])
+  time.sleep(0.05)
+  sched.cancel(jobs[0], "disconnect")
+  time.sleep(0.3)
+  assert sched.thread.is_alive() and ran == []
+  sched.submit(jobs[1])
+  sched.stop(5)
+  assert ran == [1] and not sched.thread.is_alive()
