@@ -36,7 +36,7 @@ def base() -> ml_collections.ConfigDict:
       num_workers=0,
       seed=0,
       probe_families="binding",  # probe family set: "binding" | "presence" (m3_jax/data/probe.py)
-      probe_size=0,              # probe train examples (validation/test: a tenth); 0 = 4000
+      probe_size=0,              # probe train examples (validation/test: a tenth); 0 = the probe built in data.path, else 4000
       probe_aspects="1:1",       # probe image aspects W:H, e.g. "1:1,2:1,1:2" (non-square: LLaVA-NeXT crop grids)
       crop_buckets=(),           # LLaVA-NeXT: crops per image a batch pads to (() = every count the pinpoints give)
   ))

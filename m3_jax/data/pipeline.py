@@ -308,10 +308,15 @@ def source_for(config, workdir: str | pathlib.Path | None = None, split: str = "
   if d.source == "probe":
     from etils import epath
     path = d.path or str(epath.Path(workdir or ".") / "probe")  # gs://... stays a URL (pathlib would make gs:/)
-    n = int(d.get("probe_size", 0) or 0)   # train examples (validation, test: n // 10); 0 = the default 4000
-    sizes = dict(train=n, validation=max(1, n // 10), test=max(1, n // 10)) if n else None
-    return sources.Probe(path, split, seed=int(d.get("seed", 0)), sizes=sizes,
-                         family_set=d.get("probe_families", "binding"), aspects=d.get("probe_aspects", "1:1"))
+    n = int(d.get("probe_size", 0) or 0)   # train examples (validation, test: n // 10)
+    seed, families, aspects = int(d.get("seed", 0)), d.get("probe_families", "binding"), d.get("probe_aspects", "1:1")
+    if n:
+      sizes = dict(train=n, validation=max(1, n // 10), test=max(1, n // 10))
+    else:  # 0: the probe already built there (`m3 data probe --train N`), else the default sizes
+      from m3_jax.data import probe
+      sizes = probe.built_sizes(path, seed=seed, family_set=families, aspects=aspects) \
+          if not str(path).startswith(("gs://", "s3://")) else None
+    return sources.Probe(path, split, seed=seed, sizes=sizes, family_set=families, aspects=aspects)
   if d.source == "llava_json":
     return sources.LlavaJson(d.path, d.image_folder, follow_symlinks=bool(d.get("follow_symlinks", False)))
   if d.source == "tfds":

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import io
 import os
 import tempfile
@@ -299,6 +300,25 @@ def built(data_dir: str) -> dict[str, str]:
       if root.is_dir() else []
   return {f.parent.parent.name: str(f.parent)
           for f in sorted(folders, key=lambda f: tfds.core.Version(f.parent.name))}
+
+
+def built_sizes(data_dir: str, *, seed: int = 0, family_set: str = "binding", aspects="1:1") -> dict | None:
+  """The split sizes of the probe with this seed, family set and aspects already built in `data_dir` (by
+  `m3 data probe --out data_dir --train N ...`), so that training reads it instead of building the default sizes
+  beside it; None when there is none. Several such probes: ValueError naming them."""
+  shapes = parse_aspects(aspects)
+  suffix = "" if shapes == ((1, 1),) else "_a" + "-".join(f"{w}x{h}" for w, h in shapes)
+  pattern = re.compile(rf"{re.escape(family_set)}_s{seed}_(\d+)_(\d+)_(\d+){re.escape(suffix)}")
+  found = {}
+  for name in built(data_dir):
+    if name == "default" and seed == 0 and family_set == "binding" and not suffix:
+      found[name] = dict(DEFAULT_SIZES)
+    elif m := pattern.fullmatch(name):
+      found[name] = dict(zip(("train", "validation", "test"), map(int, m.groups())))
+  if len(found) > 1:
+    raise ValueError(f"{data_dir} holds {len(found)} probes of seed {seed}, {family_set} families and aspects "
+                     f"{aspects} ({', '.join(found)}); remove all but one, or set data.probe_size")
+  return next(iter(found.values()), None)
 
 
 def open_built(data_dir: str, config: str | None = None):

@@ -104,3 +104,22 @@ def test_pooled_pixel_table_shows_the_designed_staircase(family_set):
         assert acc >= 0.95, (fam, s, acc)
       else:
         assert acc < 0.45, (fam, s, acc)  # chance 1/6; 1/4 when the four values are known but not bound
+
+
+def test_training_reads_the_probe_built_there_instead_of_building_the_default_beside_it(tmp_path):
+  """`m3 data probe --out DIR --train N` then `m3 train --config.data.path=DIR`: with data.probe_size unset the
+  pipeline reads that probe (it used to build a 4000-example default probe beside it, silently); two probes of the
+  same seed, families and aspects are refused by name; probe_size still chooses explicitly."""
+  import ml_collections
+  from m3_jax.data import pipeline
+  probe.build(str(tmp_path), sizes={"train": 24, "validation": 8, "test": 8})
+  config = ml_collections.ConfigDict({"data": {"source": "probe", "path": str(tmp_path), "seed": 0}})
+  assert len(pipeline.source_for(config, split="train")) == 24
+  assert len(pipeline.source_for(config, split="test")) == 8
+  assert probe.built_sizes(str(tmp_path), aspects="1:1") == {"train": 24, "validation": 8, "test": 8}
+  assert probe.built_sizes(str(tmp_path), aspects="1:1,2:1") is None  # other aspects: not this probe
+  probe.build(str(tmp_path), sizes={"train": 16, "validation": 8, "test": 8})
+  with pytest.raises(ValueError, match="binding_s0_16_8_8.*binding_s0_24_8_8|binding_s0_24_8_8.*binding_s0_16_8_8"):
+    pipeline.source_for(config, split="train")
+  config.data.probe_size = 40  # explicit: that size (validation and test a tenth), built on first use
+  assert len(pipeline.source_for(config, split="train")) == 40
