@@ -41,7 +41,8 @@ class Slots:
     self.start = np.zeros(n, np.int64)        # each active row's first slot
     self.end = np.zeros(n, np.int64)          # the slot each active row's decode ends by (its max_new + a chunk)
     self.active = np.zeros(n, bool)
-    self._prefill = jax.jit(self._prefill_impl)
+    self.temperature = np.zeros(n, np.float32)  # each row's, on the host: a chunk is greedy when all active are
+    self._prefill = jax.jit(engine._prefill, static_argnames=("room",))
     self._place = jax.jit(self._place_impl, donate_argnums=(0,))
     self._shift = jax.jit(self._shift_impl, donate_argnums=(0,))
     self._chunk = jax.jit(self._chunk_impl, static_argnames=("steps", "greedy"), donate_argnums=(1,))
@@ -86,19 +87,10 @@ class Slots:
     return last - first <= self.max_capacity
 
   # ------------------------------------------------------------------------------------------- admission
-  def _prefill_impl(self, params, ids, mask, img, n_vis):
-    """The engine's prefill: -> cache float[L, B, K, T, D], valid bool[B, T], next position int32[B], logits."""
-    m, e = self.engine.model, self.engine
-    x, valid, positions, _ = e._inputs(params, ids, mask, img, n_vis, "left")
-    b, length = valid.shape
-    cache = llama.init_cache(e.config.llm, b, length, x.dtype)
-    hidden, cache = m.apply({"params": params}, x, positions, valid, cache, 0, method=m.decode)
-    logits = m.apply({"params": params}, hidden[:, -1], method=m.logits)
-    return cache, valid, positions[:, -1] + 1, logits
-
   @staticmethod
   def _place_impl(state, cache, valid, pos, logits, key, temperature, top_p, row, source, start):
-    """Copies prefill row `source` (T slots) to row `row`, slots [start, start + T) of the timeline."""
+    """Copies row `source` of the prefill (`Engine._prefill`: cache float[L, B, K, T, D], valid bool[B, T], next
+    position int32[B], logits float32[B, V]) to row `row`, slots [start, start + T) of the timeline."""
     new = dict(state)
     new["cache"] = {n: jax.lax.dynamic_update_slice(
         state["cache"][n], jax.lax.dynamic_slice_in_dim(cache[n], source, 1, axis=1), (0, row, 0, start, 0))
@@ -120,12 +112,9 @@ class Slots:
     e = self.engine
     if not self.active.any():  # idle: start a fresh, short timeline
       self._reset(MIN_CAPACITY)
-    n = len(prompts)
-    bucket_rows = 1 << max(n - 1, 0).bit_length()
-    padded = list(prompts) + [np.array([e.config.bos_token_id], np.int32)] * (bucket_rows - n)
-    ids, mask, img, n_vis = e._pack(padded, list(visual) + [None] * (bucket_rows - n), "left")
+    ids, mask, img, n_vis = e._pack(*e.pad_rows(prompts, visual), "left")
     cache, valid, pos, logits = self._prefill(e.params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(img),
-                                              jnp.asarray(n_vis))
+                                              jnp.asarray(n_vis), room=0)
     t = ids.shape[1] + img.shape[1] - 1
     self._fit(0)                       # drop unused front slots first: the joiners are placed after it
     self.w = max(self.w, t)            # the joiners' prompts end at the shared write slot
@@ -135,6 +124,7 @@ class Slots:
       self.state = self._place(self.state, cache, valid, pos, logits, jax.random.key(int(seeds[i])),
                                jnp.float32(temperature[i]), jnp.float32(top_p[i]), row, i, self.w - t)
       self.active[row], self.start[row], self.end[row] = True, self.w - t, self.w + max_new + self.chunk
+      self.temperature[row] = temperature[i]
 
   def free(self, row: int):
     self.active[row] = False
@@ -178,8 +168,6 @@ class Slots:
       self._resize(capacity)
 
   def _chunk_impl(self, params, state, w, *, steps: int, greedy: bool):
-    m = self.engine.model
-
     def body(i, carry):
       state, out = carry
       keys = jax.vmap(jax.random.split)(state["keys"])
@@ -187,10 +175,7 @@ class Slots:
       tok = pick(state["logits"], sub, state["temperature"], state["top_p"], greedy=greedy, per_row=True)
       out = out.at[:, i].set(tok)
       kv_mask = state["kv_mask"].at[:, w + i].set(True)
-      emb = m.apply({"params": params}, tok[:, None], method=m.embed_text)
-      hidden, cache = m.apply({"params": params}, emb, state["pos"][:, None], kv_mask, state["cache"], w + i,
-                              method=m.decode)
-      logits = m.apply({"params": params}, hidden[:, 0], method=m.logits)
+      logits, cache = self.engine._decode_step(params, tok, state["pos"], kv_mask, state["cache"], w + i)
       state = dict(state, cache=cache, kv_mask=kv_mask, pos=state["pos"] + 1, logits=logits, keys=keys)
       return state, out
 
@@ -201,7 +186,7 @@ class Slots:
     """Decodes `steps` (default: chunk) tokens for every row -> int32[n, steps] (rows not active: garbage)."""
     steps = steps or self.chunk
     self._fit(steps)
-    greedy = bool(np.all(np.asarray(self.state["temperature"])[self.active] <= 0))
+    greedy = bool(np.all(self.temperature[self.active] <= 0))
     self.state, out = self._chunk(self.engine.params, self.state, jnp.int32(self.w), steps=steps, greedy=greedy)
     self.w += steps
     return np.asarray(out)

@@ -210,17 +210,30 @@ class Engine:
     return x, valid, positions, ex.labels
 
   # ------------------------------------------------------------------------------------------ generation
+  def _prefill(self, params, ids, mask, img, n_vis, room: int):
+    """A left-padded prompt batch into a fresh KV cache of its L slots + `room` -> (cache, kv_mask bool[B, L + room]
+    (the prompt's valid slots), next position int32[B], last logits float32[B, V])."""
+    m = self.model
+    x, valid, positions, _ = self._inputs(params, ids, mask, img, n_vis, "left")
+    b, length = valid.shape
+    cache = llama.init_cache(self.config.llm, b, length + room, x.dtype)
+    kv_mask = jnp.zeros((b, length + room), bool).at[:, :length].set(valid)
+    hidden, cache = m.apply({"params": params}, x, positions, kv_mask, cache, 0, method=m.decode)
+    return cache, kv_mask, positions[:, -1] + 1, m.apply({"params": params}, hidden[:, -1], method=m.logits)
+
+  def _decode_step(self, params, tok, pos, kv_mask, cache, index):
+    """Tokens int32[B] at positions int32[B], written at cache slot `index` -> (next logits float32[B, V], cache)."""
+    m = self.model
+    emb = m.apply({"params": params}, tok[:, None], method=m.embed_text)
+    hidden, cache = m.apply({"params": params}, emb, pos[:, None], kv_mask, cache, index, method=m.decode)
+    return m.apply({"params": params}, hidden[:, 0], method=m.logits), cache
+
   def _generate_impl(self, params, ids, mask, img, n_vis, rng, temperature, top_p, *, max_new: int, greedy: bool,
                      per_row: bool = False, stream: bool = False):
     """per_row: rng key[B], temperature float32[B], top_p float32[B] (one per row; temperature <= 0 is greedy)
     instead of one key and scalars; stream: each step's tokens int32[B] go to `_on_token` as they are picked."""
-    m = self.model
-    x, valid, positions, _ = self._inputs(params, ids, mask, img, n_vis, "left")
-    b, length = valid.shape
-    cache = llama.init_cache(self.config.llm, b, length + max_new, x.dtype)
-    kv_mask = jnp.zeros((b, length + max_new), bool).at[:, :length].set(valid)
-    hidden, cache = m.apply({"params": params}, x, positions, kv_mask, cache, 0, method=m.decode)
-    logits = m.apply({"params": params}, hidden[:, -1], method=m.logits)
+    cache, kv_mask, next_pos, logits = self._prefill(params, ids, mask, img, n_vis, max_new)
+    b, length = ids.shape[0], kv_mask.shape[1] - max_new
     stop = jnp.asarray(self.stop_ids, jnp.int32)
     pad = self.config.pad_token_id
 
@@ -241,13 +254,11 @@ class Engine:
         io_callback(self._emit, None, step, tok, ordered=True)
       done = done | jnp.isin(tok, stop)
       kv_mask = kv_mask.at[:, length + step].set(True)
-      emb = m.apply({"params": params}, tok[:, None], method=m.embed_text)
-      hidden, cache = m.apply({"params": params}, emb, pos[:, None], kv_mask, cache, length + step, method=m.decode)
-      logits = m.apply({"params": params}, hidden[:, 0], method=m.logits)
+      logits, cache = self._decode_step(params, tok, pos, kv_mask, cache, length + step)
       return step + 1, logits, cache, kv_mask, pos + 1, done, out, rng
 
     out = jnp.full((b, max_new), pad, jnp.int32)
-    state = (jnp.int32(0), logits, cache, kv_mask, positions[:, -1] + 1, jnp.zeros((b,), bool), out, rng)
+    state = (jnp.int32(0), logits, cache, kv_mask, next_pos, jnp.zeros((b,), bool), out, rng)
     return jax.lax.while_loop(cond, body, state)[6]
 
   def generate(self, prompts: Sequence[np.ndarray], visual: Sequence[np.ndarray | None],
@@ -285,16 +296,18 @@ class Engine:
       finally:
         self._on_token = None
 
+  def pad_rows(self, prompts: Sequence[np.ndarray], visual: Sequence[np.ndarray | None]) -> tuple[list, list]:
+    """The batch padded to a power of two with 1-token text rows, so batch sizes share a few compilations."""
+    fill = (1 << max(len(prompts) - 1, 0).bit_length()) - len(prompts)
+    return (list(prompts) + [np.array([self.config.bos_token_id], np.int32)] * fill,
+            list(visual) + [None] * fill)
+
   def _emit(self, step, tok):
     self._on_token(int(step), np.asarray(tok))
 
   def _run(self, prompts, visual, rng, temperature, top_p, **static) -> list[list[int]]:
     n = len(prompts)
-    # Pad the batch to a power of two with 1-token text rows, so batch sizes share a few compilations.
-    rows = 1 << max(n - 1, 0).bit_length()
-    prompts = list(prompts) + [np.array([self.config.bos_token_id], np.int32)] * (rows - n)
-    visual = list(visual) + [None] * (rows - n)
-    ids, mask, img, n_vis = self._pack(prompts, visual, "left")
+    ids, mask, img, n_vis = self._pack(*self.pad_rows(prompts, visual), "left")
     out = self._generate(self.params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(img), jnp.asarray(n_vis),
                          rng, temperature, top_p, **static)
     results = []
@@ -315,10 +328,7 @@ class Engine:
     is predicted from, after one prefill (the scale router's feature). Left-padded as in generation, so padding
     rows and slots are masked out and a row's state does not depend on its batch."""
     n = len(prompts)
-    rows = 1 << max(n - 1, 0).bit_length()  # as in generation: a few batch shapes
-    prompts = list(prompts) + [np.array([self.config.bos_token_id], np.int32)] * (rows - n)
-    visual = list(visual) + [None] * (rows - n)
-    ids, mask, img, n_vis = self._pack(prompts, visual, "left")
+    ids, mask, img, n_vis = self._pack(*self.pad_rows(prompts, visual), "left")  # as in generation
     out = self._state(self.params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(img), jnp.asarray(n_vis))
     return np.asarray(out)[:n]
 
