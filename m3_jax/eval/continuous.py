@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m3_jax.eval.generate import Engine, bucket, pick
+from m3_jax.eval.generate import Engine, bucket, pick, row_keys
 from m3_jax.models import llama
 
 MIN_CAPACITY = 64
@@ -56,7 +56,7 @@ class Slots:
         "kv_mask": jnp.zeros((self.n, capacity), bool),
         "pos": jnp.zeros((self.n,), jnp.int32),
         "logits": jnp.zeros((self.n, self.vocab), jnp.float32),
-        "keys": jnp.stack([jax.random.key(0)] * self.n),
+        "keys": row_keys([0] * self.n),
         "temperature": jnp.zeros((self.n,), jnp.float32),
         "top_p": jnp.ones((self.n,), jnp.float32),
     }
@@ -120,8 +120,9 @@ class Slots:
     self.w = max(self.w, t)            # the joiners' prompts end at the shared write slot
     self._fit(0, shift=False)          # room up to w, without moving w below t
     assert self.w >= t, (self.w, t)
+    keys = row_keys(seeds)
     for i, row in enumerate(rows):
-      self.state = self._place(self.state, cache, valid, pos, logits, jax.random.key(int(seeds[i])),
+      self.state = self._place(self.state, cache, valid, pos, logits, keys[i],
                                jnp.float32(temperature[i]), jnp.float32(top_p[i]), row, i, self.w - t)
       self.active[row], self.start[row], self.end[row] = True, self.w - t, self.w + max_new + self.chunk
       self.temperature[row] = temperature[i]

@@ -38,6 +38,15 @@ class Sampling:
   seed: int = 0
 
 
+_row_keys = jax.jit(jax.vmap(jax.random.key))
+
+
+def row_keys(seeds: Sequence[int]) -> jax.Array:
+  """key[B]: row i's key equal to `jax.random.key(seeds[i])` (seeds in [0, 2**32)), made by one dispatch (a
+  `jax.random.key` per row cost a server batch of 8 about 1.5 ms of host time)."""
+  return _row_keys(np.asarray(seeds, np.uint32))
+
+
 def bucket(n: int, step: int) -> int:
   return max(step, -(-n // step) * step)
 
@@ -282,9 +291,9 @@ class Engine:
     n = len(prompts)
     rows = 1 << max(n - 1, 0).bit_length()
     fill = rows - n  # the padding rows _run adds: greedy
-    keys = jnp.stack([jax.random.key(int(s)) for s in list(seeds) + [0] * fill])
-    temps = jnp.asarray(list(temperature) + [0.0] * fill, jnp.float32)
-    tops = jnp.asarray(list(top_p) + [1.0] * fill, jnp.float32)
+    keys = row_keys(list(seeds) + [0] * fill)
+    temps = np.asarray(list(temperature) + [0.0] * fill, np.float32)
+    tops = np.asarray(list(top_p) + [1.0] * fill, np.float32)
     greedy = all(t <= 0 for t in temperature)
     if on_token is None:
       return self._run(prompts, visual, keys, temps, tops, max_new=int(max_new_tokens), greedy=greedy, per_row=True)

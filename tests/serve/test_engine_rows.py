@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from m3_jax.configs import base as m3_config
-from m3_jax.eval.generate import Engine, Sampling
+from m3_jax.eval.generate import Engine, Sampling, row_keys
 from m3_jax.models import llava
 from m3_jax.models.config import ModelConfig
 
@@ -21,6 +21,14 @@ def setup():
   visual = engine.visual_tokens(pixels, [9, 36, 1])
   visual[2] = None
   return engine, prompts, visual
+
+
+def test_row_keys_are_the_keys_of_each_seed_alone():
+  # The whole range a request's seed may take (protocol.SEED_MAX), where int32 and uint32 readings differ.
+  seeds = [0, 1, 2**31 - 1, 2**31, 2**32 - 1]
+  got = np.asarray(jax.random.key_data(row_keys(seeds)))
+  want = np.stack([np.asarray(jax.random.key_data(jax.random.key(s))) for s in seeds])
+  np.testing.assert_array_equal(got, want)
 
 
 def test_rows_equal_each_request_alone_at_its_own_sampling(setup):
