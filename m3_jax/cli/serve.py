@@ -39,7 +39,9 @@ def add_arguments(p: argparse.ArgumentParser):
                  help="image_url may be a local path under this folder (default: data: URIs only)")
   p.add_argument("--warmup", action="store_true",
                  help="compile every power-of-two batch size x scale before serving (a prompt of a few words, "
-                 "max_tokens 32), so that first requests do not wait for XLA")
+                 "max_tokens 32), so that first requests do not wait for XLA; with --batching continuous only "
+                 "the encoder's programs are among them (the timeline's prefill and decode chunks compile on "
+                 "first use)")
   p.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
                  help="larger images are refused (400) from their header, before decoding")
   p.epilog = ("example:\n  m3 serve --ckpt runs/demo/train --served-model-name m3 --port 8000 --allowed-image-dir .\n"

@@ -80,10 +80,15 @@ class Slots:
     """Whether requests of prefill length `t` generating up to `max_new` tokens can join now: from the oldest
     active row's first slot to the last slot any row (they included) may decode to stays within the largest
     timeline, whatever the rows do until they end (else they wait for rows to finish). A request alone fits."""
-    w = max(self.w, t)
+    # As `admit` would place them: after the front shift, the write slot moves up to t if it is below, and the
+    # running rows' remaining decode moves with it (all in the coordinates before the shift).
+    shift = self._front_shift(0)
+    jump = max(0, t - (self.w - shift))
+    w = self.w + jump
     first, last = w - t, w + max_new + self.chunk
     if self.active.any():
-      first, last = min(first, int(self.start[self.active].min())), max(last, int(self.end[self.active].max()))
+      first = min(first, int(self.start[self.active].min()))
+      last = max(last, int(self.end[self.active].max()) + jump)
     return last - first <= self.max_capacity
 
   # ------------------------------------------------------------------------------------------- admission
@@ -117,7 +122,9 @@ class Slots:
                                               jnp.asarray(n_vis), room=0)
     t = ids.shape[1] + img.shape[1] - 1
     self._fit(0)                       # drop unused front slots first: the joiners are placed after it
-    self.w = max(self.w, t)            # the joiners' prompts end at the shared write slot
+    jump = max(0, t - self.w)          # the joiners' prompts end at the shared write slot, so it moves up to t;
+    self.w += jump                     # the running rows' remaining decode (their ends) moves with it
+    self.end[self.active] += jump
     self._fit(0, shift=False)          # room up to w, without moving w below t
     assert self.w >= t, (self.w, t)
     keys = row_keys(seeds)
@@ -152,11 +159,17 @@ class Slots:
       s["kv_mask"] = s["kv_mask"][:, :capacity]
     self.state = s
 
+  def _front_shift(self, steps: int) -> int:
+    """The front slots `_fit(steps)` drops: those before every active row's first, once they are a quarter of the
+    timeline or room is needed; else 0."""
+    first = int(self.start[self.active].min()) if self.active.any() else 0
+    return first if first > 0 and (self.w + steps > self.capacity or 4 * first >= self.capacity) else 0
+
   def _fit(self, steps: int, shift: bool = True):
     """Keeps the timeline short (attention reads all of it every step): drops the front slots no active row uses
     once they are a quarter of it or room is needed, then takes the smallest power-of-two length >= w + steps."""
-    first = int(self.start[self.active].min()) if self.active.any() else 0
-    if shift and first > 0 and (self.w + steps > self.capacity or 4 * first >= self.capacity):
+    first = self._front_shift(steps) if shift else 0
+    if first:
       self.state = self._shift(self.state, jnp.int32(first))
       self.start[self.active] -= first
       self.end[self.active] -= first

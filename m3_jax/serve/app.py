@@ -66,6 +66,10 @@ def create_app(model, *, name: str, max_batch: int = 8, max_queue: int = 64, bat
     return error(ApiError(e.status_code, str(e.detail), type="not_found_error" if e.status_code == 404 else
                           "invalid_request_error"))
 
+  @app.exception_handler(Exception)
+  async def unexpected(request, e: Exception):  # a bug, not the request's fault: still OpenAI's error shape
+    return error(ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
+
   @app.get("/health")
   async def health():
     if scheduler.stopping:
@@ -92,7 +96,9 @@ def create_app(model, *, name: str, max_batch: int = 8, max_queue: int = 64, bat
     if req.model is not None and req.model != name:
       raise ApiError(404, f"model {req.model!r} is not served here; this server serves {name!r}",
                      type="not_found_error", param="model", code="model_not_found")
-    prompt = chat.prepare(req, model, router is not None)
+    # Tokenizing (a prompt may be long) and decoding the image run off the event loop, which streams and watches
+    # the other requests meanwhile.
+    prompt = await run_in_threadpool(chat.prepare, req, model, router is not None)
     pixels = image = None
     if prompt.image_url is not None:
       pixels, image = await run_in_threadpool(load_image, prompt.image_url)

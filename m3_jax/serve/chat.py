@@ -38,8 +38,19 @@ def prepare(req: ChatRequest, model, has_router: bool) -> Prompt:
   stops = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
   if len(stops) > 4 or any(not s for s in stops):
     raise ApiError(400, f"stop: up to 4 non-empty strings, got {list(stops)}", param="stop")
+  placeholders = int(np.sum(ids == model.config.image_token_id))
+  if placeholders != (image_url is not None):  # a template or tokenizer that makes one of its own, say
+    raise ApiError(400, f"messages: the prompt has {placeholders} image placeholders for "
+                   f"{int(image_url is not None)} image(s)", param="messages")
   check_context(model, ids, scale, max_tokens)
   return Prompt(ids, image_url, scale, max_tokens, stops)
+
+
+def without_placeholders(text: str) -> str:
+  """`text` with every literal `<image>` removed, also those that a removal joins (`<<image>image>`)."""
+  while conversation.IMAGE in text:
+    text = text.replace(conversation.IMAGE, "")
+  return text.strip()
 
 
 def split_messages(req: ChatRequest) -> tuple[str | None, list[tuple[int, str]], str | None]:
@@ -59,7 +70,7 @@ def split_messages(req: ChatRequest) -> tuple[str | None, list[tuple[int, str]],
         image_url = part.image_url.url
       else:
         texts.append(part if isinstance(part, str) else part.text)
-    text = "\n".join(texts).replace(conversation.IMAGE, "").strip()
+    text = without_placeholders("\n".join(texts))
     if m.role == "system":
       if i != 0:
         raise ApiError(400, f"messages[{i}]: a system message must come first", param="messages")

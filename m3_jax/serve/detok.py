@@ -24,7 +24,7 @@ class TextStream:
       return ""  # `final` sends the rest
     text = text.rstrip("\ufffd").rstrip()
     hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-    return self._advance(text[:len(text) - hold])
+    return self._advance(text[:len(text) - hold].rstrip())  # the answer ends stripped before a stop string too
 
   def final(self, text: str) -> str:
     return self._advance(text)

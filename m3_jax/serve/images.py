@@ -49,11 +49,15 @@ def local_path(path: str, allowed_dir: pathlib.Path | None) -> pathlib.Path:
     raise bad(f"image_url {path!r}: local paths are off on this server (start it with --allowed-image-dir DIR); "
               "send the image as a data: URI", "path_not_allowed")
   root = pathlib.Path(os.path.realpath(allowed_dir))
-  # realpath follows every symlink and folds `..`, so the check below sees where the file really is.
-  real = pathlib.Path(os.path.realpath(root / path))
-  if not real.is_relative_to(root):
+  try:
+    # realpath follows every symlink and folds `..`, so the check below sees where the file really is.
+    real = pathlib.Path(os.path.realpath(root / path))
+    inside, exists = real.is_relative_to(root), real.is_file()
+  except (OSError, ValueError) as e:  # a NUL byte, a name over the file system's limit, ...
+    raise bad(f"image_url {path[:200]!r}: not a usable path ({type(e).__name__}: {e})", "path_not_allowed") from None
+  if not inside:
     raise bad(f"image_url {path!r} resolves outside the allowed image directory {str(root)!r}", "path_not_allowed")
-  if not real.is_file():
+  if not exists:
     raise bad(f"image_url {path!r}: no such file under {str(root)!r}", "image_not_found")
   return real
 

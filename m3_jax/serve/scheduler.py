@@ -211,9 +211,7 @@ class Scheduler:
       try:
         self.run_batch(batch)
       except Exception as e:  # the server keeps serving; this batch's requests get a 500
-        log.exception("batch of %d failed", len(batch))
-        for job in batch:
-          self._finish(job, error=ApiError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error"))
+        self._fail(batch, "batch of %d" % len(batch), e)
       self.last_batch_end = time.monotonic()
       seconds = self.last_batch_end - start
       self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * seconds
@@ -258,9 +256,7 @@ class Scheduler:
             del rows[row]
             self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * (time.monotonic() - admitted.pop(row))
       except Exception as e:  # the server keeps serving; the requests in the rows get a 500
-        log.exception("continuous decode of %d rows failed", len(rows))
-        for job in rows.values():
-          self._finish(job, error=ApiError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error"))
+        self._fail(list(rows.values()), "continuous decode of %d rows" % len(rows), e)
         rows.clear()
         admitted.clear()
         slots = Slots(self.model.engine, self.max_batch, chunk=CHUNK)
@@ -278,24 +274,33 @@ class Scheduler:
     filled, later = [], []
     try:
       self._encode([j for j in fresh if not j.cancelled])
-      jobs = [j for j in joiners if not j.finished and not j.cancelled]
-      for scale in sorted({j.visual_tokens for j in jobs}):
-        group = [j for j in jobs if j.visual_tokens == scale]
-        prompts, visual = [j.prompt.ids for j in group], [j.visual for j in group]
-        max_new = max(j.prompt.max_tokens for j in group)
-        if not slots.fits(slots.prefill_length(prompts, visual), max_new):
-          later += group
-          continue
-        free = slots.free_rows()[:len(group)]
-        slots.admit(free, prompts, visual, [j.temperature for j in group], [j.top_p for j in group],
-                    [j.seed for j in group], max_new)
-        rows.update(zip(free, group))
-        filled += free
-    except Exception as e:
-      log.exception("admitting %d requests failed", len(joiners))
-      for job in joiners:
-        if job not in rows.values() and job not in later:
-          self._finish(job, error=ApiError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error"))
+    except Exception as e:  # these requests get a 500; those sent back earlier keep their tokens and go on
+      self._fail(fresh, "encoding %d joiners" % len(fresh), e)
+    jobs = [j for j in joiners if not j.finished and not j.cancelled]
+    for scale in sorted({j.visual_tokens for j in jobs}):
+      group = [j for j in jobs if j.visual_tokens == scale]
+      # The longest run of the group, in queue order, that fits the timeline now (on an idle one, the first
+      # request alone always does); the rest wait for rows to finish.
+      k = len(group)
+      while k and not slots.fits(slots.prefill_length([j.prompt.ids for j in group[:k]],
+                                                      [j.visual for j in group[:k]]),
+                                 max(j.prompt.max_tokens for j in group[:k])):
+        k -= 1
+      group, rest = group[:k], group[k:]
+      later += rest
+      if not group:
+        continue
+      free = slots.free_rows()[:len(group)]
+      try:
+        slots.admit(free, [j.prompt.ids for j in group], [j.visual for j in group], [j.temperature for j in group],
+                    [j.top_p for j in group], [j.seed for j in group], max(j.prompt.max_tokens for j in group))
+      except Exception as e:  # this group's requests get a 500; rows it half-filled are freed
+        for row in free:
+          slots.free(row)
+        self._fail(group, "admitting %d requests" % len(group), e)
+        continue
+      rows.update(zip(free, group))
+      filled += free
     if later:  # back to the front of the queue
       with self.cond:
         self.waiting.extendleft(reversed(later))
@@ -303,7 +308,8 @@ class Scheduler:
     return filled
 
   def _run_batch(self, batch: list[Job]):
-    batch = [j for j in self._encode([j for j in batch if not j.cancelled]) if not j.finished]
+    # Cancelled again after encoding too: a request that left while the router or encoder ran has no tokens.
+    batch = [j for j in self._encode([j for j in batch if not j.cancelled]) if not j.finished and not j.cancelled]
     if not batch:
       return
     model = self.model
@@ -366,6 +372,12 @@ class Scheduler:
     if job.text is not None and (delta := job.text.delta(job.tokens)):
       job.post("delta", delta)
 
+  def _fail(self, jobs: list[Job], what: str, e: Exception):
+    """Answers `jobs` with a 500 (the server keeps serving)."""
+    log.exception("%s failed", what)
+    for job in jobs:
+      self._finish(job, error=ApiError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error"))
+
   def _finish(self, job: Job, reason: str | None = None, error: ApiError | None = None):
     with self.cond:
       if job.finished:
@@ -373,10 +385,18 @@ class Scheduler:
       job.finished = True
     if job.cancelled:
       return
+    delta = None
+    if error is None:
+      try:  # the job is finished now: whatever goes wrong here must still answer it
+        text, _ = answer_text(self.model.tokenizer, job.tokens, job.prompt.stops)
+        delta = job.text.final(text) if job.text is not None else None
+        prompt_tokens = len(job.prompt.ids) - (job.scale is not None) + job.visual_tokens
+        result = Result(text, list(job.tokens), reason, job.scale, job.visual_tokens, prompt_tokens)
+      except Exception as e:
+        log.exception("answering a finished request failed")
+        error = ApiError(500, f"detokenizing failed: {type(e).__name__}: {e}", type="server_error")
     if error is not None:
       return job.post("error", error)
-    text, _ = answer_text(self.model.tokenizer, job.tokens, job.prompt.stops)
-    if job.text is not None and (delta := job.text.final(text)):
+    if delta:
       job.post("delta", delta)
-    prompt_tokens = len(job.prompt.ids) - (job.scale is not None) + job.visual_tokens
-    job.post("done", Result(text, list(job.tokens), reason, job.scale, job.visual_tokens, prompt_tokens))
+    job.post("done", result)

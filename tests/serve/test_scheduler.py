@@ -74,3 +74,40 @@ def test_a_request_cancelled_during_the_gather_leaves_the_worker_serving():
   sched.submit(jobs[1])
   sched.stop(5)
   assert ran == [1] and not sched.thread.is_alive()
+
+
+def test_continuous_admission_takes_the_longest_run_of_a_group_that_fits():
+  """Two requests of one scale that each fit an idle timeline but not together (a long prompt with a short answer,
+  a short prompt with a long answer): the first is admitted now, the second goes back to the queue's front (all or
+  nothing kept both waiting forever)."""
+  import numpy as np
+
+  class FakeSlots:  # a timeline of 100 slots: a group fits when its longest prompt + largest max_tokens do
+    def __init__(self):
+      self.admitted = []
+
+    def free_rows(self):
+      return [0, 1, 2, 3]
+
+    def prefill_length(self, prompts, visual):
+      return max(len(p) for p in prompts)
+
+    def fits(self, t, max_new):
+      return t + max_new <= 100
+
+    def admit(self, rows, prompts, *rest):
+      self.admitted.append((list(rows), [len(p) for p in prompts]))
+
+  model = types.SimpleNamespace(scales=(1,), config=types.SimpleNamespace(type="llava15"), tokenizer=None,
+                                engine=types.SimpleNamespace(length_step=16))
+  sched = Scheduler(model, Metrics(), max_batch=4, max_queue=64, batch_wait_s=0.0, batching="continuous")
+
+  def job(n_ids, max_tokens):
+    prompt = types.SimpleNamespace(ids=np.zeros(n_ids, np.int32), scale=None, max_tokens=max_tokens, stops=())
+    return Job(prompt, None, None, 0.0, 1.0, 0, False, None, None)
+
+  long_prompt, long_answer = job(60, 10), job(5, 60)
+  slots, rows = FakeSlots(), {}
+  assert sched._admit(slots, rows, [long_prompt, long_answer]) == [0]
+  assert slots.admitted == [([0], [60])] and rows == {0: long_prompt}
+  assert list(sched.waiting) == [long_answer] and not long_answer.finished

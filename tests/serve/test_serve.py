@@ -84,6 +84,11 @@ def test_answers_equal_m3_load_generate_at_every_scale_streamed_or_not(served, m
   assert cut.choices[0].finish_reason == "stop"
   assert stream_text(ask(client, content("1.png"), visual_tokens=36, stop=[stop], stream=True))[0] == \
       cut.choices[0].message.content
+  # Literal placeholders are removed from the text, also those a removal would join: the answer is the plain one.
+  nested = ask(client, content(data_uri(images / "0.png"), text="<<image>image>" + Q + "<<<image>image>image>"),
+               visual_tokens=9)
+  assert nested.choices[0].message.content == reference(0, 9)["text"]
+  assert ask(client, content(text="<<image>image>" + Q)).choices[0].message.content == reference(None, None)["text"]
   models = client.models.list().data
   assert [(m.id, m.model_extra["scales"], m.model_extra["router"]) for m in models] == \
       [(NAME, sorted(model.scales), False)]
@@ -129,7 +134,7 @@ def error_of(excinfo):
     "bad_json", "no_messages", "empty_messages", "invalid_scale", "auto_without_router", "two_images",
     "undecodable_image", "bad_base64", "too_many_pixels", "context_length", "http_url", "dotdot_path",
     "symlink_escape", "absolute_outside", "missing_file", "unknown_model", "n_2", "seed_range",
-    "assistant_last", "unknown_route"])
+    "assistant_last", "unknown_route", "nul_in_path", "name_too_long"])
 def test_malformed_requests_get_their_4xx_and_the_server_keeps_serving(served, images, tmp_path, case):
   url, app, client = served
   img = data_uri(images / "2.png")
@@ -143,7 +148,8 @@ def test_malformed_requests_get_their_4xx_and_the_server_keeps_serving(served, i
           "dotdot_path": (400, "path_not_allowed"), "symlink_escape": (400, "path_not_allowed"),
           "absolute_outside": (400, "path_not_allowed"), "missing_file": (400, "image_not_found"),
           "unknown_model": (404, "model_not_found"), "n_2": (400, "less_than_equal"),
-          "seed_range": (400, "less_than_equal"), "assistant_last": (400, None), "unknown_route": (404, None)}[case]
+          "seed_range": (400, "less_than_equal"), "assistant_last": (400, None), "unknown_route": (404, None),
+          "nul_in_path": (400, "path_not_allowed"), "name_too_long": (400, "path_not_allowed")}[case]
   raw = {"bad_json": b'{"messages": [', "no_messages": b'{"model": "tiny-m3"}',
          "empty_messages": b'{"messages": []}'}
   if case in raw:
@@ -171,6 +177,8 @@ def test_malformed_requests_get_their_4xx_and_the_server_keeps_serving(served, i
         "symlink_escape": lambda: ask(client, content("link.png")),
         "absolute_outside": lambda: ask(client, content(str(outside))),
         "missing_file": lambda: ask(client, content("nope.png")),
+        "nul_in_path": lambda: ask(client, content("a\x00.png")),
+        "name_too_long": lambda: ask(client, content("x" * 300 + ".png")),
         "unknown_model": lambda: client.chat.completions.create(model="gpt-4o", messages=[
             {"role": "user", "content": "hi"}]),
         "n_2": lambda: client.chat.completions.create(model=NAME, n=2, messages=[{"role": "user", "content": "hi"}]),

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 
 import openai
+import numpy as np
 import pytest
 
 from conftest import NAME, data_uri, serving
@@ -122,3 +123,37 @@ def test_a_long_joiner_after_the_front_was_dropped_and_bfloat16(model, images, d
     cut = next((i for i, t in enumerate(out[req]) if t in engine.stop_ids), len(out[req]))
     n = min(cut, len(alone[req]))
     assert n >= 8 and out[req][:n] == alone[req][:n], (req, out[req][:n], alone[req][:n])
+
+
+def test_joining_accounts_for_the_write_slot_jump_of_the_running_rows(model, images):
+  """A long prompt moves the shared write slot up to its length, and the rows already decoding move with it:
+  `fits` counts that move (a joiner that would push a running row past the largest timeline waits), and
+  `admit` moves the running rows' ends, so they decode to the end without running out of timeline."""
+  engine = model.engine
+  max_len = engine.config.llm.max_len
+  ids = model.prompt_ids(Q, True)
+  visual = engine.visual_tokens(model.pixels([str(images / "0.png")]), 9)[0]
+  text = lambda n: np.full(n, 5, np.int32)  # noqa: E731
+  a = text(10)
+  a_new = max_len - len(a)                 # A alone fills the context
+  slots = Slots(engine, 2, chunk=8)
+  slots.admit([0], [a], [None], [0.0], [1.0], [0], a_new)
+  slots.run()
+  # B alone fits the context (prompt + its 9 visual tokens + 1 new token), but placed now it moves the write slot
+  # so far that A's remaining ~1000 tokens would not fit the largest timeline.
+  b = np.concatenate([ids, text(max_len - len(ids) - len(visual))])
+  assert len(b) - 1 + len(visual) + 1 == max_len
+  assert not slots.fits(slots.prefill_length([b], [visual]), 1)
+  # A shorter one fits; it jumps the write slot, and A's end moves by as much.
+  c = np.concatenate([ids, text(400)])
+  t = slots.prefill_length([c], [visual])
+  assert slots.fits(t, 1) and t > slots.w
+  before = int(slots.end[0]) - slots.w
+  slots.admit([1], [c], [visual], [0.0], [1.0], [0], 1)
+  assert int(slots.end[0]) - slots.w == before
+  slots.free(1)
+  decoded = 8
+  while decoded < a_new:                   # A decodes the rest without running out of timeline
+    slots.run()
+    decoded += 8
+  assert slots.w <= slots.max_capacity
