@@ -256,6 +256,10 @@ def set_iterator_state(iterator, state: Any):
 
 
 # ---- the checkpoint manager ------------------------------------------------------------------------------------
+class CheckpointsUnreadable(Incompatible):
+  """Every checkpoint step of a workdir failed to restore (the run changed, or all are damaged)."""
+
+
 class SaveFailed(OSError):
   """A checkpoint step could not be written (a full disk, a quota, an I/O error). The steps before it are intact:
   orbax finalises a step only once every item is written."""
@@ -382,8 +386,12 @@ class Checkpoints:
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, Any] | None:
     """Restores the latest good step (or `step`) onto `abstract_state`'s shapes and shardings ->
     (step, state, data_state), or None when there is no checkpoint. A step that fails to restore or to match its
-    checksums is moved aside and the one before it is tried; `step=` given explicitly never falls back."""
+    checksums falls back to the one before it; once an earlier step restores, the failed later ones are moved aside
+    (a crash mid-write, a flipped bit). When no step restores, nothing is moved and the error names each step's
+    failure: every step failing alike means the run changed (the state's tree, the number of processes), not that
+    the checkpoints are bad, and starting over from step 0 would silently lose them. `step=` never falls back."""
     candidates = [step] if step is not None else list(reversed(self.steps()))
+    failed: list[tuple[int, Exception]] = []
     for s in candidates:
       try:
         restored = self.manager.restore(
@@ -394,13 +402,22 @@ class Checkpoints:
         sums = _state_checksums(restored["meta"], where)
         if sums is not None:
           identity.verify(restored["state"], sums, where)
-        return int(s), restored["state"], restored["data"].state
       except Exception as e:  # noqa: BLE001 -- any unreadable checkpoint falls back to the previous one
         if step is not None:
           raise
-        log.warning("checkpoint step %d in %s is unreadable (%s: %s); falling back to the previous one", s,
+        log.warning("checkpoint step %d in %s is unreadable (%s: %s); trying the previous one", s,
                     self.directory, type(e).__name__, str(e)[:300])
-        self._quarantine(s)
+        failed.append((s, e))
+        continue
+      for bad, _ in failed:
+        self._quarantine(bad)
+      return int(s), restored["state"], restored["data"].state
+    if failed:
+      raise CheckpointsUnreadable(
+          f"no checkpoint in {self.directory} restores, so training does not start over: "
+          + "; ".join(f"step {s}: {type(e).__name__}: {str(e)[:300]}" for s, e in failed)
+          + ". If the run changed (the model or train.freeze, the number of processes), resume it as it was "
+          f"saved; to start over, move {self.directory} aside.")
     return None
 
   def _quarantine(self, step: int):

@@ -212,6 +212,8 @@ def tokenize_conversation(conversations: list[dict], tokenizer, *, template: str
   if t.style == "none":
     raise ValueError("template 'none' is for inference only; train with vicuna_v1, llava_hf or plain")
   problems = check_conversations(conversations, has_image)
+  if not problems and t.style == "plain" and len(conversations) != 2:
+    problems = [f"template 'plain' takes one (image, caption) pair, got {len(conversations)} turns"]
   if problems:
     raise BadRecord(record_id, "; ".join(problems))
   text = conversation_text(conversations, t, has_image)

@@ -41,7 +41,7 @@ from m3_jax.data import conversation as cv
 from m3_jax.data import image as image_lib
 from m3_jax.data import sources
 from m3_jax.data.errors import BadRecord
-from m3_jax.errors import BadFile
+from m3_jax.errors import BadFile, BadValue
 from m3_jax.labels import IGNORE
 
 log = logging.getLogger(__name__)
@@ -314,8 +314,7 @@ def source_for(config, workdir: str | pathlib.Path | None = None, split: str = "
       sizes = dict(train=n, validation=max(1, n // 10), test=max(1, n // 10))
     else:  # 0: the probe already built there (`m3 data probe --train N`), else the default sizes
       from m3_jax.data import probe
-      sizes = probe.built_sizes(path, seed=seed, family_set=families, aspects=aspects) \
-          if not str(path).startswith(("gs://", "s3://")) else None
+      sizes = probe.built_sizes(path, seed=seed, family_set=families, aspects=aspects)  # gs:// included
     return sources.Probe(path, split, seed=seed, sizes=sizes, family_set=families, aspects=aspects)
   if d.source == "llava_json":
     return sources.LlavaJson(d.path, d.image_folder, follow_symlinks=bool(d.get("follow_symlinks", False)))
@@ -330,6 +329,10 @@ def preprocess_for(config, tokenizer) -> Preprocess:
   scales = tuple(int(s) for s in (config.train.get("scales", ()) or m.m3.scales))
   anyres = {}
   if m.type == "llava_next":
+    if not m.anyres.grid_pinpoints:
+      raise BadValue("model.type='llava_next' with model.anyres.grid_pinpoints empty: LLaVA-NeXT needs its "
+                     "anyres grid pinpoints (e.g. llava-v1.6's [[336, 672], [672, 336], [672, 672], [1008, 336], "
+                     "[336, 1008]])")
     anyres = dict(grid_pinpoints=tuple(tuple(int(x) for x in p) for p in m.anyres.grid_pinpoints),
                   pinpoint_order=str(m.anyres.pinpoint_order),
                   crop_buckets=tuple(int(c) for c in d.get("crop_buckets", ()) or ()))

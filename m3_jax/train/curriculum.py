@@ -39,13 +39,16 @@ class Curriculum:
   scales: tuple[int, ...]
   sampling: str = "all"
   finest_first: int = 0
+  ignored_finest_first: int = 0  # train.finest_first_steps set with a random sampling: said in `describe`
 
   @classmethod
   def of(cls, train: ml_collections.ConfigDict, scales) -> Curriculum:
     sampling = str(train.get("scale_sampling", "all"))
     if sampling not in SAMPLINGS:
       raise ValueError(f"train.scale_sampling={sampling!r}: expected one of {', '.join(SAMPLINGS)}")
-    first = finest_first_steps(train) if sampling == "all" else 0
+    first = finest_first_steps(train)
+    if sampling != "all":
+      return cls(tuple(int(s) for s in scales), sampling, 0, first)
     return cls(tuple(int(s) for s in scales), sampling, first)
 
   @property
@@ -78,6 +81,9 @@ class Curriculum:
     if 0 < num_steps <= self.finest_first and len(self.scales) > 1:
       parts.append(f"every scale is never trained (train.finest_first_steps={self.finest_first} >= "
                    f"train.num_steps={num_steps})")
+    if self.ignored_finest_first:
+      parts.append(f"no finest-first phase (train.finest_first_steps={self.ignored_finest_first} applies to "
+                   f"train.scale_sampling='all' only, not {self.sampling!r})")
     return "; ".join(parts) or f"no steps to train (train.num_steps={num_steps})"
 
   def trained(self, step, rng) -> tuple[jax.Array | None, jax.Array | None, jax.Array]:

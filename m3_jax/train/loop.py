@@ -27,6 +27,7 @@ from etils import epath
 from m3_jax import sharding as shd
 from m3_jax.checkpoint import lease as lease_lib, workdir as workdir_lib
 from m3_jax.configs import base as config_base
+from m3_jax.errors import BadValue
 from m3_jax.train import objective as obj
 from m3_jax.train.metrics import MetricsWriter
 from m3_jax.train.state import TrainStep
@@ -211,6 +212,10 @@ def make_batches(config: ml_collections.ConfigDict, workdir: epath.PathLike | No
   """The configured data source as an iterator of host-local numpy batches with get_state / set_state."""
   data, mc = config.data, config.model
   if data.source == "synthetic":
+    if mc.type != "llava15":
+      raise BadValue(f"data.source='synthetic' makes LLaVA-1.5 batches (one image each), not model.type="
+                     f"{mc.type!r}'s anyres crops; train LLaVA-NeXT on the probe (data.source='probe', "
+                     "data.probe_aspects='1:1,2:1,1:2') or on llava_json data")
     from m3_jax.data.synthetic import SyntheticBatches
     return SyntheticBatches(batch_size=int(config.train.batch_size), seq_len=int(data.max_length),
                             image_size=int(mc.vision.image_size), vocab_size=int(mc.llm.vocab_size),

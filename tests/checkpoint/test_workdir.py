@@ -82,3 +82,25 @@ def test_probe_pipeline_state_resumes_through_a_checkpoint(tmp_path):
     got = next(fresh)
     for key in ("input_ids", "labels", "pixels"):
       np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_when_no_step_restores_nothing_is_moved_aside_and_the_error_names_each_step(tmp_path):
+  """A run resumed with a different state tree (say train.freeze changed) fails on every step alike: that is not
+  corruption, so no step is moved aside (training would silently start over from step 0); the error names the
+  steps, and the run resumed as it was saved still restores the latest step."""
+  def state(step):
+    return {"params": {"w": jnp.full((4,), float(step))}, "step": jnp.int32(step)}
+
+  ckpts = workdir.Checkpoints(tmp_path, keep=5)
+  for step in (2, 4):
+    ckpts.save(step, state(step), {"index": step})
+  ckpts.close()
+  f32 = jnp.float32
+  changed = {"params": {"w": jax.ShapeDtypeStruct((4,), f32), "extra": jax.ShapeDtypeStruct((2,), f32)},
+             "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  with pytest.raises(workdir.CheckpointsUnreadable, match=r"step 4: .*; step 2: .*resume it as it was saved"):
+    workdir.Checkpoints(tmp_path, keep=5).restore(changed)
+  assert not (tmp_path / "corrupt_checkpoints").exists()
+  same = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state(0))
+  step, restored, data = workdir.Checkpoints(tmp_path, keep=5).restore(same)
+  assert step == 4 and data == {"index": 4} and float(restored["params"]["w"][0]) == 4.0

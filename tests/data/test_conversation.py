@@ -119,6 +119,10 @@ def test_labels_plain(kind, sp_tokenizer, word_tokenizer):
     assert out.input_ids[:2].tolist() == [tok.bos_token_id, IMG]
     assert (out.labels[:2] == cv.IGNORE).all() and (out.labels[2:] == out.input_ids[2:]).all()
     assert tok.decode(out.input_ids[2:]).strip() == "a red square"
+  # Two exchanges: a bad record named by its id (so on_bad_record=skip can skip it), not a bare ValueError.
+  with pytest.raises(BadRecord, match=r"r7: template 'plain' takes one \(image, caption\) pair, got 4 turns"):
+    cv.tokenize_conversation(_conv("<image>\n", "a", "and?", "b"), tok, template="plain", image_token_id=IMG,
+                             has_image=True, record_id="r7")
 
 
 def test_truncation_counts_visual_tokens(word_tokenizer):

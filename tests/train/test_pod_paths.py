@@ -100,7 +100,7 @@ def test_training_run_in_an_object_store_workdir(bucket):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_probe_data_and_eval_out_folder_in_an_object_store(bucket):
+def test_probe_data_and_eval_out_folder_in_an_object_store(bucket, monkeypatch):
   from m3_jax.data import probe
   from m3_jax.eval import evaluator, predictions
   from m3_jax.eval.tasks.base import Sample, Task
@@ -110,6 +110,15 @@ def test_probe_data_and_eval_out_folder_in_an_object_store(bucket):
   assert (bucket / "bucket" / "data" / "probe" / "binding_s0_3_2_2").is_dir()
   source = probe.open_built("gs://bucket/data").as_data_source("validation")   # read from a local copy
   assert len(source) == 2 and source[0]["image"].shape == (probe.IMAGE_SIZE, probe.IMAGE_SIZE, 3)
+  # Training with data.probe_size unset reads that probe, as for a local path (not the default sizes beside it).
+  from m3_jax.configs import base as m3_config
+  from m3_jax.data import pipeline, sources
+  config = m3_config.load("tiny")
+  config.data.path, config.data.probe_size = "gs://bucket/data", 0
+  made = {}
+  monkeypatch.setattr(sources, "Probe", lambda path, split, **kw: made.update(kw, path=path))
+  pipeline.source_for(config)
+  assert made["path"] == "gs://bucket/data" and made["sizes"] == {"train": 3, "validation": 2, "test": 2}
 
   class Echo(Task):
     name = "echo"

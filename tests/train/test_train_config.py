@@ -52,7 +52,9 @@ def test_finest_first_steps_takes_a_fraction_of_num_steps_and_says_which_steps_t
       "steps 0-29 train scale 144 only (train.finest_first_steps); every scale is never trained "
       "(train.finest_first_steps=50 >= train.num_steps=30)")
   rand = m3_config.load("configs/tiny.py", ["train.num_steps=10", "train.scale_sampling='random'"])
-  assert Curriculum.of(rand.train, (9, 1)).describe(10) == "steps 0-9 train one scale drawn per step from 9, 1"
+  assert Curriculum.of(rand.train, (9, 1)).describe(10) == (  # tiny's finest-first 2/3 is not silently dropped
+      "steps 0-9 train one scale drawn per step from 9, 1; no finest-first phase (train.finest_first_steps=7 "
+      "applies to train.scale_sampling='all' only, not 'random')")
 
 
 @pytest.mark.parametrize("key,value,match", [
@@ -100,3 +102,15 @@ def test_the_released_checkpoints_recipe_freezes_clip():
   assert tuple(released.train.freeze) == ("vision",)
   assert (released.train.lr, released.train.batch_size, released.checkpoint.init_from) == (2e-5, 128, "ckpt/llava15")
   assert tuple(m3_config.load("configs/llava15_7b_m3.py:init=ckpt/llava15").train.freeze) == ()   # the paper's
+
+
+def test_next_without_pinpoints_or_on_synthetic_batches_is_refused_by_name():
+  from m3_jax.data import pipeline
+  from m3_jax.errors import BadValue
+  from m3_jax.train import loop
+  config = m3_config.load("tiny:next", ["data.source='synthetic'"])
+  with pytest.raises(BadValue, match=r"data.source='synthetic' makes LLaVA-1.5 batches .* model.type='llava_next'"):
+    loop.make_batches(config, None)
+  config = m3_config.load("tiny:next", ["model.anyres.grid_pinpoints=[]"])
+  with pytest.raises(BadValue, match=r"model.type='llava_next' with model.anyres.grid_pinpoints empty"):
+    pipeline.preprocess_for(config, None)
