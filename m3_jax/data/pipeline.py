@@ -27,6 +27,7 @@ it would have seen. `m3_jax.sharding.shard_batch(batch, mesh)` assembles the glo
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import pathlib
@@ -34,6 +35,7 @@ from typing import Any, Sequence
 
 import grain
 import numpy as np
+from etils import epath
 
 from m3_jax import geometry
 from m3_jax.data import anyres as anyres_lib
@@ -201,13 +203,20 @@ class BadRecords:
   Skipping, a source whose records are all bad would be repeated and filtered forever: with `num_records` (the
   source's length, split over `process_count` processes) known, 2 * ceil(num_records / process_count) - 1 bad
   records in a row (a window that holds a whole epoch of this process's share, wherever it starts, resumed runs
-  included) raise BadFile naming the count and the first of them."""
+  included) raise BadFile naming the count and the first of them.
 
-  def __init__(self, mode: str, num_records: int | None = None, process_count: int = 1, name: str = "the source"):
+  `report` (a JSON-lines file, e.g. WORKDIR/bad_records.jsonl): each skipped record's {"id", "problem"} is appended
+  once; the ids already there (an earlier run of this workdir) are not written again."""
+
+  def __init__(self, mode: str, num_records: int | None = None, process_count: int = 1, name: str = "the source",
+               report: epath.PathLike | None = None):
     if mode not in ("raise", "skip"):
       raise ValueError(f"on_bad_record={mode!r} is not 'raise' or 'skip'")
     self.mode = mode
+    self.report = epath.Path(report) if report is not None else None
     self.seen: dict[str, str] = {}
+    if self.report is not None and self.report.exists():
+      self.seen = {r["id"]: r["problem"] for r in map(json.loads, self.report.read_text().splitlines()) if r}
     self.skipped = 0
     self.num_records, self.process_count, self.name = num_records, process_count, name
     self.limit = 2 * max(1, math.ceil(num_records / process_count)) - 1 if num_records else 0
@@ -223,6 +232,9 @@ class BadRecords:
     if ex["_bad"] not in self.seen:
       self.seen[ex["_bad"]] = ex["_problem"]
       log.warning("skipping bad record %s: %s", ex["_bad"], ex["_problem"])
+      if self.report is not None:
+        with self.report.open("a") as f:
+          f.write(json.dumps({"id": ex["_bad"], "problem": ex["_problem"]}) + "\n")
     if self.in_a_row == 0:
       self.first = (ex["_bad"], ex["_problem"])
     self.in_a_row += 1
@@ -356,11 +368,15 @@ def train_iterator(config, workdir: str | pathlib.Path | None = None, *, split: 
   if bs % jax.process_count():
     raise ValueError(f"train.batch_size {bs} does not split over {jax.process_count()} processes")
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(config.model.pad_token_id)
-  ds = make_dataset(source_for(config, workdir, split), pre, batch_size=bs // jax.process_count(),
-                    seed=int(config.data.get("seed", 0)), pad_id=int(pad),
-                    num_workers=int(config.data.get("num_workers", 0)),
-                    on_bad_record=config.data.get("on_bad_record", "raise"),
-                    name=f"data.source={config.data.source}" + (f" data.path={config.data.path}" if config.data.path
-                                                                else ""))
+  source = source_for(config, workdir, split)
+  name = f"data.source={config.data.source}" + (f" data.path={config.data.path}" if config.data.path else "")
+  mode, pc = config.data.get("on_bad_record", "raise"), jax.process_count()
+  report = None
+  if workdir is not None and mode == "skip":  # the skipped records' ids, kept beside the run
+    report = epath.Path(workdir) / ("bad_records.jsonl" if pc == 1 else
+                                    f"bad_records.process_{jax.process_index()}.jsonl")
+  ds = make_dataset(source, pre, batch_size=bs // pc, seed=int(config.data.get("seed", 0)), pad_id=int(pad),
+                    num_workers=int(config.data.get("num_workers", 0)), on_bad_record=mode, name=name,
+                    bad_records=BadRecords(mode, len(source), pc, name, report))
   return iter(ds)
 

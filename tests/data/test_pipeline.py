@@ -110,6 +110,14 @@ def test_bad_records_raise_or_skip(word_tokenizer, tmp_path, caplog):
   assert "missing.png: file not found" in bad.seen["r1"] and "empty answer" in bad.seen["r3"]
   assert "escapes the image folder" in bad.seen["r4"]
   assert sum("skipping bad record" in m for m in caplog.messages) == 3  # each id logged once
+  # With a report file (m3 train's WORKDIR/bad_records.jsonl): each id once, also across a resumed run.
+  report = tmp_path / "bad_records.jsonl"
+  for _ in range(2):
+    list(pipeline.make_dataset(src, _pre(word_tokenizer), batch_size=1, num_epochs=2, pad_id=3, prefetch=0,
+                               bad_records=pipeline.BadRecords("skip", report=report)))
+  rows = [json.loads(line) for line in report.read_text().splitlines()]
+  assert sorted(r["id"] for r in rows) == ["r1", "r3", "r4"]
+  assert "empty answer" in next(r["problem"] for r in rows if r["id"] == "r3")
 
 
 def test_a_pipeline_batch_shards_over_the_mesh(word_tokenizer, llava_json):

@@ -144,6 +144,8 @@ def test_a_source_without_a_good_record_stops_naming_the_count(tmp_path, capsys)
   assert err.startswith(f"m3 train: error: all 12 records of data.source=llava_json data.path={path} were bad "
                         "(first: record r"), err
   assert ": file not found" in err and err.endswith("data.on_bad_record='skip' leaves nothing to train on")
+  report = [json.loads(line) for line in (tmp_path / "run" / "bad_records.jsonl").read_text().splitlines()]
+  assert sorted(r["id"] for r in report) == sorted(f"r{i}" for i in range(12))  # every skipped id, once
   assert not (tmp_path / "run" / "lease.json").exists()
   path.write_text("[]")
   assert cli.main(m3_train(tmp_path / "empty", **source)) == 2
