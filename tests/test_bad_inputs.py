@@ -111,6 +111,10 @@ def cases(ckpt, d):
        "config field train.batch_size='x': expected int"),
       (["train", "--config", "tiny", "--workdir", f"{d}/w", "--no-distributed", "--config.train.batch_size=12"],
        "train.batch_size=12 (micro-batch 12 with train.grad_accum=1) does not split over 8 devices"),
+      (["train", "--config", "tiny:next", "--workdir", f"{d}/w", "--no-distributed",
+        "--config.train.scale_sampling=random_per_sample"],
+       "train.scale_sampling='random_per_sample' decodes each of the 4 scales' groups of 16 / 4 = 4 rows sharded 8 "
+       "ways; 4 rows do not split over 8 shards"),
       # info / cost / router
       (["info", "--ckpt", missing], f"--ckpt {missing}: no such file"),
       (["info", str(d)], f"--ckpt {d} is neither an m3 checkpoint directory"),

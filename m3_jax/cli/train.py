@@ -123,6 +123,14 @@ def check_batch(config) -> None:
                    f"split over {jax.device_count()} devices: the batch is sharded {ways} ways over mesh axes "
                    f"{'x'.join(axes) or '(none)'} (mesh.shape={tuple(config.mesh.shape)} -> {tuple(shape.values())}) "
                    f"and {jax.process_count()} processes; use a multiple of {math.lcm(ways, jax.process_count())}")
+  if config.train.get("scale_sampling", "all") == "random_per_sample":
+    m = len(config.train.get("scales", ()) or config.model.m3.scales)
+    group = batch // accum // m
+    if (batch // accum) % m == 0 and group % ways:  # a group XLA cannot split over the batch shards is replicated: every device decodes all of it
+      raise BadValue(f"train.scale_sampling='random_per_sample' decodes each of the {m} scales' groups of "
+                     f"{batch // accum} / {m} = {group} rows sharded {ways} ways; {group} rows do not split over "
+                     f"{ways} shards (each device would decode the whole group); use a train.batch_size that is a "
+                     f"multiple of {m * ways * accum}")
 
 
 def main(argv: list[str] | None = None) -> int:
