@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser):
                  "tokenize every record and check truncation")
   c.add_argument("--max-length", type=int, default=2048, help="training max_length (with --tokenizer)")
   c.add_argument("--max-scale", type=int, default=0, help="visual tokens of the largest trained scale (default: "
-                 "from the checkpoint's m3_config.json, else 576)")
+                 "from the checkpoint's m3_config.json, else 576); a LLaVA-NeXT checkpoint's images count them per "
+                 "crop (base, grid, newlines), as m3 train does")
   c.add_argument("--template", default="vicuna_v1", choices=sorted(TEMPLATES), help="chat template (with --tokenizer)")
   c.add_argument("--follow-symlinks", action="store_true",
                  help="accept images reached through symlinks that leave the image folder (as data.follow_symlinks; "
@@ -77,15 +78,13 @@ def _load_tokenizer(path: str):
                           "save_pretrained writes)")
 
 
-def _max_scale(path: str) -> int:
-  from m3_jax.checkpoint import reader
-  cfg = reader.model_config(path)
-  return max(cfg.m3.scales) if cfg is not None else 576
-
-
 def check(json_path: str, image_folder: str = "", *, tokenizer=None, max_length: int = 2048,
-          max_scale: int = 576, template: str = "vicuna_v1", follow_symlinks: bool = False) -> dict:
-  """Validates every record -> {"records", "with_image", "text_only", "turns", "bad", "bad_records": [...]}."""
+          max_scale: int = 576, template: str = "vicuna_v1", follow_symlinks: bool = False,
+          anyres: dict | None = None) -> dict:
+  """Validates every record -> {"records", "with_image", "text_only", "turns", "bad", "bad_records": [...]}.
+  `anyres` (LLaVA-NeXT: {"grid_pinpoints", "order", "crop"}): an image counts its own visual tokens at
+  `max_scale` per crop (base, unpadded grid, newlines), as `m3 train` truncates, not `max_scale`."""
+  from m3_jax import geometry
   from m3_jax.data import conversation as cv
   from m3_jax.data import sources
   from m3_jax.data.errors import BadRecord
@@ -104,10 +103,19 @@ def check(json_path: str, image_folder: str = "", *, tokenizer=None, max_length:
       problems.append(f"no 'id' (record #{i})")
     elif ids.get(rec["id"], 0) > 1:
       problems.append(f"duplicate id ({ids[rec['id']]} records share it)")
+    visual = max_scale
+    if not problems and anyres is not None and rec["image"] is not None:
+      from PIL import Image
+      with Image.open(rec["image"]) as im:
+        hw = (im.height, im.width)
+      visual = geometry.visual_tokens(hw, max_scale, anyres["grid_pinpoints"], anyres["order"], anyres["crop"])
+      if visual > max_length:
+        problems.append(f"image (h, w) = {hw} takes {visual} visual tokens at scale {max_scale}, more than "
+                        f"--max-length {max_length} before any text")
     if not problems and tokenizer is not None:
       try:
         cv.tokenize_conversation(rec["conversations"], tokenizer, template=template, image_token_id=image_id,
-                                 has_image=rec["image"] is not None, max_length=max_length, max_scale=max_scale,
+                                 has_image=rec["image"] is not None, max_length=max_length, max_scale=visual,
                                  record_id=rec["id"])
       except BadRecord as e:
         problems.append(e.problem)
@@ -128,12 +136,17 @@ def run_check(args) -> int:
   checks.existing(args.image_folder or None, "--image-folder", "dir")
   checks.existing(args.tokenizer or None, "--tokenizer", "dir")
   checks.at_least(args.max_length, "--max-length", 1)
-  tokenizer, max_scale = None, args.max_scale or 576
+  tokenizer, max_scale, anyres = None, args.max_scale or 576, None
   if args.tokenizer:
+    from m3_jax.checkpoint import reader
     tokenizer = _load_tokenizer(args.tokenizer)
-    max_scale = args.max_scale or _max_scale(args.tokenizer)
+    cfg = reader.model_config(args.tokenizer)
+    max_scale = args.max_scale or (max(cfg.m3.scales) if cfg is not None else 576)
+    if cfg is not None and cfg.type == "llava_next":
+      anyres = dict(grid_pinpoints=cfg.anyres.grid_pinpoints, order=cfg.anyres.pinpoint_order,
+                    crop=cfg.vision.image_size)
   report = check(args.json_file, args.image_folder, tokenizer=tokenizer, max_length=args.max_length,
-                 max_scale=max_scale, template=args.template, follow_symlinks=args.follow_symlinks)
+                 max_scale=max_scale, template=args.template, follow_symlinks=args.follow_symlinks, anyres=anyres)
   if args.json:
     print(json.dumps(report))
   else:

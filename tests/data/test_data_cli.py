@@ -71,3 +71,22 @@ def test_probe_command(tmp_path, capsys):
   code = cli.main(["data", "probe", "--out", str(tmp_path), "--train", "8", "--validation", "4", "--test", "4"])
   out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert code == 0 and out["splits"] == {"train": 8, "validation": 4, "test": 4}
+
+
+def test_check_counts_a_next_images_own_visual_tokens(tmp_path, word_tokenizer):
+  """LLaVA-NeXT (llava-v1.6 pinpoints, 336-pixel crops): a 672x336 (w x h) image is a 1x2 grid, so at 576 tokens
+  per crop it takes 576 (base) + 24 rows x (48 + 1 newline) = 1752 positions; at 9, 9 + 3 x (6 + 1) = 30."""
+  from m3_jax.cli.data import check
+  Image.new("RGB", (672, 336)).save(tmp_path / "wide.png")
+  path = tmp_path / "data.json"
+  path.write_text(json.dumps([{"id": "wide", "image": "wide.png", "conversations": _turns()}]))
+  anyres = dict(grid_pinpoints=((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)), order="hw", crop=336)
+  report = check(str(path), str(tmp_path), tokenizer=word_tokenizer, max_length=1000, max_scale=576, anyres=anyres)
+  assert report["bad_records"] == [{"id": "wide", "problems": [
+      "image (h, w) = (336, 672) takes 1752 visual tokens at scale 576, more than --max-length 1000 before any text"]}]
+  # The short llava_hf prompt (about 10 tokens) fits 32 with LLaVA-1.5's count of 9 visual tokens, not with the
+  # image's own 30.
+  kw = dict(tokenizer=word_tokenizer, max_length=32, max_scale=9, template="llava_hf")
+  assert check(str(path), str(tmp_path), **kw)["bad"] == 0
+  cut = check(str(path), str(tmp_path), anyres=anyres, **kw)
+  assert cut["bad"] == 1 and "30 visual tokens" in cut["bad_records"][0]["problems"][0]
