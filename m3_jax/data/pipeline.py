@@ -294,6 +294,13 @@ def make_dataset(source, preprocess: Preprocess, *, batch_size: int, seed: int =
   if buckets is None:
     text = (preprocess.max_length or 2048) - (0 if anyres else preprocess.max_scale - 1)
     buckets = default_buckets(text, n=5 if anyres else 3)   # NeXT: text is what the image leaves, often short
+  if pc > 1:
+    # Each host collates its own rows, and the hosts' arrays form one global batch of one shape: a bucket chosen
+    # per host would differ between hosts (different shapes, different programs, hung collectives). Several
+    # processes pad to the largest text and crop bucket (one program; the padding costs compute).
+    buckets = (max(buckets),)
+    if anyres:
+      anyres["crop_buckets"] = (max(anyres["crop_buckets"]),)
   collate = Collate(tuple(sorted(buckets)), pad_id, preprocess.image_cfg, keep_ids, anyres)
   it = it.batch(batch_size, drop_remainder=drop_remainder, batch_fn=collate)
   if prefetch:

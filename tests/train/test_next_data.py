@@ -68,3 +68,10 @@ def test_skipped_next_records_are_counted_by_id_and_batches_use_few_programs():
   assert shapes == {(56, 2), (104, 2)}, shapes
   assert {k: v.shape for k, v in batches[0].items() if k.startswith("anyres")} == {
       "anyres_index_144": (2, 300), "anyres_index_36": (2, 78), "anyres_index_9": (2, 21), "anyres_index_1": (2, 3)}
+  # Several processes: every host pads to the largest text and crop bucket, so the hosts' arrays are one global
+  # batch of one shape (per-host buckets would differ between hosts).
+  for pi in range(2):
+    hosts = list(pipeline.make_dataset(records, pre, batch_size=1, shuffle=False, num_epochs=1, process_index=pi,
+                                       process_count=2, bad_records=pipeline.BadRecords("skip"), prefetch=0))
+    assert {(b["input_ids"].shape[1], b["pixels"].shape[1]) for b in hosts} == {(400, 5)}
+    assert len({tuple(v.shape for k, v in sorted(b.items())) for b in hosts}) == 1
