@@ -99,7 +99,7 @@ class Preprocess:
       pixels = image_lib.resize_crop(self.load(img, rid), self.image_cfg, aspect=self.aspect)   # uint8: Collate
     else:
       pixels = np.zeros((h, w, 3), np.uint8)
-    return {"id": rid, "input_ids": tok.input_ids, "labels": tok.labels, "pixels": pixels,
+    return {"id": rid, "input_ids": tok.input_ids, "labels": tok.labels, "pixels": pixels, "truncated": tok.truncated,
             "has_image": np.bool_(has_image)}
 
 
@@ -132,6 +132,7 @@ class Preprocess:
                                    max_length=self.max_length, max_scale=visual, labels=self.labels,
                                    record_id=rid)
     return {"id": rid, "input_ids": tok.input_ids, "labels": tok.labels, "crops": crops.astype(np.float32),
+            "truncated": tok.truncated,
             "image_hw": np.asarray(hw, np.int32), "has_image": np.bool_(img is not None)}
 
 
@@ -218,6 +219,7 @@ class BadRecords:
     if self.report is not None and self.report.exists():
       self.seen = {r["id"]: r["problem"] for r in map(json.loads, self.report.read_text().splitlines()) if r}
     self.skipped = 0
+    self.truncated: set[str] = set()   # ids of records trained on with their end cut at data.max_length
     self.num_records, self.process_count, self.name = num_records, process_count, name
     self.limit = 2 * max(1, math.ceil(num_records / process_count)) - 1 if num_records else 0
     self.in_a_row, self.first = 0, ("", "")
@@ -225,6 +227,10 @@ class BadRecords:
   def __call__(self, ex: dict) -> bool:
     if "_bad" not in ex:
       self.in_a_row = 0
+      if ex.get("truncated") and ex["id"] not in self.truncated:  # trained on, but not whole: said once per id
+        self.truncated.add(ex["id"])
+        log.warning("record %s is longer than data.max_length: its end is cut (the labels kept are trained on)",
+                    ex["id"])
       return True
     if self.mode == "raise":
       raise BadRecord(ex["_bad"], ex["_problem"] + " (set data.on_bad_record='skip' to train without it)")
@@ -294,6 +300,8 @@ def make_dataset(source, preprocess: Preprocess, *, batch_size: int, seed: int =
   if buckets is None:
     text = (preprocess.max_length or 2048) - (0 if anyres else preprocess.max_scale - 1)
     buckets = default_buckets(text, n=5 if anyres else 3)   # NeXT: text is what the image leaves, often short
+    # A text-only record may fill all of max_length (no visual tokens to leave room for): its own bucket.
+    buckets = tuple(sorted({*buckets, preprocess.max_length or 2048}))
   if pc > 1:
     # Each host collates its own rows, and the hosts' arrays form one global batch of one shape: a bucket chosen
     # per host would differ between hosts (different shapes, different programs, hung collectives). Several

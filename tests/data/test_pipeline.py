@@ -151,3 +151,19 @@ def test_train_iterator_on_the_probe(tmp_path):
   from m3_jax.data import probe
   assert {r[0] for r in replies} <= set(probe.KEYS) and {r[1] for r in replies} <= set(probe.answers())
   assert {r[2] for r in replies} == {"</s>"} and len(tok) <= 256
+
+
+def test_a_record_cut_at_max_length_is_said_by_id(word_tokenizer, tmp_path, caplog):
+  """A record longer than max_length is trained on with its end cut (its first answer survives): not silently."""
+  recs = _records(2)
+  recs[1]["conversations"] += [{"from": "human", "value": "what colour " * 40 + "?"},
+                               {"from": "gpt", "value": "red"}]   # a second exchange of 80+ words: cut at 64
+  path = tmp_path / "d.json"
+  path.write_text(json.dumps(recs))
+  bad = pipeline.BadRecords("raise")
+  with caplog.at_level("WARNING"):
+    batches = list(pipeline.make_dataset(sources.LlavaJson(path), _pre(word_tokenizer), batch_size=1, num_epochs=2,
+                                         pad_id=3, prefetch=0, keep_ids=True, bad_records=bad))
+  assert sorted(b["id"][0] for b in batches) == ["r0", "r0", "r1", "r1"]   # both trained on
+  assert bad.truncated == {"r1"}
+  assert sum("record r1 is longer than data.max_length" in m for m in caplog.messages) == 1   # once per id
