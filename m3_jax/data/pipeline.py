@@ -65,6 +65,7 @@ class Preprocess:
   grid_pinpoints: tuple = ()          # LLaVA-NeXT: anyres crops when set (model.anyres.grid_pinpoints)
   pinpoint_order: str = "hw"
   crop_buckets: tuple[int, ...] = ()  # NeXT: crop counts a batch pads to (() = every count the pinpoints give)
+  max_label_tokens: int = 0           # train.max_label_tokens: a record with more labelled tokens is a bad record
 
   def __post_init__(self):
     if self.grid_pinpoints:
@@ -78,7 +79,13 @@ class Preprocess:
 
   def __call__(self, rec: dict) -> dict:
     try:
-      return self.example(rec)
+      ex = self.example(rec)
+      labelled = int((ex["labels"] != IGNORE).sum())
+      if self.max_label_tokens and labelled > self.max_label_tokens:
+        raise BadRecord(ex["id"], f"{labelled} labelled tokens, more than train.max_label_tokens="
+                        f"{self.max_label_tokens} (logits are computed at that many labelled positions per row; "
+                        "raise it, or 0 = chosen per batch)")
+      return ex
     except BadRecord as e:
       return {"_bad": e.record_id, "_problem": e.problem}
 
@@ -365,7 +372,8 @@ def preprocess_for(config, tokenizer) -> Preprocess:
                   crop_buckets=tuple(int(c) for c in d.get("crop_buckets", ()) or ()))
   return Preprocess(tokenizer=tokenizer, image_cfg=image_lib.ImageProcessorConfig.for_size(int(m.vision.image_size)),
                     image_token_id=int(m.image_token_id), template=d.template, max_length=int(d.max_length),
-                    max_scale=max(scales), scales=scales, aspect=d.get("image_aspect", "pad"), **anyres)
+                    max_scale=max(scales), scales=scales, aspect=d.get("image_aspect", "pad"),
+                    max_label_tokens=int(config.train.get("max_label_tokens", 0) or 0), **anyres)
 
 
 def train_iterator(config, workdir: str | pathlib.Path | None = None, *, split: str = "train"):

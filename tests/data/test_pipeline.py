@@ -167,3 +167,20 @@ def test_a_record_cut_at_max_length_is_said_by_id(word_tokenizer, tmp_path, capl
   assert sorted(b["id"][0] for b in batches) == ["r0", "r0", "r1", "r1"]   # both trained on
   assert bad.truncated == {"r1"}
   assert sum("record r1 is longer than data.max_length" in m for m in caplog.messages) == 1   # once per id
+
+
+def test_a_record_over_max_label_tokens_is_a_bad_record_named_by_id(word_tokenizer, tmp_path):
+  """train.max_label_tokens fixes the labelled positions per row: a record with more is refused by its id before
+  batching (and skippable), instead of stopping the run mid-training naming a batch row."""
+  recs = _records(2)
+  recs[1]["conversations"][1]["value"] = "red green blue two cats red green"   # 7 words + EOS labelled
+  path = tmp_path / "d.json"
+  path.write_text(json.dumps(recs))
+  pre = pipeline.Preprocess(tokenizer=word_tokenizer, image_cfg=image_lib.ImageProcessorConfig.for_size(48),
+                            image_token_id=4, template="llava_hf", max_length=64, max_scale=9, max_label_tokens=4)
+  with pytest.raises(BadRecord, match=r"record r1: 8 labelled tokens, more than train.max_label_tokens=4"):
+    list(pipeline.make_dataset(sources.LlavaJson(path), pre, batch_size=1, num_epochs=1, pad_id=3, prefetch=0))
+  bad = pipeline.BadRecords("skip")
+  kept = list(pipeline.make_dataset(sources.LlavaJson(path), pre, batch_size=1, num_epochs=1, pad_id=3, prefetch=0,
+                                    keep_ids=True, bad_records=bad))
+  assert [b["id"][0] for b in kept] == ["r0"] and list(bad.seen) == ["r1"]
