@@ -46,6 +46,13 @@ def prepare(req: ChatRequest, model, has_router: bool) -> Prompt:
   return Prompt(ids, image_url, scale, max_tokens, stops)
 
 
+def text_chars(req: ChatRequest) -> int:
+  """The characters of text the request's messages carry (images not counted)."""
+  return sum(len(m.content) if isinstance(m.content, str) else
+             sum(len(p if isinstance(p, str) else p.text) for p in m.content if not isinstance(p, ImagePart))
+             for m in req.messages)
+
+
 def without_placeholders(text: str) -> str:
   """`text` with every literal `<image>` removed, also those that a removal joins (`<<image>image>`)."""
   while conversation.IMAGE in text:

@@ -89,6 +89,9 @@ def test_answers_equal_m3_load_generate_at_every_scale_streamed_or_not(served, m
                visual_tokens=9)
   assert nested.choices[0].message.content == reference(0, 9)["text"]
   assert ask(client, content(text="<<image>image>" + Q)).choices[0].message.content == reference(None, None)["text"]
+  # A prompt long enough to be tokenized off the event loop is refused (over the context) with its 400 all the same.
+  with pytest.raises(openai.BadRequestError, match="context"):
+    ask(client, content(text="colour " * 4000))
   models = client.models.list().data
   assert [(m.id, m.model_extra["scales"], m.model_extra["router"]) for m in models] == \
       [(NAME, sorted(model.scales), False)]
