@@ -126,7 +126,8 @@ def check_batch(config) -> None:
   if config.train.get("scale_sampling", "all") == "random_per_sample":
     m = len(config.train.get("scales", ()) or config.model.m3.scales)
     group = batch // accum // m
-    if (batch // accum) % m == 0 and group % ways:  # a group XLA cannot split over the batch shards is replicated: every device decodes all of it
+    # A group XLA cannot split over the batch shards is replicated: every device would decode all of it.
+    if (batch // accum) % m == 0 and group % ways:
       raise BadValue(f"train.scale_sampling='random_per_sample' decodes each of the {m} scales' groups of "
                      f"{batch // accum} / {m} = {group} rows sharded {ways} ways; {group} rows do not split over "
                      f"{ways} shards (each device would decode the whole group); use a train.batch_size that is a "

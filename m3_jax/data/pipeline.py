@@ -80,8 +80,7 @@ class Preprocess:
   def __call__(self, rec: dict) -> dict:
     try:
       ex = self.example(rec)
-      labelled = int((ex["labels"] != IGNORE).sum())
-      if self.max_label_tokens and labelled > self.max_label_tokens:
+      if self.max_label_tokens and (labelled := int((ex["labels"] != IGNORE).sum())) > self.max_label_tokens:
         raise BadRecord(ex["id"], f"{labelled} labelled tokens, more than train.max_label_tokens="
                         f"{self.max_label_tokens} (logits are computed at that many labelled positions per row; "
                         "raise it, or 0 = chosen per batch)")
