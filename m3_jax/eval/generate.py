@@ -51,6 +51,12 @@ def bucket(n: int, step: int) -> int:
   return max(step, -(-n // step) * step)
 
 
+def new_tokens_bucket(n: int) -> int:
+  """The compiled answer length for a request of `n` new tokens: a power of two >= 8 (the decode loop stops at `n`
+  itself), so requests' lengths share a few compilations; the KV cache has room for the bucket."""
+  return max(8, 1 << max(n - 1, 0).bit_length())
+
+
 def pick(logits, rng, temperature, top_p, *, greedy: bool, per_row: bool):
   """The next token of each row, int32[B], from logits float32[B, V]: argmax when greedy; else softmax at
   `temperature` within nucleus `top_p`, scalars and one key, or with per_row float32[B] and key[B] (one per row;
@@ -237,9 +243,10 @@ class Engine:
     hidden, cache = m.apply({"params": params}, emb, pos[:, None], kv_mask, cache, index, method=m.decode)
     return m.apply({"params": params}, hidden[:, 0], method=m.logits), cache
 
-  def _generate_impl(self, params, ids, mask, img, n_vis, rng, temperature, top_p, *, max_new: int, greedy: bool,
-                     per_row: bool = False, stream: bool = False):
-    """per_row: rng key[B], temperature float32[B], top_p float32[B] (one per row; temperature <= 0 is greedy)
+  def _generate_impl(self, params, ids, mask, img, n_vis, rng, temperature, top_p, limit, *, max_new: int,
+                     greedy: bool, per_row: bool = False, stream: bool = False):
+    """Up to `limit` (int32, <= max_new) new tokens -> int32[B, max_new] (pad past them and past a row's stop).
+    per_row: rng key[B], temperature float32[B], top_p float32[B] (one per row; temperature <= 0 is greedy)
     instead of one key and scalars; stream: each step's tokens int32[B] go to `_on_token` as they are picked."""
     cache, kv_mask, next_pos, logits = self._prefill(params, ids, mask, img, n_vis, max_new)
     b, length = ids.shape[0], kv_mask.shape[1] - max_new
@@ -248,7 +255,7 @@ class Engine:
 
     def cond(state):
       step, _, _, _, _, done, _, _ = state
-      return (step < max_new) & ~jnp.all(done)
+      return (step < limit) & ~jnp.all(done)
 
     def body(state):
       step, logits, cache, kv_mask, pos, done, out, rng = state
@@ -314,13 +321,13 @@ class Engine:
   def _emit(self, step, tok):
     self._on_token(int(step), np.asarray(tok))
 
-  def _run(self, prompts, visual, rng, temperature, top_p, **static) -> list[list[int]]:
+  def _run(self, prompts, visual, rng, temperature, top_p, *, max_new: int, **static) -> list[list[int]]:
     n = len(prompts)
     ids, mask, img, n_vis = self._pack(*self.pad_rows(prompts, visual), "left")
     out = self._generate(self.params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(img), jnp.asarray(n_vis),
-                         rng, temperature, top_p, **static)
+                         rng, temperature, top_p, jnp.int32(max_new), max_new=new_tokens_bucket(max_new), **static)
     results = []
-    for row in np.asarray(out)[:n].tolist():
+    for row in np.asarray(out)[:n, :max_new].tolist():
       cut = next((i for i, t in enumerate(row) if t in self.stop_ids), len(row))
       results.append(row[:cut])
     return results

@@ -83,11 +83,6 @@ def row_bucket(n: int) -> int:
   return 1 << max(n - 1, 0).bit_length()
 
 
-def token_bucket(n: int) -> int:
-  """max_new of a batch: a power of two >= 8, so requests' max_tokens share a few compilations."""
-  return max(8, row_bucket(n))
-
-
 def encode_by_scale(engine, jobs: list[Job]) -> None:
   """LLaVA-1.5: sets each job's `visual` (float[scale, D]) from its `pixels` at its `scale`, the encoder run once per
   scale group with the group's rows padded to a power of two (few compilations)."""
@@ -160,7 +155,7 @@ class Scheduler:
     for scale in sorted(model.scales):
       for b in rows:
         visual = engine.visual_tokens(np.zeros((b, size, size, 3), np.float32), scale, batch_size=b)
-        engine.generate_rows([ids] * b, visual, token_bucket(max_tokens), [0.0] * b, [1.0] * b, [0] * b)
+        engine.generate_rows([ids] * b, visual, max_tokens, [0.0] * b, [1.0] * b, [0] * b)
         calls += 2
     return calls
 
@@ -320,7 +315,8 @@ class Scheduler:
 
     # Tokens come out of the decode loop one step at a time only for streams (a host callback per step costs).
     streaming = any(j.stream for j in batch)
-    max_new = token_bucket(max(j.prompt.max_tokens for j in batch))
+    # The engine compiles a power-of-two answer length and its loop stops at the batch's largest max_tokens.
+    max_new = max(j.prompt.max_tokens for j in batch)
     rows = model.engine.generate_rows(
         [j.prompt.ids for j in batch], [j.visual for j in batch], max_new,
         [j.temperature for j in batch], [j.top_p for j in batch], [j.seed for j in batch],

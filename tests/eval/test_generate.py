@@ -64,6 +64,9 @@ def test_kv_cache_generation_equals_full_forward_greedy(tiny):
     if s is None:  # text-only: a dummy image never reaches the decoder since the prompt has no placeholder
       continue
     assert got[i] == greedy_reference(cfg, params, prompts[i], pixels[i:i + 1], s, 6), i
+  # Answer lengths share a compiled program per power-of-two bucket (>= 8); the loop stops at the length asked.
+  assert engine.generate(prompts, visual, Sampling(max_new_tokens=3)) == [g[:3] for g in got]
+  assert engine._generate._cache_size() == 1
 
 
 def test_results_do_not_depend_on_batching_padding_or_grouping(tiny):

@@ -1,19 +1,25 @@
-"""Multi-process resume: two gloo processes on loopback, one SIGKILLed mid-run (then the job torn down, as a
-scheduler does), both restarted: the losses of an uninterrupted two-process run, step for step."""
+"""Multi-process training: two gloo processes on loopback, one SIGKILLed mid-run (then the job torn down, as a
+scheduler does), both restarted: the losses of an uninterrupted two-process run, step for step, which are the losses
+of one process on the same number of devices (the same global mesh and batches)."""
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import jax
 import pytest
 
+from m3_jax import sharding as shd
 from m3_jax.checkpoint import workdir as workdir_lib
+from m3_jax.train import loop
 from m3_jax.train.metrics import read_metrics
+from m3_jax.train.state import TrainStep
 
-from train_testlib import REPO, small_overrides, subprocess_env
+from train_testlib import FAST_COMPILE, REPO, small_config, small_overrides, subprocess_env
 
 STEPS = 8
 
@@ -36,7 +42,8 @@ def children(pid: int) -> dict[int, str]:
 
 
 @pytest.mark.slow
-def test_two_processes_sigkilled_and_restarted_match_an_uninterrupted_run(tmp_path, compile_cache):
+def test_two_processes_sigkilled_and_restarted_match_an_uninterrupted_run_and_one_process(tmp_path, compile_cache,
+                                                                                          caplog):
   overrides = small_overrides(**{"train.num_steps": STEPS, "checkpoint.every": 2, "train.scales": "(1,)",
                                  "train.lr": 3e-3})
   env = subprocess_env(compile_cache, devices=2)
@@ -73,6 +80,12 @@ def test_two_processes_sigkilled_and_restarted_match_an_uninterrupted_run(tmp_pa
   killed_at = max(read_metrics(broken))
   assert killed_at < STEPS
   restarted, reference = launch(broken), launch(straight)
+  # Meanwhile, one process (this one) on 4 devices: the same global mesh and batches as the two processes.
+  config = small_config(**dict(o.split("=", 1) for o in overrides))
+  trainer = TrainStep(config, mesh=shd.make_mesh((1, -1, 1), jax.devices()[:4]), compiler_options=FAST_COMPILE)
+  with caplog.at_level(logging.INFO, logger="m3_jax.train.loop"):
+    loop.fit(trainer, tmp_path / "one", progress=False)
+  assert f"scale curriculum: steps 0-{STEPS - 1} train scales 1 (the loss averaged over them)" in caplog.text
   assert restarted.wait(timeout=400) == 0, logs(broken)
   assert reference.wait(timeout=400) == 0, logs(straight)
   a, b = read_metrics(straight), read_metrics(broken)
@@ -80,3 +93,7 @@ def test_two_processes_sigkilled_and_restarted_match_an_uninterrupted_run(tmp_pa
   for step in a:
     assert abs(a[step]["loss"] - b[step]["loss"]) <= 1e-6, (step, a[step]["loss"], b[step]["loss"])
   assert workdir_lib.steps(broken) == workdir_lib.steps(straight) == [4, 6, 8]
+  one = read_metrics(tmp_path / "one")
+  assert sorted(one) == sorted(a)
+  for step in a:
+    assert abs(a[step]["loss"] - one[step]["loss"]) <= 1e-5 * abs(one[step]["loss"]), (step, a[step], one[step])

@@ -1,20 +1,12 @@
-"""Launchers: TPU-pod and SLURM commands rendered in a dry run; two processes on loopback (gloo) train with the
-losses of one process on the same number of devices."""
+"""Launchers: TPU-pod and SLURM commands rendered in a dry run (two processes on loopback, launch/local.py, train
+in tests/train/test_reliability_multiprocess.py)."""
 from __future__ import annotations
 
-import logging
 import shlex
 import subprocess
 import sys
 
-import jax
-
-from m3_jax import sharding as shd
-from m3_jax.train.metrics import read_metrics
-from m3_jax.train import loop
-from m3_jax.train.state import TrainStep
-
-from train_testlib import FAST_COMPILE, REPO, small_config, small_overrides, subprocess_env
+from train_testlib import REPO
 
 
 def run_launcher(*argv: str) -> str:
@@ -48,28 +40,3 @@ def test_slurm_dry_run_renders_one_task_per_node():
   assert len(srun) == 1
   assert ("m3_jax.cli train --config configs/llava15_7b_m3.py --workdir /shared/runs/m3 --config.train.seed=1 "
           "--config.train.lr=2e-5") in srun[0]
-
-
-def test_two_processes_on_loopback_match_one_process(tmp_path, compile_cache, caplog):
-  overrides = small_overrides(**{"train.num_steps": 3, "checkpoint.every": 2, "train.scales": "(1,)"})
-  two = tmp_path / "two"
-  env = subprocess_env(compile_cache, devices=2)
-  env.pop("XLA_FLAGS")   # launch/local.py sets each process's device count
-  argv = [sys.executable, "launch/local.py", "--num-processes", "2", "--devices-per-process", "2",
-          "--xla-flags=--xla_backend_optimization_level=0", "--config", str(REPO / "configs/tiny.py"),
-          "--workdir", str(two), *[f"--config.{o}" for o in overrides]]
-  multi = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  # Meanwhile, the reference: one process (this one) on 4 devices, the same global mesh and batches.
-  config = small_config(**dict(o.split("=", 1) for o in overrides))
-  trainer = TrainStep(config, mesh=shd.make_mesh((1, -1, 1), jax.devices()[:4]), compiler_options=FAST_COMPILE)
-  with caplog.at_level(logging.INFO, logger="m3_jax.train.loop"):
-    loop.fit(trainer, tmp_path / "one", progress=False)
-  assert "scale curriculum: steps 0-2 train scales 1 (the loss averaged over them)" in caplog.text
-  _, err = multi.communicate(timeout=400)
-  logs = "".join(p.read_text() for p in two.glob("process_*.log"))
-  assert multi.returncode == 0, err[-3000:] + logs[-3000:]
-  a, b = read_metrics(tmp_path / "one"), read_metrics(two)
-  assert sorted(a) == sorted(b) == [1, 2, 3]
-  for step in a:
-    assert abs(a[step]["loss"] - b[step]["loss"]) <= 1e-5 * abs(a[step]["loss"]), (step, a[step], b[step])
-  assert (two / "checkpoints" / "3").exists()
