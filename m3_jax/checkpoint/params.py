@@ -90,8 +90,14 @@ def restore(path: str | epath.PathLike, *, subtree: str | None = None, target_sh
   default device in their stored dtypes. `checksums` (keyed like the stored tree) are verified: an
   identity.ChecksumError names every array whose bytes changed."""
   path = absolute(path)
+  # The handler's own metadata: a Checkpointer's would look for a step-level _CHECKPOINT_METADATA inside the item
+  # folder (a train state's checkpoints/N/state) and log a warning on every load.
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    stored = handler.metadata(path)
+  finally:
+    handler.close()
   with ocp.PyTreeCheckpointer() as ckptr:
-    stored = ckptr.metadata(path)
     stored = getattr(stored, "item_metadata", stored)
     stored = getattr(stored, "tree", stored)
     if subtree is not None:
