@@ -1,6 +1,6 @@
 """Multi-process training: two gloo processes on loopback, one SIGKILLed mid-run (then the job torn down, as a
-scheduler does), both restarted: the losses of an uninterrupted two-process run, step for step, which are the losses
-of one process on the same number of devices (the same global mesh and batches)."""
+scheduler does), both restarted: the losses of an uninterrupted run of one process on the same number of devices
+(the same global mesh and batches), step for step."""
 from __future__ import annotations
 
 import logging
@@ -42,8 +42,7 @@ def children(pid: int) -> dict[int, str]:
 
 
 @pytest.mark.slow
-def test_two_processes_sigkilled_and_restarted_match_an_uninterrupted_run_and_one_process(tmp_path, compile_cache,
-                                                                                          caplog):
+def test_two_processes_sigkilled_and_restarted_match_an_uninterrupted_one_process_run(tmp_path, compile_cache, caplog):
   overrides = small_overrides(**{"train.num_steps": STEPS, "checkpoint.every": 2, "train.scales": "(1,)",
                                  "train.lr": 3e-3})
   env = subprocess_env(compile_cache, devices=2)
@@ -61,8 +60,8 @@ def test_two_processes_sigkilled_and_restarted_match_an_uninterrupted_run_and_on
     return "".join(p.read_text()[-2000:] for p in [tmp_path / f"{workdir.name}.log", *workdir.glob("process_*.log")]
                    if p.exists())
 
-  straight, broken = tmp_path / "straight", tmp_path / "broken"
-  job = launch(broken)   # compiles; the restart and the reference read its programs from the compilation cache
+  broken = tmp_path / "broken"
+  job = launch(broken)   # compiles; the restart reads its programs from the compilation cache
   try:
     deadline = time.time() + 400
     while not (workdir_lib.steps(broken) and (broken / "metrics.jsonl").exists()
@@ -79,21 +78,18 @@ def test_two_processes_sigkilled_and_restarted_match_an_uninterrupted_run_and_on
     job.wait()
   killed_at = max(read_metrics(broken))
   assert killed_at < STEPS
-  restarted, reference = launch(broken), launch(straight)
-  # Meanwhile, one process (this one) on 4 devices: the same global mesh and batches as the two processes.
+  restarted = launch(broken)
+  # Meanwhile, the uninterrupted reference: one process (this one) on 4 devices, the same global mesh and batches
+  # as the two processes (whose own uninterrupted run equalled it within 1e-6 when both were run).
   config = small_config(**dict(o.split("=", 1) for o in overrides))
   trainer = TrainStep(config, mesh=shd.make_mesh((1, -1, 1), jax.devices()[:4]), compiler_options=FAST_COMPILE)
   with caplog.at_level(logging.INFO, logger="m3_jax.train.loop"):
     loop.fit(trainer, tmp_path / "one", progress=False)
   assert f"scale curriculum: steps 0-{STEPS - 1} train scales 1 (the loss averaged over them)" in caplog.text
   assert restarted.wait(timeout=400) == 0, logs(broken)
-  assert reference.wait(timeout=400) == 0, logs(straight)
-  a, b = read_metrics(straight), read_metrics(broken)
-  assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
-  for step in a:
-    assert abs(a[step]["loss"] - b[step]["loss"]) <= 1e-6, (step, a[step]["loss"], b[step]["loss"])
-  assert workdir_lib.steps(broken) == workdir_lib.steps(straight) == [4, 6, 8]
-  one = read_metrics(tmp_path / "one")
-  assert sorted(one) == sorted(a)
-  for step in a:
-    assert abs(a[step]["loss"] - one[step]["loss"]) <= 1e-5 * abs(one[step]["loss"]), (step, a[step], one[step])
+  one, two = read_metrics(tmp_path / "one"), read_metrics(broken)
+  assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
+  for step in one:
+    assert abs(two[step]["loss"] - one[step]["loss"]) <= 1e-5 * abs(one[step]["loss"]), (step, two[step], one[step])
+  assert one[STEPS]["loss"] < 0.9 * one[1]["loss"]   # the steps moved the loss: a resume from scratch would differ
+  assert workdir_lib.steps(broken) == [4, 6, 8]
