@@ -1,6 +1,7 @@
 """The one place that sets XLA_FLAGS: 8 CPU devices for every test, before JAX starts, and XLA's quick compile
 (LLVM without its expensive passes: the suite's tiny programs spend more time compiling than running; the tests
-compare results, and both sides of each comparison run under the same flags)."""
+compare results, not speed; `m3 train` subprocesses take their flags from tests/train/train_testlib.py or
+launch/local.py's --xla-flags)."""
 import os
 import pathlib
 

@@ -292,7 +292,7 @@ class Engine:
     """`generate` with a temperature, top_p and seed per row (a server's requests): each row samples from its
     own key, so row i's tokens equal `generate([prompts[i]], [visual[i]], Sampling(max_new_tokens, temperature[i],
     top_p[i], seeds[i]))` whatever it is batched with. Only the prompts are checked against the context here: a
-    server checks each request's own max_tokens (serve.chat.check_context), below the batch's bucketed count.
+    server checks each request's own max_tokens (serve.chat.check_context), up to the batch's largest.
     `on_token(step, int32[B])`, when given, is called from inside the decode loop with every step's tokens as they
     are picked (pad once a row has stopped)."""
     n = len(prompts)
@@ -322,6 +322,8 @@ class Engine:
     self._on_token(int(step), np.asarray(tok))
 
   def _run(self, prompts, visual, rng, temperature, top_p, *, max_new: int, **static) -> list[list[int]]:
+    if max_new < 0:
+      raise ValueError(f"max_new_tokens {max_new}: expected >= 0")
     n = len(prompts)
     ids, mask, img, n_vis = self._pack(*self.pad_rows(prompts, visual), "left")
     out = self._generate(self.params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(img), jnp.asarray(n_vis),

@@ -67,6 +67,8 @@ def test_kv_cache_generation_equals_full_forward_greedy(tiny):
   # Answer lengths share a compiled program per power-of-two bucket (>= 8); the loop stops at the length asked.
   assert engine.generate(prompts, visual, Sampling(max_new_tokens=3)) == [g[:3] for g in got]
   assert engine._generate._cache_size() == 1
+  with pytest.raises(ValueError, match="max_new_tokens -1: expected >= 0"):
+    engine.generate(prompts, visual, Sampling(max_new_tokens=-1))
 
 
 def test_results_do_not_depend_on_batching_padding_or_grouping(tiny):

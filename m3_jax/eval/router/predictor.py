@@ -29,7 +29,7 @@ def fit(x: np.ndarray, y: np.ndarray, *, l2: float = L2, steps: int = STEPS) -> 
   # a floor relative to the typical spread: a feature constant on calibration must not explode on new samples
   fixed = {"mean": x.mean(0).astype(np.float32), "std": (std + 1e-2 * std.mean() + 1e-6).astype(np.float32)}
   z = (x.astype(np.float32) - fixed["mean"]) / fixed["std"]
-  # rows padded to a power of two with weight 0: the out-of-fold fits and the final one share a compiled program
+  # rows padded to a power of two with weight 0: one compiled program per power-of-two row count (the folds share one)
   pad = max(8, 1 << (len(z) - 1).bit_length()) - len(z)
   weight = np.r_[np.ones(len(z), np.float32), np.zeros(pad, np.float32)]
   z, y = np.pad(z, ((0, pad), (0, 0))), np.pad(y, ((0, pad), (0, 0)))
