@@ -51,10 +51,15 @@ def bucket(n: int, step: int) -> int:
   return max(step, -(-n // step) * step)
 
 
+def power_of_two(n: int) -> int:
+  """The smallest power of two >= n (1 for n <= 1): batch rows and answer lengths share a few compilations."""
+  return 1 << max(n - 1, 0).bit_length()
+
+
 def new_tokens_bucket(n: int) -> int:
   """The compiled answer length for a request of `n` new tokens: a power of two >= 8 (the decode loop stops at `n`
   itself), so requests' lengths share a few compilations; the KV cache has room for the bucket."""
-  return max(8, 1 << max(n - 1, 0).bit_length())
+  return max(8, power_of_two(n))
 
 
 def pick(logits, rng, temperature, top_p, *, greedy: bool, per_row: bool):
@@ -296,7 +301,7 @@ class Engine:
     `on_token(step, int32[B])`, when given, is called from inside the decode loop with every step's tokens as they
     are picked (pad once a row has stopped)."""
     n = len(prompts)
-    rows = 1 << max(n - 1, 0).bit_length()
+    rows = power_of_two(n)
     fill = rows - n  # the padding rows _run adds: greedy
     keys = row_keys(list(seeds) + [0] * fill)
     temps = np.asarray(list(temperature) + [0.0] * fill, np.float32)
@@ -314,7 +319,7 @@ class Engine:
 
   def pad_rows(self, prompts: Sequence[np.ndarray], visual: Sequence[np.ndarray | None]) -> tuple[list, list]:
     """The batch padded to a power of two with 1-token text rows, so batch sizes share a few compilations."""
-    fill = (1 << max(len(prompts) - 1, 0).bit_length()) - len(prompts)
+    fill = power_of_two(len(prompts)) - len(prompts)
     return (list(prompts) + [np.array([self.config.bos_token_id], np.int32)] * fill,
             list(visual) + [None] * fill)
 

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from m3_jax.eval.continuous import Slots
+from m3_jax.eval.generate import power_of_two
 from m3_jax.serve import chat
 from m3_jax.serve.detok import TextStream, answer_text
 from m3_jax.serve.metrics import Metrics
@@ -80,7 +81,7 @@ class QueueFull(Exception):
 
 def row_bucket(n: int) -> int:
   """Rows of one encoder call: powers of two, as the engine pads decode batches (few compilations)."""
-  return 1 << max(n - 1, 0).bit_length()
+  return power_of_two(n)
 
 
 def encode_by_scale(engine, jobs: list[Job]) -> None:
