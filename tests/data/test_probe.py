@@ -62,6 +62,41 @@ def test_binding_layout_hand_worked():
     np.testing.assert_allclose(cell[0], keys_mean[0] / 2, atol=1e-4)
 
 
+def test_non_square_binding_layout_hand_worked():
+  # aspects 1:1, 2:1, 1:2 (W:H): example i has family i % 4 and aspect (i // 4) % 3, on a (48 H) x (48 W) canvas.
+  shapes = {(1, 1): (48, 48), (2, 1): (48, 96), (1, 2): (96, 48)}
+  seen_right_or_low = collections.Counter()
+  for i in range(96):
+    e = probe.example(4, "train", i, aspects="1:1,2:1,1:2")
+    aspect = [(1, 1), (2, 1), (1, 2)][(i // 4) % 3]
+    assert e["family"] == ["whole", "blocks", "tiles", "patches"][i % 4]
+    assert e["image"].shape == (*shapes[aspect], 3)
+    img = e["image"].astype(int)
+    side = probe.BINDING[e["family"]][1]
+    painted = (img != 255).any(-1)
+    if e["family"] == "whole":  # one object fills the whole canvas
+      assert painted.all()
+      continue
+    # Every object is a side x side square on the side grid; blocks: 4 of the 3W x 3H cells, anywhere on the
+    # canvas; tiles / patches: the 4 quadrants of one cell of twice the side.
+    cells = {(y // side, x // side) for y, x in np.argwhere(painted)}
+    assert len(cells) == 4 and painted.sum() == 4 * side * side, (i, cells)
+    if e["family"] != "blocks":
+      ys, xs = zip(*cells)
+      assert max(ys) - min(ys) == 1 and max(xs) - min(xs) == 1 and min(ys) % 2 == 0 and min(xs) % 2 == 0
+    if max(max(c) for c in cells) * side >= 48:
+      seen_right_or_low[e["family"]] += 1
+    key = e["question"].removeprefix("what colour is next to the ").removesuffix("?")
+    hits = [(y, x) for y, x in cells if tuple(img[y * side, x * side]) == probe.KEYS[key]]
+    assert len(hits) == 1
+    y, x = hits[0]
+    assert (img[y * side:(y + 1) * side, x * side + 1:(x + 1) * side:2] == probe.VALUES[e["answer"]]).all()
+  # the families are laid over the whole canvas, not only its first 48 px square
+  assert set(seen_right_or_low) == {"blocks", "tiles", "patches"}, seen_right_or_low
+  with pytest.raises(ValueError, match="presence families are square only"):
+    probe.example(0, "train", 4, "presence", aspects="1:1,2:1")
+
+
 def test_presence_answer_is_gone_below_the_family_scale():
   # Hand-worked pooled values: a pair (c, 255 - c) sharing a coarser cell averages to (255 + 2 * 128) / 4 = 127.75
   # (small in a 16 px cell, tiny in an 8 px cell); 'big' pooled to one token: (16*16*255 + 7*256*128) / 2304.

@@ -9,21 +9,18 @@ One converted tiny model and one compiled objective program serve the module.
 from __future__ import annotations
 
 import itertools
-import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers as tf
 from PIL import Image
 from transformers.models.llava_next import modeling_llava_next as hf_next
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
 from m3_jax import geometry
 from m3_jax.checkpoint import m3dir
-from m3_jax.convert.convert import convert
 from m3_jax.data import pipeline
 from m3_jax.data.anyres import anyres_crops
 from m3_jax.data.image import ImageProcessorConfig
@@ -31,12 +28,10 @@ from m3_jax.labels import IGNORE
 from m3_jax.models import anyres, llava
 from m3_jax.train import objective as obj
 
+from next_testlib import PINS, PROC, S, tiny_next_pair
+
 from train_testlib import FAST_COMPILE
 
-S = 48
-PINS = [[48, 96], [96, 48], [96, 96], [48, 144], [144, 48]]
-PROC = {"size": {"shortest_edge": S}, "crop_size": {"height": S, "width": S}, "image_grid_pinpoints": PINS,
-        "resample": 3, "do_pad": True}
 # (30, 130): 1x3 crops; (100, 37): 3x1; (40, 90): 1x2 (3 crops, padded to the batch's 4); None: text only.
 SIZES = [(30, 130), (100, 37), (40, 90), None]
 PAD_LEFT = [False, True, False, True]
@@ -44,24 +39,8 @@ PAD_LEFT = [False, True, False, True]
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-  torch.manual_seed(0)
-  vision = tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                               image_size=S, patch_size=4, hidden_act="quick_gelu", layer_norm_eps=1e-5)
-  text = tf.LlamaConfig(vocab_size=40, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
-                        max_position_embeddings=2048, tie_word_embeddings=False, pad_token_id=3)
-  config = tf.LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=4, image_grid_pinpoints=PINS,
-                              projector_hidden_act="gelu", vision_feature_layer=-2,
-                              vision_feature_select_strategy="default", image_seq_length=144)
-  config._attn_implementation = "eager"
-  hf = tf.LlavaNextForConditionalGeneration(config).eval()
-  with torch.no_grad():
-    hf.model.image_newline.normal_()
   src, out = tmp_path_factory.mktemp("hf"), tmp_path_factory.mktemp("m3") / "ckpt"
-  hf.save_pretrained(src)
-  (src / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "LlavaNextImageProcessor",
-                                                            **PROC}))
-  convert(src, out, progress=False)
+  hf = tiny_next_pair(src, out)
   cfg, params, _ = m3dir.load(out)
   scales = tuple(cfg.m3.scales)
   assert scales == (144, 36, 9, 1)

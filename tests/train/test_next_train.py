@@ -1,8 +1,10 @@
 """LLaVA-NeXT training through the trainer: pipeline batches of the non-square probe (mixed crop grids), a sharded
-step on 8 devices equal to one device, finest_first for NeXT, SIGKILL then resume with the same losses, and the
-paper's NeXT 7B recipe (shapes only)."""
+step on 8 devices equal to one device, finest_first for NeXT, random_per_sample's drawn groups (one device and 8),
+`m3 eval` of the probe at every scale, SIGKILL then resume with the same losses, and the paper's NeXT 7B recipe
+(shapes only)."""
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -12,9 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from m3_jax import cli
 from m3_jax import sharding as shd
+from m3_jax.checkpoint import m3dir
 from m3_jax.configs import base as m3_config
 from m3_jax.data import pipeline
+from m3_jax.data.tokenizer import probe_tokenizer
+from m3_jax.labels import IGNORE
+from m3_jax.models.config import ModelConfig
+from m3_jax.train import curriculum
 from m3_jax.train.metrics import read_metrics
 from m3_jax.train.state import TrainStep
 
@@ -91,13 +99,70 @@ def test_finest_first_trains_the_finest_scale_then_every_scale_for_next(referenc
   np.testing.assert_allclose(float(late), per_scale.mean(), rtol=1e-5)
 
 
+def test_random_per_sample_through_the_trainer_decodes_each_drawn_group_at_its_scale(reference, probe_dir):
+  """The trainer draws the row groups from the step's rng; group i's rows count at scale i only. The expected
+  per-scale CE comes from the `all` step on the same batch with every other row's labels masked out."""
+  trainer, params, host = reference["trainer"], reference["params"], reference["batch"]
+  config = m3_config.load("tiny:next", next_overrides(probe_dir, **{"train.scale_sampling": "'random_per_sample'"}))
+  single = TrainStep(config, mesh=shd.make_mesh((1, 1, 1), jax.devices()[:1]))
+  b = shd.shard_batch(host, single.mesh)
+  rng_a, rng_b = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
+  fn = jax.jit(single.loss_and_grads).lower(params, b, rng_a, None, jnp.int32(0)).compile(
+      compiler_options=FAST_COMPILE)
+  draws = {}
+  for rng in (rng_a, rng_b):
+    groups = np.asarray(curriculum.groups(rng, 8, 2))
+    draws[tuple(map(tuple, np.sort(groups, axis=1)))] = rng
+    loss, aux, _ = fn(params, b, rng, None, jnp.int32(0))
+    np.testing.assert_array_equal(np.asarray(aux["trained"]), [1.0, 1.0])
+    expected = []
+    for i, rows in enumerate(groups):
+      masked = dict(host, labels=np.where(np.isin(np.arange(8), rows)[:, None], host["labels"], IGNORE))
+      _, only, _ = reference["compiled"](params, shd.shard_batch(masked, trainer.mesh), None, None, jnp.int32(0))
+      # per_scale = M * (group i's summed CE at scale i) / the whole batch's target count
+      expected.append(2 * float(only["per_scale"][i]) * float(only["num_targets"]) / float(aux["num_targets"]))
+    np.testing.assert_allclose(np.asarray(aux["per_scale"]), expected, rtol=1e-5)
+    np.testing.assert_allclose(float(loss), np.mean(expected), rtol=1e-5)
+  assert len(draws) == 2  # the two keys drew two different partitions
+  loss, aux, grads = fn(params, b, rng_a, None, jnp.int32(0))
+  config8 = m3_config.load("tiny:next", next_overrides(probe_dir, **{"train.scale_sampling": "'random_per_sample'",
+                                                                     "mesh.shape": "(1, 4, 2)"}))
+  sharded = TrainStep(config8, mesh=shd.make_mesh((1, 4, 2)))
+  p, b8 = jax.device_put(params, sharded.param_shardings), shd.shard_batch(host, sharded.mesh)
+  s_loss, s_aux, s_grads = jax.jit(sharded.loss_and_grads).lower(p, b8, rng_a, None, jnp.int32(0)).compile(
+      compiler_options=FAST_COMPILE)(p, b8, rng_a, None, jnp.int32(0))
+  np.testing.assert_allclose(float(s_loss), float(loss), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(s_aux["per_scale"]), np.asarray(aux["per_scale"]), rtol=1e-5)
+  assert_trees_close(s_grads, grads, rtol=1e-4, atol=1e-6)
+
+
+def test_m3_eval_probe_on_a_next_checkpoint_reports_every_scale(reference, probe_dir, tmp_path):
+  """`m3 eval --task probe` on a NeXT checkpoint and the non-square probe it trains on: every scale (tokens per
+  crop) answers every family."""
+  cfg = ModelConfig.from_config(reference["config"].model)
+  ckpt = m3dir.save(tmp_path / "ckpt", cfg, reference["params"], tokenizer_src=probe_tokenizer(),
+                    template="vicuna_v1")
+  out = tmp_path / "eval"
+  assert cli.main(["eval", "--ckpt", str(ckpt), "--task", "probe", "--data", str(probe_dir), "--limit", "4",
+                   "--max-new-tokens", "3", "--out", str(out), "--no-progress"]) == 0
+  summary = json.loads((out / "summary.json").read_text())
+  assert sorted(map(int, summary["scales"])) == [1, 9, 36, 144]
+  preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+  assert len(preds) == 4 * 4  # the probe's test split is 6 here; --limit 4 takes one per family
+  for scale in (144, 36, 9, 1):
+    mine = [p for p in preds if int(p["scale"]) == scale]
+    assert {p["category"] for p in mine} == {"whole", "blocks", "tiles", "patches"}
+    assert len({p["question_id"] for p in mine}) == 4 and all(0 <= p["score"] <= 1 for p in mine)
+
+
 def test_sigkill_then_resume_matches_an_uninterrupted_next_run(tmp_path, probe_dir, compile_cache, reference):
   from test_train_faults import wait_for_step
   env = subprocess_env(compile_cache, devices=2)
   overrides = next_overrides(probe_dir)
 
   def command(workdir):
-    return [sys.executable, "-m", "m3_jax.cli.train", "--config", "tiny:next", "--workdir", str(workdir), "--no-progress", *[f"--config.{o}" for o in overrides]]
+    return [sys.executable, "-m", "m3_jax.cli.train", "--config", "tiny:next", "--workdir", str(workdir),
+            "--no-progress", *[f"--config.{o}" for o in overrides]]
 
   def start(workdir):
     return subprocess.Popen(command(workdir), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
