@@ -29,7 +29,6 @@ from m3_jax.models import anyres, llava
 from m3_jax.train import objective as obj
 
 from next_testlib import PINS, PROC, S, tiny_next_pair
-
 from train_testlib import FAST_COMPILE
 
 # (30, 130): 1x3 crops; (100, 37): 3x1; (40, 90): 1x2 (3 crops, padded to the batch's 4); None: text only.
