@@ -1,7 +1,7 @@
 """Continuous batching: requests join and leave a running decode at chunk boundaries (`m3 serve --batching
 continuous`).
 
-`Slots` keeps `n` decode rows that share one KV-cache timeline float[L, n, K, C, D]. Every row writes its next
+`Slots` keeps `n` decode rows that share one KV-cache timeline of C slots (`llama.init_cache`). Every row writes its next
 token at the same slot `w` (the engine's scalar cache index); a row's own keys are wherever its mask says
 (`kv_mask` bool[n, C]), so rows that joined at different times, with prompts of different lengths, attend only to
 themselves. A joining request is prefilled with the engine's own program (left-padded, as `generate_rows`), and its
@@ -94,12 +94,16 @@ class Slots:
   # ------------------------------------------------------------------------------------------- admission
   @staticmethod
   def _place_impl(state, cache, valid, pos, logits, key, temperature, top_p, row, source, start):
-    """Copies row `source` of the prefill (`Engine._prefill`: cache float[L, B, K, T, D], valid bool[B, T], next
+    """Copies row `source` of the prefill (`Engine._prefill`: its cache of T slots, valid bool[B, T], next
     position int32[B], logits float32[B, V]) to row `row`, slots [start, start + T) of the timeline."""
     new = dict(state)
-    new["cache"] = {n: jax.lax.dynamic_update_slice(
-        state["cache"][n], jax.lax.dynamic_slice_in_dim(cache[n], source, 1, axis=1), (0, row, 0, start, 0))
-        for n in ("k", "v")}
+
+    def place(timeline, prefill, slot_axis):
+      at = [row, 0, 0, 0]
+      at[slot_axis] = start
+      return jax.lax.dynamic_update_slice(timeline, jax.lax.dynamic_slice_in_dim(prefill, source, 1, axis=0), at)
+
+    new["cache"] = llama.map_cache(place, state["cache"], cache)
     row_mask = jax.lax.dynamic_update_slice(jnp.zeros((state["kv_mask"].shape[1],), bool), valid[source], (start,))
     new["kv_mask"] = state["kv_mask"].at[row].set(row_mask)
     new["pos"] = state["pos"].at[row].set(pos[source])
@@ -143,7 +147,7 @@ class Slots:
     """Drops the first `by` slots of the timeline (every row alike); the freed tail is masked out."""
     new = dict(state)
     c = state["kv_mask"].shape[1]
-    new["cache"] = {n: jnp.roll(state["cache"][n], -by, axis=3) for n in ("k", "v")}
+    new["cache"] = llama.map_cache(lambda a, axis: jnp.roll(a, -by, axis=axis), state["cache"])
     new["kv_mask"] = jnp.roll(state["kv_mask"], -by, axis=1) & (jnp.arange(c) < c - by)[None]
     return new
 
@@ -151,11 +155,12 @@ class Slots:
     """Pads or cuts the timeline to `capacity` slots (cut only past w, where no row has keys)."""
     s = dict(self.state)
     if capacity > self.capacity:
-      pad = ((0, 0), (0, 0), (0, 0), (0, capacity - self.capacity), (0, 0))
-      s["cache"] = {n: jnp.pad(s["cache"][n], pad) for n in ("k", "v")}
+      more = capacity - self.capacity
+      s["cache"] = llama.map_cache(
+          lambda a, axis: jnp.pad(a, [(0, more if i == axis else 0) for i in range(a.ndim)]), s["cache"])
       s["kv_mask"] = jnp.pad(s["kv_mask"], ((0, 0), (0, capacity - self.capacity)))
     else:
-      s["cache"] = {n: s["cache"][n][:, :, :, :capacity] for n in ("k", "v")}
+      s["cache"] = llama.map_cache(lambda a, axis: jax.lax.slice_in_dim(a, 0, capacity, axis=axis), s["cache"])
       s["kv_mask"] = s["kv_mask"][:, :capacity]
     self.state = s
 

@@ -88,7 +88,9 @@ def pick(logits, rng, temperature, top_p, *, greedy: bool, per_row: bool):
 class Engine:
   """Generation and scoring for one LlavaM3 checkpoint.
 
-  params may be sharded (`shard_params`); inputs are small and replicated, XLA partitions the rest.
+  params may be sharded (`shard_params`); inputs are small and replicated, XLA partitions the rest. The engine
+  holds them with the language model's layers unscanned (`llama.unscan`, done when `params` is set): its decode
+  loop reads each layer's weights where they lie instead of copying them out of the stacked arrays every step.
   """
 
   def __init__(self, config: ModelConfig, params, *, stop_ids: Sequence[int] | None = None, length_step: int = 16):
@@ -104,6 +106,15 @@ class Engine:
     self._stream_lock = threading.Lock()  # one streaming decode at a time: `_on_token` is the engine's
     self._score = jax.jit(self._score_impl)
     self._state = jax.jit(self._state_impl)
+
+  @property
+  def params(self):
+    """The checkpoint's params, with params["llm"]["layers"] a tuple of per-layer trees (`llama.unscan`)."""
+    return self._params
+
+  @params.setter
+  def params(self, params):
+    self._params = {**params, "llm": llama.unscan(params["llm"])}
 
   # ---------------------------------------------------------------------------------------------- vision
   def _visual_impl(self, params, pixels, scale: int):

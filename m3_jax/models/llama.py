@@ -1,16 +1,22 @@
 """Vicuna / LLaMA decoder: float32 RMSNorm, RoPE (rotate_half, cat(freqs, freqs): HF weights need no
 permutation), SwiGLU, grouped-query attention, causal + padding masks, a KV cache, untied head.
 
-The KV cache is explicit state, not a Flax collection: `{"k", "v"}: float[L, B, K, S, D]`. A call writes its T
-new keys at slots [cache_index, cache_index + T) and attends to every slot j <= its own slot where
-`kv_mask[b, j]`; without a cache, slots are the T positions themselves. Positions (for RoPE) are per token, so
-left padding works: pass cumsum(mask) - 1.
+The KV cache is explicit state, not a Flax collection: a tuple with one {"k": float[B, K, D, S], "v": float[B, K, S, D]}
+per layer (`init_cache`; keys stored transposed, so both attention products are plain batched matmuls). A call
+with a cache writes its T new keys and values at slots [cache_index, cache_index + T) of each layer, then attends:
+a prefill (cache_index a Python 0) over its own T keys, a decode step over every slot j <= its own where
+`kv_mask[b, j]`. The write comes before the read, so inside a decode loop XLA updates each layer's cache in place
+(reading it first and writing it after, as a stacked [L, ...] cache did, made XLA copy the cache every step).
 
-The layers only read the cache: each attends over [its cached slots < cache_index ; its T new keys] and returns
-the new keys, and `Llama` writes all layers' new slots with one dynamic_update_slice, in place inside a decode
-loop. (Writing each layer's slice inside the layer scan made XLA copy the whole cache every decode step.)
+Layers run as a `lax.scan` over parameters stacked on a "layers" axis (training, scoring), or unrolled: always
+with a cache, and whenever the layers are given unscanned (`unscan`: a tuple of per-layer trees, the engine's
+layout, as MaxText's unscanned inference checkpoints). Inside a decode loop a scan, or a slice of stacked
+parameters, copies every layer's weights on every step (XLA:CPU); unscanned parameters are read where they lie.
+Without a cache, positions (for RoPE) are per token, so left padding works: pass cumsum(mask) - 1.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import einops
 import flax.linen as nn
@@ -18,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from m3_jax.models.config import LLMConfig
-from m3_jax.models.layers import Dtype, RMSNorm, attention, dense, partitioned, run_stack, scanned
+from m3_jax.models.layers import Dtype, RMSNorm, attention, cached_attention, dense, partitioned, run_stack, scanned
 from m3_jax.sharding import BATCH, EMBED, HEADS, KV, LENGTH, MLP, VOCAB, constrain
 
 
@@ -36,13 +42,12 @@ def rope(x, positions, theta: float):
 class LlamaAttention(nn.Module):
   config: LLMConfig
   dtype: Dtype = jnp.float32
-  cache_dtype: Dtype | None = None  # the dtype of the KV cache this call's keys go to; None: no cache
 
   @nn.compact
   def __call__(self, x, positions, kv_mask, cache, cache_index):
-    """x float[B, T, D]; cache: this layer's earlier slots {"k", "v"}: float[B, K, S, D] (read only), or None (no
-    cache, or a prefill) -> (float[B, T, D], this call's keys and values {"k", "v"}: cache_dtype[B, T, K, D], or
-    None without a cache_dtype)."""
+    """x float[B, T, D]; kv_mask bool[B, S] (a key slot's validity) or bool[B, T, S] (per query: a packed pass's
+    block-diagonal mask); cache: this layer's {"k": [B, K, Dh, S], "v": [B, K, S, Dh]} or None -> (float[B, T, D],
+    the cache with this call's keys and values written at cache_index, or None)."""
     c = self.config
     dh = c.dim_per_head
     q = dense(c.heads * dh, (EMBED, HEADS), bias=False, dtype=self.dtype, name="q")(x)
@@ -53,23 +58,25 @@ class LlamaAttention(nn.Module):
     k, v = (constrain(t, (BATCH, LENGTH, KV, None)) for t in (k, v))
     q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
     t = x.shape[1]
-    # kv_mask bool[B, S] (a key slot's validity), or bool[B, T, S] per query (a packed pass's block-diagonal mask)
-    keys = (kv_mask[:, None, :] if kv_mask.ndim == 2 else kv_mask).astype(bool)
+    keys = (kv_mask[:, None, :] if kv_mask.ndim == 2 else kv_mask).astype(bool)          # [B, 1 or T, S]
     causal = (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])[None]  # new key i' <= new query i: bool[1, T, T]
-    past, new = None, None
-    if self.cache_dtype is not None:
-      # Rounded as the cache stores them, so this call sees its own keys as later calls will read them.
-      k, v = k.astype(self.cache_dtype), v.astype(self.cache_dtype)
-      new = {"k": k, "v": v}
-      k, v = k.astype(self.dtype), v.astype(self.dtype)
-      if cache is not None:  # slots before cache_index hold earlier calls' keys; the rest are not written yet
-        older = jnp.arange(cache["k"].shape[2]) < cache_index
-        past = (cache["k"].astype(self.dtype), cache["v"].astype(self.dtype), keys & older)
-      keys = jax.lax.dynamic_slice_in_dim(keys, cache_index, t, axis=2)  # the new tokens' own slots
-    o = constrain(attention(q, k, v, causal & keys, self.dtype, past), (BATCH, LENGTH, HEADS, None))
+    if cache is None:
+      o = attention(q, k, v, causal & keys, self.dtype)
+    else:
+      k_t, v_c = cache["k"], cache["v"]
+      k_t = jax.lax.dynamic_update_slice(k_t, jnp.transpose(k.astype(k_t.dtype), (0, 2, 3, 1)), (0, 0, 0, cache_index))
+      v_c = jax.lax.dynamic_update_slice(v_c, jnp.swapaxes(v.astype(v_c.dtype), 1, 2), (0, 0, cache_index, 0))
+      cache = {"k": k_t, "v": v_c}
+      if isinstance(cache_index, int) and cache_index == 0:  # a prefill: only its own T keys, as the cache rounds them
+        k, v = k.astype(k_t.dtype).astype(self.dtype), v.astype(v_c.dtype).astype(self.dtype)
+        o = attention(q, k, v, causal & keys[:, :, :t], self.dtype)
+      else:  # slots up to each query's own, read from the cache just written
+        own = jnp.arange(k_t.shape[3])[None, :] <= cache_index + jnp.arange(t)[:, None]        # [T, S]
+        o = cached_attention(q, k_t.astype(self.dtype), v_c.astype(self.dtype), keys & own[None], self.dtype)
+    o = constrain(o, (BATCH, LENGTH, HEADS, None))
     o = dense(c.width, (HEADS, EMBED), bias=False, dtype=self.dtype, name="o")(
         einops.rearrange(o, "b t h d -> b t (h d)"))
-    return o, new
+    return o, cache
 
 
 class LlamaMLP(nn.Module):
@@ -88,20 +95,19 @@ class LlamaMLP(nn.Module):
 class LlamaBlock(nn.Module):
   config: LLMConfig
   dtype: Dtype = jnp.float32
-  cache_dtype: Dtype | None = None  # as LlamaAttention's
 
   @nn.compact
   def __call__(self, carry, cache):
-    """carry = (x float[B,T,D], positions int[B,T], kv_mask bool[B,S], cache_index); cache: this layer's
-    {"k", "v"}: float[B, K, S, D] (read only) or None -> (carry, this layer's T new {"k", "v"} as LlamaAttention's)."""
+    """carry = (x float[B,T,D], positions int[B,T], kv_mask bool[B,S], cache_index); cache: this layer's (see
+    LlamaAttention) or None -> (carry, the updated cache or None)."""
     x, positions, kv_mask, cache_index = carry
     c = self.config
     x = constrain(x, (BATCH, LENGTH, EMBED))  # the residual stream
-    h, new = LlamaAttention(c, self.dtype, self.cache_dtype, name="attn")(
+    h, cache = LlamaAttention(c, self.dtype, name="attn")(
         RMSNorm(c.rms_eps, name="attn_norm")(x), positions, kv_mask, cache, cache_index)
     x = constrain(x + h, (BATCH, LENGTH, EMBED))
     x = x + LlamaMLP(c, self.dtype, name="mlp")(RMSNorm(c.rms_eps, name="mlp_norm")(x))
-    return (constrain(x, (BATCH, LENGTH, EMBED)), positions, kv_mask, cache_index), new
+    return (constrain(x, (BATCH, LENGTH, EMBED)), positions, kv_mask, cache_index), cache
 
 
 class Llama(nn.Module):
@@ -123,27 +129,51 @@ class Llama(nn.Module):
 
   def __call__(self, x, positions, kv_mask, cache=None, cache_index=0):
     """float[B, T, D] -> (final-normed hidden float[B, T, D], updated cache or None).
-    cache {"k", "v"}: float[L, B, K, S, D] or None; kv_mask bool[B, S] (or [B, T, S]); cache_index: int or int32[],
-    the slot of the first of the T new tokens (a Python 0 is a prefill: no cached slot is read)."""
+    cache: `init_cache`'s tuple or None; kv_mask bool[B, S] (or [B, T, S] without a cache); cache_index: int or
+    int32[], the slot of the first of the T new tokens (a Python 0 is a prefill: no cached slot is read)."""
     c = self.config
-    # Decided here, not in the layers, where cache_index is a traced scan carry: a prefill reads no cached slot.
-    past = None if cache is None or (isinstance(cache_index, int) and cache_index == 0) else cache
-    block = dict(config=c, dtype=self.dtype, cache_dtype=None if cache is None else cache["k"].dtype)
-    (x, *_), new = run_stack(self, LlamaBlock, block, depth=c.depth, used=c.depth, remat=self.remat,
-                             carry=(x, positions, kv_mask, cache_index), xs=past, layers=self.layers)
-    if cache is not None:
-      # new {"k", "v"}: float[L, B, T, K, D]; one write of T slots per array, in place in a decode loop's state.
-      cache = {n: jax.lax.dynamic_update_slice(cache[n], jnp.swapaxes(new[n], 2, 3), (0, 0, 0, cache_index, 0))
-               for n in ("k", "v")}
-    return self.norm(x), cache
+    carry = (x, positions, kv_mask, cache_index)
+    layers = None if self.is_initializing() else nn.unbox(self.variables["params"]["layers"])
+    if cache is None and not isinstance(layers, tuple):
+      (x, *_), _ = run_stack(self, LlamaBlock, dict(config=c, dtype=self.dtype), depth=c.depth, used=c.depth,
+                             remat=self.remat, carry=carry, layers=self.layers)
+      return self.norm(x), None
+    block = LlamaBlock(c, self.dtype, parent=None)
+    new = []
+    for i in range(c.depth):
+      p = layers[i] if isinstance(layers, tuple) else jax.tree.map(lambda a, i=i: a[i], layers)
+      carry, layer_cache = block.apply({"params": p}, carry, None if cache is None else cache[i])
+      new.append(layer_cache)
+    return self.norm(carry[0]), None if cache is None else tuple(new)
 
   def logits(self, hidden):
     """float[..., D] -> float32[..., V]."""
     return self.lm_head(hidden).astype(jnp.float32)
 
 
-def init_cache(config: LLMConfig, batch: int, length: int, dtype=jnp.float32) -> dict:
-  """{"k", "v"}: zeros[L, B, K, S, D]: key/value heads before slots, the layout the attention dots read as it is (a
-  slot-major [B, S, K, D] cache made XLA transpose-copy all of it twice per layer on every decode step)."""
-  shape = (config.depth, batch, config.kv_heads, length, config.dim_per_head)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+def init_cache(config: LLMConfig, batch: int, length: int, dtype=jnp.float32) -> tuple[dict, ...]:
+  """One {"k": zeros[B, K, Dh, S], "v": zeros[B, K, S, Dh]} per layer (see the module docstring)."""
+  k, d = config.kv_heads, config.dim_per_head
+  return tuple({"k": jnp.zeros((batch, k, d, length), dtype), "v": jnp.zeros((batch, k, length, d), dtype)}
+               for _ in range(config.depth))
+
+
+SLOT_AXIS = {"k": 3, "v": 2}  # the slot (sequence) axis of each cache array
+
+
+def map_cache(fn: Callable, *caches) -> tuple[dict, ...]:
+  """fn(the same array of each cache..., its slot axis) -> array, for each layer's "k" and "v"."""
+  return tuple({n: fn(*(layer[n] for layer in layers), SLOT_AXIS[n]) for n in ("k", "v")} for layers in zip(*caches))
+
+
+def unscan(params: dict) -> dict:
+  """Llama params with the stacked "layers" split into a tuple of per-layer trees (the inference layout; a tuple
+  is returned as it is). The split copies the layers' weights: the stacked arrays are freed once nothing else
+  holds them."""
+  layers = params["layers"]
+  if isinstance(layers, tuple):
+    return params
+  depth = jax.tree.leaves(layers)[0].shape[0]
+  flat, tree = jax.tree.flatten(layers)
+  per_leaf = [list(leaf) for leaf in flat]  # each stacked leaf split along its first axis
+  return {**params, "layers": tuple(jax.tree.unflatten(tree, [p[i] for p in per_leaf]) for i in range(depth))}

@@ -4,6 +4,7 @@ greedy loop over transformers' logits."""
 import contextlib
 import io
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -244,3 +245,44 @@ def test_llava_next_generation_packs_tokens_per_grid_like_the_anyres_forward(fix
     want.append(tok)
     ids.append(tok)
   assert got["token_ids"] == want
+
+
+def _while_bodies(hlo: str) -> dict[str, str]:
+  """The compiled module's while-loop body computations, by name -> their text."""
+  names = set(re.findall(r"body=%?([\w.\-]+)", hlo))
+  bodies = {}
+  for block in re.split(r"\n(?=\S)", hlo):
+    head = re.match(r"%?([\w.\-]+) ", block)
+    if head and head.group(1) in names:
+      bodies[head.group(1)] = block
+  assert bodies.keys() == names, f"while bodies {names} not all found"
+  return bodies
+
+
+def test_decode_loop_copies_neither_the_kv_cache_nor_the_weights(tiny):
+  """The engine's decode loop updates each layer's KV cache in place and reads each layer's weights where they lie.
+  A stacked cache read before its write made XLA copy all of it every step, and slicing the stacked layer weights
+  copied every layer's weights every step: the per-token cost grew with the cache and the model, not the batch."""
+  cfg, params, _, _ = tiny
+  engine = Engine(cfg, params, stop_ids=(EOS,))
+  b = 3  # no activation [B, ...] is then shaped like a weight or a cache
+  ids, mask, img, n_vis = engine._pack([np.array([1, IMG, 7, 8])] * b, [np.zeros((9, cfg.llm.width))] * b, "left")
+  hlo = engine._generate.lower(engine.params, ids, mask, img, n_vis, jax.random.key(0), np.float32(0),
+                               np.float32(1), np.int32(32), max_new=32, greedy=True).compile().as_text()
+  # Whatever the layouts: no copy as large as one layer's cache, no array shaped like one layer's weight matrix.
+  layer_cache = b * cfg.llm.kv_heads * cfg.llm.dim_per_head * (ids.shape[1] + img.shape[1] - 1 + 32)
+  weight_shapes = {"[" + ",".join(map(str, w.shape[1:])) + "]"
+                   for w in jax.tree.leaves(params["llm"]["layers"]) if w.ndim == 3}
+  assert len(weight_shapes) == 4  # q/o [D, D], k/v [D, K*Dh], gate/up [D, M], down [M, D]
+  bodies = _while_bodies(hlo)
+  assert bodies, "no decode loop found"
+  for name, body in bodies.items():
+    for line in body.splitlines():
+      m = re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = \w+(\[[\d,]*\])\S* ([\w\-]+)\(", line)
+      if not m:
+        continue
+      shape, op = m.groups()
+      size = int(np.prod([int(n) for n in shape[1:-1].split(",") if n]))
+      assert not (op == "copy" and size >= layer_cache), f"the decode loop {name} copies a KV cache: {line[:200]}"
+      assert op in ("get-tuple-element", "parameter", "tuple") or shape not in weight_shapes, (
+          f"the decode loop {name} makes a weight-shaped array (a copy of a layer's weights): {line[:200]}")

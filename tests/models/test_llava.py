@@ -47,8 +47,25 @@ def test_placeholder_count_mismatch_is_a_clear_error():
     llava.check_placeholders(np.array([[1, 5, 5]]), 1, IMG)
 
 
-def test_kv_cache_decoding_matches_full_forward(tiny):
+def test_unscanned_layers_give_the_scanned_forward(tiny):
+  """`llama.unscan` (the engine's layout: a tuple of per-layer trees, run unrolled) computes what the scan does."""
   cfg, model, params = tiny
+  unscanned = {**params, "llm": llama.unscan(params["llm"])}
+  assert isinstance(unscanned["llm"]["layers"], tuple) and len(unscanned["llm"]["layers"]) == cfg.llm.depth
+  pixels = jnp.asarray(np.random.default_rng(3).normal(size=(1, 48, 48, 3)), jnp.float32)
+  ids = jnp.array([[1, IMG, 9, 10, 11]])
+  forward = jax.jit(lambda p: model.apply({"params": p}, ids, pixels, 9))
+  np.testing.assert_allclose(np.asarray(forward(unscanned)), np.asarray(forward(params)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["stacked", "unscanned"])
+def test_kv_cache_decoding_matches_full_forward(tiny, layout):
+  """Prefill 6 tokens, then decode one at a time: the logits equal the full forward's (the cache written before
+  it is read, per layer), whether the layers' params are stacked (sliced per layer) or unscanned (the engine's)."""
+  cfg, model, params = tiny
+  full_params = params
+  if layout == "unscanned":
+    params = {**params, "llm": llama.unscan(params["llm"])}
   rng = np.random.default_rng(0)
   t, s = 10, 16
   ids = jnp.asarray(rng.integers(5, 200, (2, t)), jnp.int32)
@@ -57,7 +74,8 @@ def test_kv_cache_decoding_matches_full_forward(tiny):
   pos = jnp.asarray(np.maximum(np.cumsum(mask, 1) - 1, 0))
   apply = jax.jit(lambda method, *a: model.apply({"params": params}, *a, method=method), static_argnums=0)
   x = apply(model.embed_text, ids)
-  full = apply(model.logits, apply(model.decode, x, pos, jnp.asarray(mask))[0])
+  full = jax.jit(lambda x: model.apply({"params": full_params}, model.apply(
+      {"params": full_params}, x, pos, jnp.asarray(mask), method=model.decode)[0], method=model.logits))(x)
 
   kv_mask = jnp.asarray(np.pad(mask, ((0, 0), (0, s - t))))
   cache = llama.init_cache(cfg.llm, 2, s)
