@@ -1,8 +1,8 @@
 """Continuous batching: requests join and leave a running decode at chunk boundaries (`m3 serve --batching
 continuous`).
 
-`Slots` keeps `n` decode rows that share one KV-cache timeline of C slots (`llama.init_cache`). Every row writes its next
-token at the same slot `w` (the engine's scalar cache index); a row's own keys are wherever its mask says
+`Slots` keeps `n` decode rows that share one KV-cache timeline of C slots (`llama.init_cache`). Every row writes
+its next token at the same slot `w` (the engine's scalar cache index); a row's own keys are wherever its mask says
 (`kv_mask` bool[n, C]), so rows that joined at different times, with prompts of different lengths, attend only to
 themselves. A joining request is prefilled with the engine's own program (left-padded, as `generate_rows`), and its
 keys are copied to slots [w - T, w) of a free row (w first moves up to T if it is smaller). Decoding runs `chunk`

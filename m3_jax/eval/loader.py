@@ -26,7 +26,7 @@ class M3Model:
 
   def __init__(self, ckpt: Checkpoint, template: str = "auto", router=None, name: str = "the checkpoint"):
     from transformers import AutoTokenizer
-    self.ckpt = ckpt
+    self.aspect = ckpt.aspect  # not the Checkpoint: its stacked params would stay beside the engine's unscanned ones
     self.router = router  # a fitted scale router (m3_jax.eval.router.store.Router) answering scale="auto", or None
     self.name = name
     self.config = ckpt.config
@@ -46,7 +46,7 @@ class M3Model:
   def pixels(self, images: Sequence[Any]) -> np.ndarray:
     """Paths / bytes / PIL images (or None) -> float32[B, H, W, 3]; None becomes zeros (text-only)."""
     size = self.config.vision.image_size
-    return np.stack([image_lib.load_and_preprocess(im, self.image_cfg, aspect=self.ckpt.aspect)
+    return np.stack([image_lib.load_and_preprocess(im, self.image_cfg, aspect=self.aspect)
                      if im is not None else np.zeros((size, size, 3), np.float32) for im in images])
 
   def visual(self, images: Sequence[Any], scales: Sequence[int], grid: tuple[int, int] | None = None,

@@ -55,14 +55,10 @@ def attention(q, k, v, allowed, dtype: Dtype):
 
   q: [B, T, H, D]; k, v: [B, S, K, D] with H a multiple of K; allowed: bool[B, T, S] (or broadcastable).
   Returns [B, T, H, D]. A row with no allowed key (a padding query) yields finite values, never NaN.
+  Computed as `cached_attention` (keys and values moved to its layout: copies of [B, S, K, D], small beside the
+  [B, H, T, S] scores, which then need no transpose; an einsum let XLA:CPU transpose the scores in every pass).
   """
-  b, t, h, d = q.shape
-  groups = h // k.shape[2]
-  q = q.reshape(b, t, k.shape[2], groups, d)
-  s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
-  s = jnp.where(allowed[:, None, None, :, :], s, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(s, axis=-1).astype(dtype)
-  return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+  return cached_attention(q, jnp.transpose(k, (0, 2, 3, 1)), jnp.swapaxes(v, 1, 2), allowed, dtype)
 
 
 def cached_attention(q, k_t, v, allowed, dtype: Dtype):

@@ -1,11 +1,11 @@
 """Vicuna / LLaMA decoder: float32 RMSNorm, RoPE (rotate_half, cat(freqs, freqs): HF weights need no
 permutation), SwiGLU, grouped-query attention, causal + padding masks, a KV cache, untied head.
 
-The KV cache is explicit state, not a Flax collection: a tuple with one {"k": float[B, K, D, S], "v": float[B, K, S, D]}
-per layer (`init_cache`; keys stored transposed, so both attention products are plain batched matmuls). A call
-with a cache writes its T new keys and values at slots [cache_index, cache_index + T) of each layer, then attends:
-a prefill (cache_index a Python 0) over its own T keys, a decode step over every slot j <= its own where
-`kv_mask[b, j]`. The write comes before the read, so inside a decode loop XLA updates each layer's cache in place
+The KV cache is explicit state, not a Flax collection: a tuple with one {"k": float[B, K, Dh, S],
+"v": float[B, K, S, Dh]} per layer (`init_cache`; keys stored transposed, so both attention products are plain
+batched matmuls). A call with a cache writes its T new keys and values at slots [cache_index, cache_index + T) of
+each layer, then attends: a prefill (cache_index a Python 0) over its own T keys, a decode step over every slot
+j <= its own where `kv_mask[b, j]`. The write comes before the read, so inside a decode loop XLA updates each layer's cache in place
 (reading it first and writing it after, as a stacked [L, ...] cache did, made XLA copy the cache every step).
 
 Layers run as a `lax.scan` over parameters stacked on a "layers" axis (training, scoring), or unrolled: always
@@ -175,5 +175,7 @@ def unscan(params: dict) -> dict:
     return params
   depth = jax.tree.leaves(layers)[0].shape[0]
   flat, tree = jax.tree.flatten(layers)
-  per_leaf = [list(leaf) for leaf in flat]  # each stacked leaf split along its first axis
+  # each stacked leaf split along its first axis (abstract ones too, for lowering without weights)
+  per_leaf = [[jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)] * depth if isinstance(leaf, jax.ShapeDtypeStruct)
+              else list(leaf) for leaf in flat]
   return {**params, "layers": tuple(jax.tree.unflatten(tree, [p[i] for p in per_leaf]) for i in range(depth))}
