@@ -15,7 +15,7 @@ from PIL import Image
 from m3_jax import cost
 from m3_jax.cli import main
 from m3_jax.configs import base as m3_config
-from m3_jax.models import llava
+from m3_jax.models import llama, llava
 from m3_jax.models.config import AnyresConfig, LLMConfig, ModelConfig
 
 
@@ -115,7 +115,7 @@ def test_decode_step_matches_xla_cost_analysis_on_tiny():
     return model.apply(v, hidden[:, 0], method=model.logits)
 
   d, c = cfg.llm.width, cfg.llm
-  cache = {k: jax.ShapeDtypeStruct((1, 1, c.kv_heads, length + 1, c.dim_per_head), jnp.float32) for k in "kv"}  # [L, B, K, S, D]
+  cache = jax.eval_shape(lambda: llama.init_cache(c, 1, length + 1))
   xla = jax.jit(step).lower(params, jax.ShapeDtypeStruct((1, 1, d), jnp.float32),
                             jax.ShapeDtypeStruct((1, 1), jnp.int32), jax.ShapeDtypeStruct((1, length + 1), jnp.bool_),
                             cache).compile().cost_analysis()["flops"]
