@@ -119,11 +119,12 @@ def run(args) -> int:
   if args.pool:
     ckpt = dataclasses.replace(ckpt, config=with_overrides(ckpt.config, pool=args.pool))
   model = M3Model(ckpt, args.template, router, str(args.ckpt))
+  del ckpt  # its stacked params: the engine holds its own (unscanned) layout of them
   scales = list(args.scales) if args.scales else list(model.scales)
   generate, choose = evaluator.model_functions(model, max_new_tokens=args.max_new_tokens,
                                                batch_size=args.batch_size, grid=grid, likelihood=args.likelihood,
                                                scales=[s for s in scales if s != "auto"])
-  extra = {"ckpt": str(args.ckpt), "pool": ckpt.config.m3.pool, "ckpt_identity": identity}
+  extra = {"ckpt": str(args.ckpt), "pool": model.config.m3.pool, "ckpt_identity": identity}
   route = None
   if auto:
     from m3_jax.eval.router.route import route_function

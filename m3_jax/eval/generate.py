@@ -114,7 +114,8 @@ class Engine:
 
   @params.setter
   def params(self, params):
-    self._params = {**params, "llm": llama.unscan(params["llm"])}
+    """Takes stacked or unscanned params; None frees them (training's evaluation sets them per evaluation)."""
+    self._params = None if params is None else {**params, "llm": llama.unscan(params["llm"])}
 
   # ---------------------------------------------------------------------------------------------- vision
   def _visual_impl(self, params, pixels, scale: int):

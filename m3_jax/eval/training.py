@@ -82,13 +82,17 @@ def callback(config: ml_collections.ConfigDict, workdir: str | epath.PathLike) -
 
   def on_eval(step: int, params) -> dict:
     chosen = samples()
-    generate, _ = evaluator.model_functions(model(params), max_new_tokens=int(t.eval_max_new_tokens),
+    m = model(params)
+    generate, _ = evaluator.model_functions(m, max_new_tokens=int(t.eval_max_new_tokens),
                                             batch_size=min(16, len(chosen)))
     out = {}
-    for scale in scales:
-      answers = generate(chosen, scale)
-      summary = task.summarize(chosen, {s.question_id: a for s, a in zip(chosen, answers)})
-      out[f"eval/{task.name}/scale_{scale}"] = float(summary[task.metric])
+    try:
+      for scale in scales:
+        answers = generate(chosen, scale)
+        summary = task.summarize(chosen, {s.question_id: a for s, a in zip(chosen, answers)})
+        out[f"eval/{task.name}/scale_{scale}"] = float(summary[task.metric])
+    finally:
+      m.engine.params = None  # the engine's unscanned copy of the decoder is freed until the next evaluation
     return out
 
   return on_eval

@@ -97,7 +97,7 @@ def run_stack(module: nn.Module, block: type[nn.Module], block_kwargs: dict, *, 
 
   Initialisation declares all `depth` layers (a checkpoint holds them all, e.g. CLIP's last layer that LLaVA
   never uses); applying runs only the first `used`, so unused layers cost nothing. `block(**block_kwargs)` is
-  called as `block(carry, x) -> (carry, y)`; `xs` are per-layer inputs (e.g. KV caches) with a leading axis.
+  called as `block(carry, x) -> (carry, y)`; `xs` are per-layer inputs with a leading axis.
   A setup-style module passes its `scanned(...)` submodule as `layers`; a compact one lets it be made here.
   """
   if module.is_initializing():

@@ -12,7 +12,7 @@ Layers run as a `lax.scan` over parameters stacked on a "layers" axis (training,
 with a cache, and whenever the layers are given unscanned (`unscan`: a tuple of per-layer trees, the engine's
 layout, as MaxText's unscanned inference checkpoints). Inside a decode loop a scan, or a slice of stacked
 parameters, copies every layer's weights on every step (XLA:CPU); unscanned parameters are read where they lie.
-Without a cache, positions (for RoPE) are per token, so left padding works: pass cumsum(mask) - 1.
+Positions (for RoPE) are per token, so left padding works: pass cumsum(mask) - 1.
 """
 from __future__ import annotations
 
@@ -129,15 +129,15 @@ class Llama(nn.Module):
 
   def __call__(self, x, positions, kv_mask, cache=None, cache_index=0):
     """float[B, T, D] -> (final-normed hidden float[B, T, D], updated cache or None).
-    cache: `init_cache`'s tuple or None; kv_mask bool[B, S] (or [B, T, S] without a cache); cache_index: int or
+    cache: `init_cache`'s tuple or None; kv_mask bool[B, S] (or [B, T, S], per query); cache_index: int or
     int32[], the slot of the first of the T new tokens (a Python 0 is a prefill: no cached slot is read)."""
     c = self.config
     carry = (x, positions, kv_mask, cache_index)
     layers = None if self.is_initializing() else nn.unbox(self.variables["params"]["layers"])
-    if cache is None and not isinstance(layers, tuple):
+    if layers is None or (cache is None and not isinstance(layers, tuple)):  # initialising declares the stack
       (x, *_), _ = run_stack(self, LlamaBlock, dict(config=c, dtype=self.dtype), depth=c.depth, used=c.depth,
                              remat=self.remat, carry=carry, layers=self.layers)
-      return self.norm(x), None
+      return self.norm(x), cache
     block = LlamaBlock(c, self.dtype, parent=None)
     new = []
     for i in range(c.depth):
@@ -175,7 +175,8 @@ def unscan(params: dict) -> dict:
     return params
   depth = jax.tree.leaves(layers)[0].shape[0]
   flat, tree = jax.tree.flatten(layers)
-  # each stacked leaf split along its first axis (abstract ones too, for lowering without weights)
+  # Each stacked leaf split along its first axis by indexing, which keeps a sharded leaf's layout per layer
+  # (iterating an array would gather it to one device); abstract leaves too, for lowering without weights.
   per_leaf = [[jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)] * depth if isinstance(leaf, jax.ShapeDtypeStruct)
-              else list(leaf) for leaf in flat]
+              else [leaf[i] for i in range(depth)] for leaf in flat]
   return {**params, "layers": tuple(jax.tree.unflatten(tree, [p[i] for p in per_leaf]) for i in range(depth))}

@@ -126,6 +126,17 @@ def test_sharded_parameters_give_the_single_device_results(tiny):
   assert any(len(x.sharding.device_set) > 1 and not x.sharding.is_fully_replicated
              for x in jax.tree.leaves(sharded_params))
   sharded = Engine(cfg, sharded_params, stop_ids=(EOS,))
+  # The engine's unscanned decoder layers keep their shardings (each layer as its slice of the stacked layout).
+  stacked, unscanned = sharded_params["llm"]["layers"], sharded.params["llm"]["layers"]
+  def spec(axes):  # a PartitionSpec's entries without trailing Nones (P() == P(None, None))
+    axes = list(axes)
+    while axes and axes[-1] is None:
+      axes.pop()
+    return tuple(axes)
+
+  for before, after in zip(jax.tree.leaves(stacked), jax.tree.leaves(unscanned[1])):
+    assert spec(after.sharding.spec) == spec(tuple(before.sharding.spec)[1:]), (before.sharding, after.sharding)
+  assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(unscanned))
   vis_a = single.visual_tokens(pixels, [9, 36, 144, 1])
   vis_b = sharded.visual_tokens(pixels, [9, 36, 144, 1])
   for a, b in zip(vis_a, vis_b):
@@ -269,8 +280,11 @@ def test_decode_loop_copies_neither_the_kv_cache_nor_the_weights(tiny):
   ids, mask, img, n_vis = engine._pack([np.array([1, IMG, 7, 8])] * b, [np.zeros((9, cfg.llm.width))] * b, "left")
   hlo = engine._generate.lower(engine.params, ids, mask, img, n_vis, jax.random.key(0), np.float32(0),
                                np.float32(1), np.int32(32), max_new=32, greedy=True).compile().as_text()
-  # Whatever the layouts: no copy as large as one layer's cache, no array shaped like one layer's weight matrix.
-  layer_cache = b * cfg.llm.kv_heads * cfg.llm.dim_per_head * (ids.shape[1] + img.shape[1] - 1 + 32)
+  # Whatever the layouts: no copy as large as one layer's cache, nothing shaped like one layer's cache but the
+  # in-place write, and no array shaped like one layer's weight matrix.
+  slots, k, d = ids.shape[1] + img.shape[1] - 1 + 32, cfg.llm.kv_heads, cfg.llm.dim_per_head
+  layer_cache = b * k * d * slots
+  cache_shapes = {f"[{b},{k},{d},{slots}]", f"[{b},{k},{slots},{d}]"}
   weight_shapes = {"[" + ",".join(map(str, w.shape[1:])) + "]"
                    for w in jax.tree.leaves(params["llm"]["layers"]) if w.ndim == 3}
   assert len(weight_shapes) == 4  # q/o [D, D], k/v [D, K*Dh], gate/up [D, M], down [M, D]
@@ -278,11 +292,13 @@ def test_decode_loop_copies_neither_the_kv_cache_nor_the_weights(tiny):
   assert bodies, "no decode loop found"
   for name, body in bodies.items():
     for line in body.splitlines():
-      m = re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = \w+(\[[\d,]*\])\S* ([\w\-]+)\(", line)
+      m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = \w+(\[[\d,]*\])\S* ([\w\-]+)\(", line)
       if not m:
         continue
-      shape, op = m.groups()
+      instruction, shape, op = m.groups()
       size = int(np.prod([int(n) for n in shape[1:-1].split(",") if n]))
       assert not (op == "copy" and size >= layer_cache), f"the decode loop {name} copies a KV cache: {line[:200]}"
+      assert (op in ("get-tuple-element", "parameter", "tuple") or "dynamic-update-slice" in instruction
+              or shape not in cache_shapes), f"the decode loop {name} makes a copy of a layer's cache: {line[:200]}"
       assert op in ("get-tuple-element", "parameter", "tuple") or shape not in weight_shapes, (
           f"the decode loop {name} makes a weight-shaped array (a copy of a layer's weights): {line[:200]}")
