@@ -5,8 +5,9 @@ The KV cache is explicit state, not a Flax collection: a tuple with one {"k": fl
 "v": float[B, K, S, Dh]} per layer (`init_cache`; keys stored transposed, so both attention products are plain
 batched matmuls). A call with a cache writes its T new keys and values at slots [cache_index, cache_index + T) of
 each layer, then attends: a prefill (cache_index a Python 0) over its own T keys, a decode step over every slot
-j <= its own where `kv_mask[b, j]`. The write comes before the read, so inside a decode loop XLA updates each layer's cache in place
-(reading it first and writing it after, as a stacked [L, ...] cache did, made XLA copy the cache every step).
+j <= its own where `kv_mask[b, j]`. The write comes before the read, so inside a decode loop XLA updates each
+layer's cache in place (reading it first and writing it after, as a stacked [L, ...] cache did, made XLA copy the
+cache every step).
 
 Layers run as a `lax.scan` over parameters stacked on a "layers" axis (training, scoring), or unrolled: always
 with a cache, and whenever the layers are given unscanned (`unscan`: a tuple of per-layer trees, the engine's
@@ -59,20 +60,19 @@ class LlamaAttention(nn.Module):
     q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
     t = x.shape[1]
     keys = (kv_mask[:, None, :] if kv_mask.ndim == 2 else kv_mask).astype(bool)          # [B, 1 or T, S]
-    causal = (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])[None]  # new key i' <= new query i: bool[1, T, T]
     if cache is None:
+      causal = (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])[None]  # key i' <= query i: bool[1, T, T]
       o = attention(q, k, v, causal & keys, self.dtype)
     else:
       k_t, v_c = cache["k"], cache["v"]
       k_t = jax.lax.dynamic_update_slice(k_t, jnp.transpose(k.astype(k_t.dtype), (0, 2, 3, 1)), (0, 0, 0, cache_index))
       v_c = jax.lax.dynamic_update_slice(v_c, jnp.swapaxes(v.astype(v_c.dtype), 1, 2), (0, 0, cache_index, 0))
       cache = {"k": k_t, "v": v_c}
-      if isinstance(cache_index, int) and cache_index == 0:  # a prefill: only its own T keys, as the cache rounds them
-        k, v = k.astype(k_t.dtype).astype(self.dtype), v.astype(v_c.dtype).astype(self.dtype)
-        o = attention(q, k, v, causal & keys[:, :, :t], self.dtype)
-      else:  # slots up to each query's own, read from the cache just written
-        own = jnp.arange(k_t.shape[3])[None, :] <= cache_index + jnp.arange(t)[:, None]        # [T, S]
-        o = cached_attention(q, k_t.astype(self.dtype), v_c.astype(self.dtype), keys & own[None], self.dtype)
+      # Read from the cache just written: slots up to each query's own (a prefill's are its first T slots).
+      n = t if isinstance(cache_index, int) and cache_index == 0 else k_t.shape[3]
+      own = jnp.arange(n)[None, :] <= cache_index + jnp.arange(t)[:, None]                    # [T, n]
+      o = cached_attention(q, k_t[..., :n].astype(self.dtype), v_c[:, :, :n].astype(self.dtype),
+                           keys[:, :, :n] & own[None], self.dtype)
     o = constrain(o, (BATCH, LENGTH, HEADS, None))
     o = dense(c.width, (HEADS, EMBED), bias=False, dtype=self.dtype, name="o")(
         einops.rearrange(o, "b t h d -> b t (h d)"))
