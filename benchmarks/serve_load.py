@@ -19,8 +19,8 @@ the checkpoint's chain), greedy, `--max-tokens` (random weights rarely stop earl
 - Served: `python -m m3_jax serve --ckpt CKPT --port P --max-batch B --batching MODE --warmup` as a subprocess on
   127.0.0.1 (its own GIL), B = 8 with each `--batching` mode and B = 1 (sequential), each ended by SIGTERM (it
   drains; its exit status is reported); with continuous batching, "mean batch" is the mean of active rows per chunk
-  of decode steps and "worker busy" the chunks' share of the wall. The clients are threads of this process, each a closed loop over httpx sending `--requests` requests one after the
-  other. Warm-up passes (2 requests per client) run until one compiles nothing.
+  of decode steps and "worker busy" the chunks' share of the wall. The clients are asyncio tasks of this process
+  over one aiohttp session, each a closed loop sending `--requests` requests one after the other. Warm-up passes (2 requests per client) run until one compiles nothing.
 
 Every XLA program the server can meet is compiled here first (`Scheduler.warmup` for this prompt and max_tokens,
 which the engine-only runs need anyway) into the persistent compilation cache the server reads; the server logs its
@@ -32,8 +32,8 @@ seconds over the wall), the load average before -> after.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
-import concurrent.futures
 import io
 import json
 import os
@@ -47,6 +47,7 @@ import sys
 import tempfile
 import time
 
+import aiohttp
 import httpx
 import jax
 import numpy as np
@@ -216,26 +217,34 @@ class Server:
 
 def drive(url: str, bodies: list[list[bytes]], scales: list[list[int]], status: int = 200):
   """Client c sends bodies[c] one after the other, each answered `status` -> (wall seconds, latencies, generated
-  tokens)."""
+  tokens). The clients are asyncio tasks over one aiohttp session (as vLLM's benchmark_serving drives a server):
+  a load generator on the server's 2 cores must cost little beside it. httpx clients in threads cost 7-9 ms of
+  CPU per request here, more than the server's HTTP work (aiohttp: 0.4-0.5 ms)."""
 
-  def client(c: int):
+  async def client(session: aiohttp.ClientSession, c: int):
     out = []
-    with httpx.Client(timeout=600) as http:
-      for data, scale in zip(bodies[c], scales[c]):
-        t = time.monotonic()
-        resp = http.post(url + "/v1/chat/completions", content=data, headers={"content-type": "application/json"})
-        if resp.status_code != status:
-          raise AssertionError(f"client {c}: HTTP {resp.status_code} ({resp.text[:300]}), expected {status}")
-        answer = resp.json()
-        if status == 200 and answer["scale"] != scale:
-          raise AssertionError(f"client {c} asked for scale {scale}, the answer used {answer['scale']}")
-        out.append((time.monotonic() - t, answer["usage"]["completion_tokens"] if status == 200 else 0))
+    for data, scale in zip(bodies[c], scales[c]):
+      t = time.monotonic()
+      async with session.post(url + "/v1/chat/completions", data=data,
+                              headers={"content-type": "application/json"}) as resp:
+        text = await resp.text()
+      if resp.status != status:
+        raise AssertionError(f"client {c}: HTTP {resp.status} ({text[:300]}), expected {status}")
+      answer = json.loads(text)
+      if status == 200 and answer["scale"] != scale:
+        raise AssertionError(f"client {c} asked for scale {scale}, the answer used {answer['scale']}")
+      out.append((time.monotonic() - t, answer["usage"]["completion_tokens"] if status == 200 else 0))
     return out
 
-  start = time.monotonic()
-  with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
-    results = [x for xs in pool.map(client, range(len(bodies))) for x in xs]
-  return time.monotonic() - start, [lat for lat, _ in results], sum(n for _, n in results)
+  async def run():
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
+      start = time.monotonic()
+      results = await asyncio.gather(*(client(session, c) for c in range(len(bodies))))
+      return time.monotonic() - start, [x for xs in results for x in xs]
+
+  wall, results = asyncio.run(run())
+  return wall, [lat for lat, _ in results], sum(n for _, n in results)
 
 
 def served(ckpt: pathlib.Path, log_prefix: pathlib.Path, images_: list[str], scales: list[int], args) -> list[dict]:
@@ -321,7 +330,7 @@ def run(name: str, args, root: pathlib.Path) -> list[str]:
   for r in engine_rows:
     lines.append(f"| {name} | {r['mode']} | {r['requests']} | {r['req_s']:.1f} | {r['encode_ms']:.2f} | "
                  f"{r['generate_ms']:.2f} | {r['mean_batch']:.1f} | {r['load']} |")
-  lines += ["", f"{name}, served (`m3 serve` subprocess on 127.0.0.1, {args.clients} closed-loop httpx clients x "
+  lines += ["", f"{name}, served (`m3 serve` subprocess on 127.0.0.1, {args.clients} closed-loop aiohttp clients x "
             f"{args.requests} requests):", "",
             "| config | mode | requests | requests/s | tokens/s | p50 (s) | p95 (s) | mean latency client / server "
             "(ms) | mean batch | worker busy | compiles in timed pass | exit | load average |",

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import os
 import pathlib
 import re
+import warnings
 
 from PIL import Image
 
@@ -23,6 +25,12 @@ def bad(message: str, code: str) -> ApiError:
 
 def resolve(url: str, allowed_dir: pathlib.Path | None, max_pixels: int) -> Image.Image:
   """Decodes the image (its size is checked from the header before decoding) or raises a 400 ApiError."""
+  return load(*source(url, allowed_dir), max_pixels)
+
+
+def source(url: str, allowed_dir: pathlib.Path | None) -> tuple[bytes | pathlib.Path, str]:
+  """What `url` points at, before any pixel is decoded -> (the data: URI's bytes or an allowed local file, a label
+  for errors); or raises a 400 ApiError."""
   scheme = url.split(":", 1)[0].lower() if ":" in url else ""
   if scheme in ("http", "https"):
     raise bad(f"image_url {url[:100]!r}: the server does not fetch URLs; send the image as a data: URI "
@@ -36,12 +44,23 @@ def resolve(url: str, allowed_dir: pathlib.Path | None, max_pixels: int) -> Imag
       raw = base64.b64decode(m["data"], validate=True)
     except (binascii.Error, ValueError) as e:
       raise bad(f"image_url data: URI: the base64 payload does not decode ({e})", "invalid_data_uri") from None
-    return load(raw, f"<data: URI, {len(raw)} bytes>", max_pixels)
+    return raw, f"<data: URI, {len(raw)} bytes>"
   if scheme == "file":
     url = url[len("file://"):] if url.startswith("file://") else url[len("file:"):]
   elif scheme and len(scheme) > 1:  # (a one-letter "scheme" is a Windows drive)
     raise bad(f"image_url scheme {scheme!r} is not served; use a data: URI or a local path", "url_not_allowed")
-  return load(local_path(url, allowed_dir), url, max_pixels)
+  return local_path(url, allowed_dir), url
+
+
+def header_pixels(raw: bytes) -> int | None:
+  """Width x height from the image's header (nothing decoded), or None when PIL cannot read one."""
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+      w, h = Image.open(io.BytesIO(raw)).size
+  except Exception:  # (the decode, wherever it runs, names the problem)
+    return None
+  return w * h
 
 
 def local_path(path: str, allowed_dir: pathlib.Path | None) -> pathlib.Path:

@@ -14,6 +14,8 @@ import pytest
 
 from conftest import NAME, data_uri, png_uri, serving
 
+from m3_jax.serve import app as app_module
+
 Q = "what colour is the picture?"
 MAX = 6  # max_tokens: the server decodes 8 (a power of two) and cuts, the reference decodes exactly 6
 
@@ -95,6 +97,20 @@ def test_answers_equal_m3_load_generate_at_every_scale_streamed_or_not(served, m
   models = client.models.list().data
   assert [(m.id, m.model_extra["scales"], m.model_extra["router"]) for m in models] == \
       [(NAME, sorted(model.scales), False)]
+
+
+def test_a_data_uri_image_answers_alike_decoded_on_the_event_loop_or_in_a_worker_thread(served, images, reference,
+                                                                                          monkeypatch):
+  # Small data: URI images are decoded inline (app.INLINE_IMAGE_PIXELS), larger ones in the thread pool.
+  url, app, client = served
+  want = reference(2, 9)["text"]
+  uri = data_uri(images / "2.png")
+  for inline in (app_module.INLINE_IMAGE_PIXELS, 0):
+    monkeypatch.setattr(app_module, "INLINE_IMAGE_PIXELS", inline)
+    assert ask(client, content(uri), visual_tokens=9).choices[0].message.content == want, inline
+    bad = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": content("data:image/png;base64,aGVsbG8=")}], "max_tokens": 2})
+    assert (bad.status_code, bad.json()["error"]["code"]) == (400, "invalid_image"), inline
 
 
 def test_64_concurrent_mixed_scale_requests_equal_their_single_answers(served, model, images, reference):
