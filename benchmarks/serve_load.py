@@ -20,7 +20,8 @@ the checkpoint's chain), greedy, `--max-tokens` (random weights rarely stop earl
   127.0.0.1 (its own GIL), B = 8 with each `--batching` mode and B = 1 (sequential), each ended by SIGTERM (it
   drains; its exit status is reported); with continuous batching, "mean batch" is the mean of active rows per chunk
   of decode steps and "worker busy" the chunks' share of the wall. The clients are asyncio tasks of this process
-  over one aiohttp session, each a closed loop sending `--requests` requests one after the other. Warm-up passes (2 requests per client) run until one compiles nothing.
+  over one aiohttp session, each a closed loop sending `--requests` requests one after the other. Warm-up passes
+  (2 requests per client) run until one compiles nothing.
 
 Every XLA program the server can meet is compiled here first (`Scheduler.warmup` for this prompt and max_tokens,
 which the engine-only runs need anyway) into the persistent compilation cache the server reads; the server logs its
