@@ -1,6 +1,6 @@
 """Batching: concurrent requests wait in a bounded queue; one worker thread gathers up to --max-batch of them (from
 the first one's arrival or the last batch's end, while they keep arriving less than --batch-wait-ms apart, for at
-most 4 of those waits) into one engine batch with mixed scales, per-request sampling and streaming, and hands each
+most 4 of those waits; after a batch's end, until one more arrives) into one engine batch with mixed scales, per-request sampling and streaming, and hands each
 request its tokens as they are decoded. `--batching continuous` instead lets requests join and leave a running
 decode (`eval/continuous.Slots`).
 
@@ -171,11 +171,15 @@ class Scheduler:
         # Gather from the oldest request's arrival or the last batch's end, whichever is later, while requests
         # keep arriving less than batch_wait_s apart, for at most GATHER_WAITS x batch_wait_s. The gather after a
         # batch lets the clients it just answered send their next requests and join the ones that queued during
-        # it: closed-loop clients otherwise split into cohorts that alternate in half-full batches.
+        # it: closed-loop clients otherwise split into cohorts that alternate in half-full batches. Until a first
+        # request arrives after that batch's end, the gather waits for one (up to the cap): an answered client's
+        # next request (its answer sent, read, the next one parsed) often takes longer than batch_wait_s.
         opened = max(self.waiting[0].queued_at, self.last_batch_end)
+        cap = opened + GATHER_WAITS * self.batch_wait_s
         while self.waiting and len(self.waiting) < self.max_batch and not self.stopping:
-          quiet = max(opened, self.waiting[-1].queued_at) + self.batch_wait_s
-          left = min(quiet, opened + GATHER_WAITS * self.batch_wait_s) - time.monotonic()
+          last = self.waiting[-1].queued_at
+          quiet = last + self.batch_wait_s if last >= opened else cap
+          left = min(quiet, cap) - time.monotonic()
           if left <= 0:
             break
           self.cond.wait(left)

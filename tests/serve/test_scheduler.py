@@ -56,6 +56,13 @@ def test_answered_clients_rejoin_the_requests_that_queued_during_their_batch():
   assert batch_sizes([0, 0, 0] + [150] * 5, wait_ms=50, run_ms=300) == [3, 8, 8, 8, 8, 5]
 
 
+def test_answered_clients_that_come_back_later_than_one_wait_still_rejoin():
+  """As above, but the answered clients' next requests come 50 ms after their answers, more than --batch-wait-ms
+  (20) and less than the gather's cap (4 waits): the gather after a batch waits for a first new arrival instead of
+  closing one wait after the batch's end over the 5 that queued (the cohorts then alternated: 3, 5, 3, 5, ...)."""
+  assert batch_sizes([0, 0, 0] + [150] * 5, wait_ms=20, run_ms=300, think_ms=50) == [3, 8, 8, 8, 8, 5]
+
+
 def test_a_request_cancelled_during_the_gather_leaves_the_worker_serving():
   """The only waiting request is cancelled (timeout, disconnect) while its batch gathers: the worker waits again
   and serves the next request (it used to raise IndexError on the empty queue and die)."""
