@@ -28,8 +28,8 @@ def add_arguments(p: argparse.ArgumentParser):
                  help="requests waiting for a batch; beyond it the server answers 503 with Retry-After")
   p.add_argument("--batch-wait-ms", type=float, default=5.0,
                  help="a batch gathers requests while they arrive less than this apart (from the first waiting "
-                 "request's arrival or the previous batch's end, whichever is later; at most 4 such waits, within which a "
-                 "gather after a batch waits for one new arrival; default 5)")
+                 "request's arrival or the previous batch's end, whichever is later; at most 4 such waits, within "
+                 "which a gather after a batch waits for one new arrival; default 5)")
   p.add_argument("--batching", choices=("static", "continuous"), default="static",
                  help="static (default): a batch decodes until its longest answer ends, then the next batch is "
                  "gathered; continuous: requests join and leave the running decode every 8 steps, in --max-batch "

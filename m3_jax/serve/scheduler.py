@@ -1,8 +1,8 @@
 """Batching: concurrent requests wait in a bounded queue; one worker thread gathers up to --max-batch of them (from
 the first one's arrival or the last batch's end, while they keep arriving less than --batch-wait-ms apart, for at
-most 4 of those waits; after a batch's end, until one more arrives) into one engine batch with mixed scales, per-request sampling and streaming, and hands each
-request its tokens as they are decoded. `--batching continuous` instead lets requests join and leave a running
-decode (`eval/continuous.Slots`).
+most 4 of those waits; after a batch's end, until one more arrives) into one engine batch with mixed scales,
+per-request sampling and streaming, and hands each request its tokens as they are decoded. `--batching continuous`
+instead lets requests join and leave a running decode (`eval/continuous.Slots`).
 
 A request's answer does not depend on its batch: the engine's padding is out of attention and of the RoPE
 positions, and each row samples from its own seed (`Engine.generate_rows`). A request that times out or whose
