@@ -52,15 +52,14 @@ def source(url: str, allowed_dir: pathlib.Path | None) -> tuple[bytes | pathlib.
   return local_path(url, allowed_dir), url
 
 
-def header_pixels(raw: bytes) -> int | None:
-  """Width x height from the image's header (nothing decoded), or None when PIL cannot read one."""
+def header(raw: bytes) -> Image.Image | None:
+  """The image with only its header read (no pixel decoded; `load` takes it on), or None when PIL cannot read one."""
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-      w, h = Image.open(io.BytesIO(raw)).size
+      return Image.open(io.BytesIO(raw))
   except Exception:  # (the decode, wherever it runs, names the problem)
     return None
-  return w * h
 
 
 def local_path(path: str, allowed_dir: pathlib.Path | None) -> pathlib.Path:
@@ -81,7 +80,7 @@ def local_path(path: str, allowed_dir: pathlib.Path | None) -> pathlib.Path:
   return real
 
 
-def load(src: bytes | pathlib.Path, label: str, max_pixels: int) -> Image.Image:
+def load(src: bytes | pathlib.Path | Image.Image, label: str, max_pixels: int) -> Image.Image:
   try:
     return image_lib.load_image(src, max_pixels=max_pixels, name=label)
   except image_lib.ImageError as e:

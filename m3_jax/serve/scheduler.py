@@ -176,7 +176,8 @@ class Scheduler:
         # next request (its answer sent, read, the next one parsed) often takes longer than batch_wait_s.
         opened = max(self.waiting[0].queued_at, self.last_batch_end)
         cap = opened + GATHER_WAITS * self.batch_wait_s
-        while self.waiting and len(self.waiting) < self.max_batch and not self.stopping:
+        fill = min(self.max_batch, self.max_queue)  # (a queue shorter than a batch is full before the batch)
+        while self.waiting and len(self.waiting) < fill and not self.stopping:
           last = self.waiting[-1].queued_at
           quiet = last + self.batch_wait_s if last >= opened else cap
           left = min(quiet, cap) - time.monotonic()

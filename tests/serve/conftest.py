@@ -52,9 +52,9 @@ def data_uri(path) -> str:
   return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def png_uri(array: np.ndarray) -> str:
+def png_uri(array: np.ndarray, **save) -> str:
   buf = io.BytesIO()
-  Image.fromarray(array).save(buf, format="PNG")
+  Image.fromarray(array).save(buf, format="PNG", **save)
   return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 

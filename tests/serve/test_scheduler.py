@@ -118,3 +118,18 @@ def test_continuous_admission_takes_the_longest_run_of_a_group_that_fits():
   assert sched._admit(slots, rows, [long_prompt, long_answer]) == [0]
   assert slots.admitted == [([0], [60])] and rows == {0: long_prompt}
   assert list(sched.waiting) == [long_answer] and not long_answer.finished
+
+
+def test_a_queue_shorter_than_a_batch_runs_once_full_without_waiting():
+  """--max-queue 2 < --max-batch 8: two waiting requests fill the queue (a third gets a 503), so the batch starts at
+  once instead of gathering for more that cannot come (--batch-wait-ms 2000 here)."""
+  model = types.SimpleNamespace(scales=(1,), engine=types.SimpleNamespace(length_step=16))
+  sched = Scheduler(model, Metrics(), max_batch=8, max_queue=2, batch_wait_s=2.0)
+  ran = threading.Event()
+  sched.run_batch = lambda batch: ran.set()
+  sched.start()
+  start = time.monotonic()
+  for _ in range(2):
+    sched.submit(Job(types.SimpleNamespace(scale=1, max_tokens=8), None, None, 0.0, 1.0, 0, False, None, None))
+  assert ran.wait(5) and time.monotonic() - start < 1.0
+  sched.stop(5)

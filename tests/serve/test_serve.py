@@ -11,10 +11,12 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from PIL import Image, PngImagePlugin
 
 from conftest import NAME, data_uri, png_uri, serving
 
 from m3_jax.serve import app as app_module
+from m3_jax.serve import images as images_module
 
 Q = "what colour is the picture?"
 MAX = 6  # max_tokens: the server decodes 8 (a power of two) and cuts, the reference decodes exactly 6
@@ -99,18 +101,28 @@ def test_answers_equal_m3_load_generate_at_every_scale_streamed_or_not(served, m
       [(NAME, sorted(model.scales), False)]
 
 
-def test_a_data_uri_image_answers_alike_decoded_on_the_event_loop_or_in_a_worker_thread(served, images, reference,
-                                                                                          monkeypatch):
-  # Small data: URI images are decoded inline (app.INLINE_IMAGE_PIXELS), larger ones in the thread pool.
+def test_a_small_data_uri_is_decoded_on_the_event_loop_and_others_in_a_worker_thread(served, images, reference,
+                                                                                      monkeypatch):
+  """app.INLINE_URI_CHARS / INLINE_IMAGE_PIXELS: a small data: URI is decoded where the request is handled; a long
+  one (here the same pixels with 20 KB of PNG text), a large image or a local file in the thread pool, before any
+  base64 or header work on the loop. The answers are the same."""
   url, app, client = served
+  loaded = []
+  real = images_module.load
+  monkeypatch.setattr(images_module, "load", lambda *a: loaded.append(threading.current_thread()) or real(*a))
+  pixels = np.asarray(Image.open(images / "2.png"))
+  text = PngImagePlugin.PngInfo()
+  text.add_text("padding", "x" * 20_000)
+  small, long_uri = data_uri(images / "2.png"), png_uri(pixels, pnginfo=text)
+  assert len(small) <= app_module.INLINE_URI_CHARS < len(long_uri)
   want = reference(2, 9)["text"]
-  uri = data_uri(images / "2.png")
-  for inline in (app_module.INLINE_IMAGE_PIXELS, 0):
-    monkeypatch.setattr(app_module, "INLINE_IMAGE_PIXELS", inline)
-    assert ask(client, content(uri), visual_tokens=9).choices[0].message.content == want, inline
-    bad = httpx.post(url + "/v1/chat/completions", timeout=60, json={
-        "messages": [{"role": "user", "content": content("data:image/png;base64,aGVsbG8=")}], "max_tokens": 2})
-    assert (bad.status_code, bad.json()["error"]["code"]) == (400, "invalid_image"), inline
+  for uri in (small, long_uri, "2.png"):
+    assert ask(client, content(uri), visual_tokens=9).choices[0].message.content == want
+  loop, pool, path = loaded
+  assert loop.name != pool.name and pool.name == path.name and "AnyIO" in pool.name, (loop, pool, path)
+  bad = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+      "messages": [{"role": "user", "content": content("data:image/png;base64,aGVsbG8=")}], "max_tokens": 2})
+  assert (bad.status_code, bad.json()["error"]["code"]) == (400, "invalid_image")
 
 
 def test_64_concurrent_mixed_scale_requests_equal_their_single_answers(served, model, images, reference):
