@@ -328,8 +328,12 @@ class Scheduler:
         [j.temperature for j in batch], [j.top_p for j in batch], [j.seed for j in batch],
         on_token=on_token if streaming else None)
     for job, row in zip(batch, rows):
-      for tok in row[len(job.tokens):]:  # without streaming the tokens arrive here
-        self._step(job, tok)
+      if streaming or job.prompt.stops:  # token by token: a stop string may end the answer at any of them
+        for tok in row[len(job.tokens):]:  # without streaming the tokens arrive here
+          self._step(job, tok)
+      elif not job.finished and not job.cancelled:  # the row whole (generate_rows cut it at its first stop id)
+        job.tokens = row[:job.prompt.max_tokens]
+        self._finish(job, reason="length" if len(row) >= job.prompt.max_tokens else "stop")
       if not job.finished:  # the row ended before max_tokens: at a stop id, which generate_rows cuts off
         self._finish(job, reason="stop")
 

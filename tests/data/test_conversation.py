@@ -154,3 +154,25 @@ def test_truncation_counts_visual_tokens(word_tokenizer):
 def test_bad_conversations(conv, has_image, problem, word_tokenizer):
   with pytest.raises(BadRecord, match=f"record q9: .*{problem}"):
     cv.tokenize_conversation(conv, word_tokenizer, image_token_id=IMG, has_image=has_image, record_id="q9")
+
+
+TEXT_CASES = [
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the user's questions.", "USER: How many cats are there? ASSISTANT: two cats",
+    "", " ", "\n", "  leading and trailing spaces  ", "USER: </s> <s> <unk> text around special tokens </s>",
+    "\nWhat colour is the square? ASSISTANT:", "déjà vu, naïve café — 東京 🙂", "line one\nline two\ttab",
+]
+
+
+@pytest.mark.parametrize("which", ["word", "sp", "fixture-llava-1.5", "fixture-llava-next"])
+def test_text_ids_take_the_rust_tokenizer_and_equal_the_tokenizer_call(which, word_tokenizer, sp_tokenizer,
+                                                                       fixtures_dir):
+  """`text_ids` (the served prompt's tokenization) calls the Rust tokenizer directly for transformers 5 fast
+  tokenizers, and gives what `tokenizer(text, add_special_tokens=False)` gives, for the word-level tokenizer, a
+  SentencePiece LLaMA one (legacy and not) and the checkpoint fixtures' tokenizers."""
+  from transformers import AutoTokenizer
+  tok = {"word": word_tokenizer, "sp": sp_tokenizer}.get(which) or AutoTokenizer.from_pretrained(
+      str(fixtures_dir / "transformers-5.23.0" / which.removeprefix("fixture-")))
+  assert cv._rust_tokenizer(tok) is not None  # the direct path is the one under test
+  for text in TEXT_CASES:
+    assert cv.text_ids(tok, text) == tok(text, add_special_tokens=False)["input_ids"], text
