@@ -2,7 +2,7 @@
 engine alone.
 
     python -m benchmarks.serve_load [--configs tiny] [--clients 8] [--requests 6] [--max-tokens 16] [--scales 9,1]
-                                    [--batch-wait-ms 5] [--batching static,continuous] [--repeats 3]
+                                    [--batch-wait-ms 5] [--batching static,continuous] [--repeats 3] [--rounds 5]
                                     [--out benchmarks/serve_load.md]
 
 For each config a random checkpoint (the probe tokenizer, vicuna_v1) is written. The workload: client c's r-th
@@ -16,12 +16,15 @@ the checkpoint's chain), greedy, `--max-tokens` (random weights rarely stop earl
   when they wait together in client order (the oldest leads; others join only when their visual tokens fit its
   padded count). Median of `--repeats`. (b) / (a) is the most batching can buy on this machine; (c) / (a) what the
   rule leaves of it.
-- Served: `python -m m3_jax serve --ckpt CKPT --port P --max-batch B --batching MODE --warmup` as a subprocess on
-  127.0.0.1 (its own GIL), B = 8 with each `--batching` mode and B = 1 (sequential), each ended by SIGTERM (it
-  drains; its exit status is reported); with continuous batching, "mean batch" is the mean of active rows per chunk
-  of decode steps and "worker busy" the chunks' share of the wall. The clients are asyncio tasks of this process
-  over one aiohttp session, each a closed loop sending `--requests` requests one after the other. Warm-up passes
-  (2 requests per client) run until one compiles nothing.
+- Served: `python -m m3_jax serve --ckpt CKPT --port P --max-batch B --batching MODE --warmup` as subprocesses on
+  127.0.0.1 (each its own GIL), B = 8 with each `--batching` mode and B = 1 (sequential), all up at once and each
+  ended by SIGTERM (it drains; its exit status is reported); with continuous batching, "mean batch" is the mean of
+  active rows per chunk of decode steps and "worker busy" the chunks' share of the wall. The clients are asyncio
+  tasks of this process over one aiohttp session, each a closed loop sending `--requests` requests one after the
+  other. Warm-up passes (2 requests per client) run until one compiles nothing. Then `--rounds` timed passes a
+  server, alternating between the servers round by round (this machine's speed drifts by 2x within minutes: one
+  server timed after another measured the drift as much as the batching); the ratio to sequential is each round's
+  batched pass over that round's sequential pass, their median reported with their range.
 
 Every XLA program the server can meet is compiled here first (`Scheduler.warmup` for this prompt and max_tokens,
 which the engine-only runs need anyway) into the persistent compilation cache the server reads; the server logs its
@@ -257,12 +260,13 @@ def served(ckpt: pathlib.Path, log_prefix: pathlib.Path, images_: list[str], sca
   # The same bodies with a scale the checkpoint lacks: answered 400 by chat.prepare, before the image is decoded
   # and before the engine; what HTTP, JSON and pydantic cost per request.
   refused = workload(max(args.requests, 8), [-1])
-  rows = []
   modes = [(f"batching (--max-batch 8, --batching {b})", 8, b) for b in args.batching.split(",")]
-  for label, max_batch, batching in modes + [("sequential (--max-batch 1)", 1, "static")]:
-    server = Server(ckpt, pathlib.Path(f"{log_prefix}serve-{max_batch}-{batching}.log"), max_batch,
-                    args.batch_wait_ms, batching)
-    try:
+  modes.append(("sequential (--max-batch 1)", 1, "static"))
+  servers, codes = {}, {}
+  try:
+    for label, max_batch, batching in modes:
+      server = servers[label] = Server(ckpt, pathlib.Path(f"{log_prefix}serve-{max_batch}-{batching}.log"),
+                                       max_batch, args.batch_wait_ms, batching)
       # Warm-up until a round compiles nothing (`--warmup` compiled the decode for max_tokens 32 only): bursts of
       # b requests at one scale, which the scheduler batches into each power-of-two size, then the workload.
       for _ in range(3):
@@ -277,29 +281,48 @@ def served(ckpt: pathlib.Path, log_prefix: pathlib.Path, images_: list[str], sca
         drive(server.url, *warm)
         if server.compiles(mark)[0] == 0:
           break
-      m0, mark, before = server.metrics(), server.log_size(), loadavg()
-      wall, lat, tokens = drive(server.url, *timed)
-      after, m1, (compiles, compile_s) = loadavg(), server.metrics(), server.compiles(mark)
-      if max_batch == 1:
-        drive(server.url, *refused, status=400)  # warm
-        before_400 = loadavg()
-        wall_400, lat_400, _ = drive(server.url, *refused, status=400)
-        after_400 = loadavg()
-    finally:
-      code = server.stop()
-    d = {k: m1[k] - m0.get(k, 0.0) for k in m1}
-    server_ms = 1000 * d["m3_request_latency_seconds_sum"] / d["m3_request_latency_seconds_count"]
-    rows.append({"mode": label, "requests": len(lat), "req_s": len(lat) / wall, "tok_s": f"{tokens / wall:.0f}",
+    # The timed passes alternate between the servers, round by round: this machine's speed drifts by 2x within
+    # minutes, and one server timed after another measured the drift as much as the batching. Each round's ratio
+    # compares passes a few seconds apart.
+    passes: dict[str, list[dict]] = {label: [] for label, _, _ in modes}
+    for _ in range(args.rounds):
+      for label, _, _ in modes:
+        server = servers[label]
+        m0, mark, before = server.metrics(), server.log_size(), loadavg()
+        wall, lat, tokens = drive(server.url, *timed)
+        passes[label].append({"wall": wall, "lat": lat, "tokens": tokens, "load": (before, loadavg()),
+                              "compiles": server.compiles(mark), "m0": m0, "m1": server.metrics()})
+    sequential = servers[modes[-1][0]]
+    drive(sequential.url, *refused, status=400)  # warm
+    before_400 = loadavg()
+    wall_400, lat_400, _ = drive(sequential.url, *refused, status=400)
+    after_400 = loadavg()
+  finally:
+    for label, server in servers.items():
+      codes[label] = server.stop()
+
+  rows = []
+  seq = passes[modes[-1][0]]
+  for label, _, _ in modes:
+    ps = passes[label]
+    lat = [x for p in ps for x in p["lat"]]
+    d = {k: sum(p["m1"][k] - p["m0"].get(k, 0.0) for p in ps) for k in ps[0]["m1"]}
+    wall, tokens = sum(p["wall"] for p in ps), sum(p["tokens"] for p in ps)
+    rates = [len(p["lat"]) / p["wall"] for p in ps]
+    ratios = [r / (len(q["lat"]) / q["wall"]) for r, q in zip(rates, seq)]
+    rows.append({"mode": label, "requests": len(lat), "req_s": float(np.median(rates)),
+                 "req_s_range": f"{min(rates):.1f}-{max(rates):.1f}", "ratios": ratios,
+                 "tok_s": f"{tokens / wall:.0f}",
                  "p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)),
                  "client_ms": 1000 * float(np.mean(lat)),
-                 "server_ms": f"{server_ms:.1f}",
+                 "server_ms": f"{1000 * d['m3_request_latency_seconds_sum'] / len(lat):.1f}",
                  "mean_batch": f"{d['m3_batch_size_sum'] / d['m3_batch_size_count']:.1f}",
                  "busy": f"{100 * d['m3_batch_seconds_sum'] / wall:.0f}%",
-                 "compiles": f"{compiles} ({compile_s:.1f} s)",
-                 "exit": code, "load": f"{before} -> {after}"})
+                 "compiles": f"{sum(p['compiles'][0] for p in ps)} ({sum(p['compiles'][1] for p in ps):.1f} s)",
+                 "exit": codes[label], "load": f"{ps[0]['load'][0]} -> {ps[-1]['load'][1]}"})
     print(rows[-1], flush=True)
   rows.append({"mode": "HTTP only: the same bodies refused (400, invalid visual_tokens) before image and engine",
-               "requests": len(lat_400), "req_s": len(lat_400) / wall_400, "tok_s": "-",
+               "requests": len(lat_400), "req_s": len(lat_400) / wall_400, "req_s_range": "-", "tok_s": "-",
                "p50": float(np.percentile(lat_400, 50)), "p95": float(np.percentile(lat_400, 95)),
                "client_ms": 1000 * float(np.mean(lat_400)), "server_ms": "-", "mean_batch": "-", "busy": "-",
                "compiles": "-", "exit": rows[-1]["exit"], "load": f"{before_400} -> {after_400}"})
@@ -331,20 +354,22 @@ def run(name: str, args, root: pathlib.Path) -> list[str]:
   for r in engine_rows:
     lines.append(f"| {name} | {r['mode']} | {r['requests']} | {r['req_s']:.1f} | {r['encode_ms']:.2f} | "
                  f"{r['generate_ms']:.2f} | {r['mean_batch']:.1f} | {r['load']} |")
-  lines += ["", f"{name}, served (`m3 serve` subprocess on 127.0.0.1, {args.clients} closed-loop aiohttp clients x "
-            f"{args.requests} requests):", "",
+  lines += ["", f"{name}, served (`m3 serve` subprocesses on 127.0.0.1, {args.clients} closed-loop aiohttp clients x "
+            f"{args.requests} requests a pass, {args.rounds} timed passes a server, alternating between the servers "
+            "round by round; requests/s: the median pass (the range), latencies over all passes):", "",
             "| config | mode | requests | requests/s | tokens/s | p50 (s) | p95 (s) | mean latency client / server "
-            "(ms) | mean batch | worker busy | compiles in timed pass | exit | load average |",
+            "(ms) | mean batch | worker busy | compiles in timed passes | exit | load average |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in served_rows:
-    lines.append(f"| {name} | {r['mode']} | {r['requests']} | {r['req_s']:.1f} | {r['tok_s']} | {r['p50']:.3f} | "
-                 f"{r['p95']:.3f} | {r['client_ms']:.1f} / {r['server_ms']} | {r['mean_batch']} | {r['busy']} | "
-                 f"{r['compiles']} | {r['exit']} | {r['load']} |")
+    lines.append(f"| {name} | {r['mode']} | {r['requests']} | {r['req_s']:.1f} ({r['req_s_range']}) | {r['tok_s']} | "
+                 f"{r['p50']:.3f} | {r['p95']:.3f} | {r['client_ms']:.1f} / {r['server_ms']} | {r['mean_batch']} | "
+                 f"{r['busy']} | {r['compiles']} | {r['exit']} | {r['load']} |")
   seq, one, rule = (r["req_s"] for r in engine_rows)
-  sequential = next(r["req_s"] for r in served_rows if r["mode"].startswith("sequential"))
-  ratios = ", ".join(f"{r['mode'].split('--batching ')[1].rstrip(')')} **{r['req_s'] / sequential:.2f}x**"
+  # Each round's batched pass over the sequential pass of the same round: the median, and the range over rounds.
+  ratios = ", ".join(f"{r['mode'].split('--batching ')[1].rstrip(')')} **{np.median(r['ratios']):.2f}x** "
+                     f"({min(r['ratios']):.2f}-{max(r['ratios']):.2f})"
                      for r in served_rows if "--batching" in r["mode"])
-  lines += ["", f"{name}: served batching / sequential: {ratios};"
+  lines += ["", f"{name}: served batching / sequential, the median of the rounds' ratios (their range): {ratios};"
             f" engine alone (no HTTP; the ceiling is the better of the two): one batch / one at a time = "
             f"**{one / seq:.2f}x**, the scheduler's batches / one at a time = **{rule / seq:.2f}x** (mean batch "
             f"{engine_rows[2]['mean_batch']:.1f}); host work per "
@@ -364,6 +389,7 @@ def main(argv=None):
   p.add_argument("--batching", default="static",
                  help="the server's batching modes to measure at --max-batch 8, comma-separated (static,continuous)")
   p.add_argument("--repeats", type=int, default=3, help="engine-only timings: the median of this many")
+  p.add_argument("--rounds", type=int, default=5, help="served: timed passes a server, alternating between them")
   p.add_argument("--out", default=None, help="write the tables (markdown) here")
   p.add_argument("--workdir", default=None, help="keep the checkpoints and the servers' logs here (default: a "
                  "temporary folder)")
