@@ -133,3 +133,33 @@ def test_a_queue_shorter_than_a_batch_runs_once_full_without_waiting():
     sched.submit(Job(types.SimpleNamespace(scale=1, max_tokens=8), None, None, 0.0, 1.0, 0, False, None, None))
   assert ran.wait(5) and time.monotonic() - start < 1.0
   sched.stop(5)
+
+
+def test_a_non_streamed_row_is_answered_whole_with_the_per_token_rules():
+  """Non-streamed rows without stop strings are taken whole: a row cut at a stop id before max_tokens ends with
+  "stop", a row reaching max_tokens (the batch decodes to its largest) is cut there with "length", an empty row is
+  an empty "stop" answer, and a cancelled request gets nothing."""
+  import queue
+
+  import numpy as np
+
+  rows = [[7] * 10, [7] * 16, [7] * 10, [], [7] * 16]
+  engine = types.SimpleNamespace(length_step=16, stop_ids=(2,),
+                                 generate_rows=lambda prompts, visual, max_new, *rest, on_token=None: rows)
+  tokenizer = types.SimpleNamespace(decode=lambda ids, skip_special_tokens: " ".join(map(str, ids)))
+  model = types.SimpleNamespace(scales=(1,), engine=engine, tokenizer=tokenizer)
+  sched = Scheduler(model, Metrics(), max_batch=8, max_queue=64, batch_wait_s=0.0)
+  sched._encode = lambda batch: batch
+  inline = types.SimpleNamespace(call_soon_threadsafe=lambda f, *a: f(*a))
+
+  def job(max_tokens):
+    prompt = types.SimpleNamespace(ids=np.zeros(3, np.int32), scale=None, max_tokens=max_tokens, stops=())
+    return Job(prompt, None, None, 0.0, 1.0, 0, False, inline, queue.Queue())
+
+  jobs = [job(16), job(8), job(10), job(4), job(16)]
+  jobs[4].cancelled = True
+  sched._run_batch(jobs)
+  answers = [j.events.get_nowait()[1] for j in jobs[:4]]
+  assert [(len(a.token_ids), a.finish_reason) for a in answers] == [(10, "stop"), (8, "length"), (10, "length"),
+                                                                     (0, "stop")]
+  assert answers[1].text == " ".join(["7"] * 8) and jobs[4].events.empty()
