@@ -22,9 +22,10 @@ the checkpoint's chain), greedy, `--max-tokens` (random weights rarely stop earl
   active rows per chunk of decode steps and "worker busy" the chunks' share of the wall. The clients are asyncio
   tasks of this process over one aiohttp session, each a closed loop sending `--requests` requests one after the
   other. Warm-up passes (2 requests per client) run until one compiles nothing. Then `--rounds` timed passes a
-  server, alternating between the servers round by round (this machine's speed drifts by 2x within minutes: one
-  server timed after another measured the drift as much as the batching); the ratio to sequential is each round's
-  batched pass over that round's sequential pass, their median reported with their range.
+  server, alternating between the servers round by round, in reverse order every other round (this machine's
+  speed drifts by 2x within minutes: one server timed after another measured the drift as much as the batching);
+  the ratio to sequential is each round's batched pass over that round's sequential pass, their median reported
+  with their range.
 
 Every XLA program the server can meet is compiled here first (`Scheduler.warmup` for this prompt and max_tokens,
 which the engine-only runs need anyway) into the persistent compilation cache the server reads; the server logs its
@@ -180,12 +181,15 @@ class Server:
       self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT,
                                    env=dict(os.environ, JAX_LOG_COMPILES="1"))
     deadline = time.monotonic() + start_timeout
-    while not self.healthy():
-      if self.proc.poll() is not None or time.monotonic() > deadline:
-        self.stop()
-        raise RuntimeError(f"`{shlex.join(self.cmd)}` did not serve (exit {self.proc.returncode}):\n"
-                           + log.read_text(errors="replace")[-3000:])
-      time.sleep(0.5)
+    try:
+      while not self.healthy():
+        if self.proc.poll() is not None or time.monotonic() > deadline:
+          raise RuntimeError(f"`{shlex.join(self.cmd)}` did not serve (exit {self.proc.poll()}):\n"
+                             + log.read_text(errors="replace")[-3000:])
+        time.sleep(0.5)
+    except BaseException:  # (not serving, or interrupted while it starts: no server is left behind)
+      self.stop()
+      raise
 
   def healthy(self) -> bool:
     try:
@@ -285,8 +289,8 @@ def served(ckpt: pathlib.Path, log_prefix: pathlib.Path, images_: list[str], sca
     # minutes, and one server timed after another measured the drift as much as the batching. Each round's ratio
     # compares passes a few seconds apart.
     passes: dict[str, list[dict]] = {label: [] for label, _, _ in modes}
-    for _ in range(args.rounds):
-      for label, _, _ in modes:
+    for r in range(args.rounds):
+      for label, _, _ in (modes if r % 2 == 0 else modes[::-1]):  # (drift within a round: both ways in turn)
         server = servers[label]
         m0, mark, before = server.metrics(), server.log_size(), loadavg()
         wall, lat, tokens = drive(server.url, *timed)
@@ -299,7 +303,11 @@ def served(ckpt: pathlib.Path, log_prefix: pathlib.Path, images_: list[str], sca
     after_400 = loadavg()
   finally:
     for label, server in servers.items():
-      codes[label] = server.stop()
+      try:
+        codes[label] = server.stop()
+      except BaseException:  # (an interrupt while one drains: the others are still stopped)
+        server.proc.kill()
+        codes[label] = "killed"
 
   rows = []
   seq = passes[modes[-1][0]]
@@ -356,7 +364,7 @@ def run(name: str, args, root: pathlib.Path) -> list[str]:
                  f"{r['generate_ms']:.2f} | {r['mean_batch']:.1f} | {r['load']} |")
   lines += ["", f"{name}, served (`m3 serve` subprocesses on 127.0.0.1, {args.clients} closed-loop aiohttp clients x "
             f"{args.requests} requests a pass, {args.rounds} timed passes a server, alternating between the servers "
-            "round by round; requests/s: the median pass (the range), latencies over all passes):", "",
+            "round by round; requests/s: the median pass (the range); tokens/s and latencies: over all passes):", "",
             "| config | mode | requests | requests/s | tokens/s | p50 (s) | p95 (s) | mean latency client / server "
             "(ms) | mean batch | worker busy | compiles in timed passes | exit | load average |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -394,6 +402,8 @@ def main(argv=None):
   p.add_argument("--workdir", default=None, help="keep the checkpoints and the servers' logs here (default: a "
                  "temporary folder)")
   args = p.parse_args(argv)
+  if args.rounds < 1:
+    p.error(f"--rounds {args.rounds}: expected at least 1 timed pass a server")
   compile_cache.enable()  # the server subprocess reads what the warm-up here compiles
   command = "python -m benchmarks.serve_load " + shlex.join(sys.argv[1:] if argv is None else argv)
   lines = [f"`{command}`"]
