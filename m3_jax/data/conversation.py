@@ -22,6 +22,7 @@ Labels: only assistant tokens and their end token `</s>` are trained (-100 elsew
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import numpy as np
@@ -121,22 +122,19 @@ def _adds_bos(tokenizer) -> bool:
 
 def _rust_tokenizer(tokenizer):
   """The `tokenizers.Tokenizer` under a transformers 5 fast tokenizer whose class keeps transformers' own encoding
-  (`text_ids` can call it directly), else None. Cached per class."""
-  cls = type(tokenizer)
-  if cls not in _DIRECT:
-    try:
-      from transformers.tokenization_utils_base import PreTrainedTokenizerBase
-      from transformers.tokenization_utils_tokenizers import TokenizersBackend
-    except ImportError:  # transformers 4: its own call
-      _DIRECT[cls] = False
-    else:
-      _DIRECT[cls] = (issubclass(cls, TokenizersBackend) and cls._encode_plus is TokenizersBackend._encode_plus
-                      and cls.__call__ is PreTrainedTokenizerBase.__call__
-                      and not hasattr(cls, "_switch_to_input_mode"))
-  return getattr(tokenizer, "_tokenizer", None) if _DIRECT[cls] else None
+  (`text_ids` can call it directly), else None."""
+  return getattr(tokenizer, "_tokenizer", None) if _keeps_transformers_encoding(type(tokenizer)) else None
 
 
-_DIRECT: dict[type, bool] = {}
+@functools.cache
+def _keeps_transformers_encoding(cls: type) -> bool:
+  try:
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+  except ImportError:  # transformers 4: its own call
+    return False
+  return (issubclass(cls, TokenizersBackend) and cls._encode_plus is TokenizersBackend._encode_plus
+          and cls.__call__ is PreTrainedTokenizerBase.__call__ and not hasattr(cls, "_switch_to_input_mode"))
 
 
 def text_ids(tokenizer, text: str) -> list[int]:

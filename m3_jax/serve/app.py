@@ -95,12 +95,14 @@ def create_app(model, *, name: str, max_batch: int = 8, max_queue: int = 64, bat
     return ModelList(data=[ModelCard(id=name, created=created, scales=sorted(model.scales),
                                      router=router is not None)])
 
-  def load_image(src, label: str):
-    img = images.load(src, label, max_image_pixels)
+  def model_input(img):
     return (None, img) if model.config.type != "llava15" else (model.pixels([img])[0], None)
 
+  def load_image(src, label: str):
+    return model_input(images.load(src, label, max_image_pixels))
+
   def resolve_image(url: str):
-    return load_image(*images.source(url, allowed))
+    return model_input(images.resolve(url, allowed, max_image_pixels))
 
   async def image_of(url: str):
     """(CLIP pixels float32[H, W, 3], None) for LLaVA-1.5, (None, the PIL image) for LLaVA-NeXT; 400 if bad."""
