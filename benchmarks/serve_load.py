@@ -2,8 +2,8 @@
 engine alone.
 
     python -m benchmarks.serve_load [--configs tiny] [--clients 8] [--requests 6] [--max-tokens 16] [--scales 9,1]
-                                    [--batch-wait-ms 5] [--batching static,continuous] [--repeats 3] [--rounds 5]
-                                    [--out benchmarks/serve_load.md]
+                                    [--batch-wait-ms 5] [--batching static,continuous] [--data-parallel N]
+                                    [--repeats 3] [--rounds 5] [--out benchmarks/serve_load.md]
 
 For each config a random checkpoint (the probe tokenizer, vicuna_v1) is written. The workload: client c's r-th
 request asks about its own random PNG (a data: URI) at scale `scales[(c + r) % len(scales)]` (`--scales`, default
@@ -14,12 +14,15 @@ the checkpoint's chain), greedy, `--max-tokens` (random weights rarely stop earl
   batch 1), (b) as one engine batch per r (the encoder once per scale group, rows padded to a power of two, then one
   `generate_rows`: the scheduler's way of running a batch) and (c) in the batches the scheduler's rule makes of them
   when they wait together in client order (the oldest leads; others join only when their visual tokens fit its
-  padded count). Median of `--repeats`. (b) / (a) is the most batching can buy on this machine; (c) / (a) what the
-  rule leaves of it.
+  padded count); with `--data-parallel N` (d) as (b) split into N shares run concurrently on N engine replicas, one
+  per device (this process asks JAX for N CPU devices), as the server splits a batch. Median of `--repeats`. (b) /
+  (a) is the most one engine batch can buy on this machine; (c) / (a) what the rule leaves of it.
 - Served: `python -m m3_jax serve --ckpt CKPT --port P --max-batch B --batching MODE --warmup` as subprocesses on
-  127.0.0.1 (each its own GIL), B = 8 with each `--batching` mode and B = 1 (sequential), all up at once and each
-  ended by SIGTERM (it drains; its exit status is reported); with continuous batching, "mean batch" is the mean of
-  active rows per chunk of decode steps and "worker busy" the chunks' share of the wall. The clients are asyncio
+  127.0.0.1 (each its own GIL), B = 8 with each `--batching` mode, B = 8 static with `--data-parallel N` when N > 1,
+  and B = 1 (sequential, the baseline of every ratio; when N > 1 also a sequential server with `--data-parallel N`,
+  which one request at a time cannot use, reported beside it), all up at once and each ended by SIGTERM (it drains; its exit status is reported); with
+  continuous batching, "mean batch" is the mean of active rows per chunk of decode steps and "worker busy" the
+  chunks' share of the wall. The clients are asyncio
   tasks of this process over one aiohttp session, each a closed loop sending `--requests` requests one after the
   other. Warm-up passes (2 requests per client) run until one compiles nothing. Then `--rounds` timed passes a
   server, alternating between the servers round by round, in reverse order every other round (this machine's
@@ -61,15 +64,18 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from m3_jax import compile_cache
 from m3_jax.checkpoint import m3dir
+from m3_jax.cli.serve import cpu_devices
 from m3_jax.configs import base as m3_config
 from m3_jax.data.tokenizer import probe_tokenizer
+from m3_jax.eval.generate import replicas
 from m3_jax.eval.loader import load
 from m3_jax.models import llava
 from m3_jax.models.config import ModelConfig
 from m3_jax.serve import chat, images
 from m3_jax.serve.metrics import Metrics
 from m3_jax.serve.protocol import ChatRequest
-from m3_jax.serve.scheduler import Job, Scheduler, encode_by_scale
+from m3_jax.serve.scheduler import Job, Scheduler, encode_by_scale, shares
+from concurrent.futures import ThreadPoolExecutor
 
 PROMPT = "what colour is the picture?"
 COMPILED = re.compile(r"Finished XLA compilation of \S+ in ([0-9.]+) sec")
@@ -122,6 +128,17 @@ def run_batch(engine, jobs: list[Job]) -> tuple[float, float]:
   return encoded - start, time.perf_counter() - encoded
 
 
+def run_split(engines, jobs: list[Job], pool: ThreadPoolExecutor) -> float:
+  """One engine batch split between replicas as the scheduler splits it (a share each, concurrently) -> seconds."""
+  start = time.perf_counter()
+  parts = shares(jobs, len(engines))
+  running = [pool.submit(run_batch, e, p) for e, p in zip(engines[1:], parts[1:])]
+  run_batch(engines[0], parts[0])
+  for r in running:
+    r.result()
+  return time.perf_counter() - start
+
+
 def scheduler_batches(model, waiting: list[Job], max_batch: int) -> list[list[Job]]:
   """The batches the scheduler's own rule (Scheduler._next_batch) makes of `waiting`, oldest first."""
   scheduler = Scheduler(model, Metrics(), max_batch=max_batch, max_queue=len(waiting), batch_wait_s=0.0)
@@ -132,7 +149,8 @@ def scheduler_batches(model, waiting: list[Job], max_batch: int) -> list[list[Jo
   return batches
 
 
-def engine_only(model, rounds: list[list[dict]], max_batch: int, repeats: int) -> tuple[list[dict], float]:
+def engine_only(model, rounds: list[list[dict]], max_batch: int, repeats: int, data_parallel: int = 1
+                ) -> tuple[list[dict], float]:
   """rounds[r]: the clients' r-th requests in client order -> (rows, host ms per request: validate + tokenize +
   PNG decode + CLIP preprocessing, the work the server does per request before the engine)."""
   start = time.perf_counter()
@@ -161,6 +179,19 @@ def engine_only(model, rounds: list[list[dict]], max_batch: int, repeats: int) -
     rows.append({"mode": label, "requests": n, "req_s": n / wall, "encode_ms": 1000 * enc / n,
                  "generate_ms": 1000 * gen / n, "mean_batch": n / len(batches), "load": f"{before} -> {loadavg()}"})
     print(rows[-1], flush=True)
+  if data_parallel > 1:
+    engines = replicas(model.engine, data_parallel)
+    batches = plans[f"batches of {min(max_batch, len(jobs[0]))}"]
+    before = loadavg()
+    with ThreadPoolExecutor(data_parallel - 1) as pool:
+      for batch in batches:  # untimed: each replica's programs
+        run_split(engines, batch, pool)
+      wall = sorted(sum(run_split(engines, b, pool) for b in batches) for _ in range(repeats))[repeats // 2]
+    n = sum(map(len, batches))
+    rows.append({"mode": f"batches of {min(max_batch, len(jobs[0]))} split over {data_parallel} replicas",
+                 "requests": n, "req_s": n / wall, "encode_ms": None, "generate_ms": None,
+                 "mean_batch": n / len(batches), "load": f"{before} -> {loadavg()}"})
+    print(rows[-1], flush=True)
   return rows, host_ms
 
 
@@ -169,14 +200,14 @@ class Server:
   """`python -m m3_jax serve` in a subprocess on 127.0.0.1, its output (compilations logged) in `log`."""
 
   def __init__(self, ckpt: pathlib.Path, log: pathlib.Path, max_batch: int, batch_wait_ms: float,
-               batching: str = "static", start_timeout: float = 3600):
+               batching: str = "static", data_parallel: int = 1, start_timeout: float = 3600):
     with socket.socket() as s:
       s.bind(("127.0.0.1", 0))
       port = s.getsockname()[1]
     self.url, self.log = f"http://127.0.0.1:{port}", log
     self.cmd = [sys.executable, "-m", "m3_jax", "serve", "--ckpt", str(ckpt), "--host", "127.0.0.1", "--port",
                 str(port), "--max-batch", str(max_batch), "--batch-wait-ms", str(batch_wait_ms), "--warmup",
-                "--served-model-name", "bench", "--batching", batching]
+                "--served-model-name", "bench", "--batching", batching, "--data-parallel", str(data_parallel)]
     with open(log, "wb") as out:
       self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT,
                                    env=dict(os.environ, JAX_LOG_COMPILES="1"))
@@ -264,13 +295,18 @@ def served(ckpt: pathlib.Path, log_prefix: pathlib.Path, images_: list[str], sca
   # The same bodies with a scale the checkpoint lacks: answered 400 by chat.prepare, before the image is decoded
   # and before the engine; what HTTP, JSON and pydantic cost per request.
   refused = workload(max(args.requests, 8), [-1])
-  modes = [(f"batching (--max-batch 8, --batching {b})", 8, b) for b in args.batching.split(",")]
-  modes.append(("sequential (--max-batch 1)", 1, "static"))
+  dp = args.data_parallel
+  modes = [(f"batching (--max-batch 8, --batching {b})", 8, b, 1) for b in args.batching.split(",")]
+  if dp > 1:
+    modes.append((f"batching (--max-batch 8, --batching static, --data-parallel {dp})", 8, "static", dp))
+    modes.append((f"sequential (--max-batch 1, --data-parallel {dp})", 1, "static", dp))
+  modes.append(("sequential (--max-batch 1)", 1, "static", 1))  # the baseline: last
   servers, codes = {}, {}
   try:
-    for label, max_batch, batching in modes:
-      server = servers[label] = Server(ckpt, pathlib.Path(f"{log_prefix}serve-{max_batch}-{batching}.log"),
-                                       max_batch, args.batch_wait_ms, batching)
+    for label, max_batch, batching, replicas_ in modes:
+      server = servers[label] = Server(
+          ckpt, pathlib.Path(f"{log_prefix}serve-{max_batch}-{batching}-dp{replicas_}.log"), max_batch,
+          args.batch_wait_ms, batching, replicas_)
       # Warm-up until a round compiles nothing (`--warmup` compiled the decode for max_tokens 32 only): bursts of
       # b requests at one scale, which the scheduler batches into each power-of-two size, then the workload.
       for _ in range(3):
@@ -288,9 +324,9 @@ def served(ckpt: pathlib.Path, log_prefix: pathlib.Path, images_: list[str], sca
     # The timed passes alternate between the servers, round by round: this machine's speed drifts by 2x within
     # minutes, and one server timed after another measured the drift as much as the batching. Each round's ratio
     # compares passes a few seconds apart.
-    passes: dict[str, list[dict]] = {label: [] for label, _, _ in modes}
+    passes: dict[str, list[dict]] = {label: [] for label, *_ in modes}
     for r in range(args.rounds):
-      for label, _, _ in (modes if r % 2 == 0 else modes[::-1]):  # (drift within a round: both ways in turn)
+      for label, *_ in (modes if r % 2 == 0 else modes[::-1]):  # (drift within a round: both ways in turn)
         server = servers[label]
         m0, mark, before = server.metrics(), server.log_size(), loadavg()
         wall, lat, tokens = drive(server.url, *timed)
@@ -311,7 +347,7 @@ def served(ckpt: pathlib.Path, log_prefix: pathlib.Path, images_: list[str], sca
 
   rows = []
   seq = passes[modes[-1][0]]
-  for label, _, _ in modes:
+  for label, *_ in modes:
     ps = passes[label]
     lat = [x for p in ps for x in p["lat"]]
     d = {k: sum(p["m1"][k] - p["m0"].get(k, 0.0) for p in ps) for k in ps[0]["m1"]}
@@ -352,16 +388,17 @@ def run(name: str, args, root: pathlib.Path) -> list[str]:
         "engine calls)", flush=True)
   rounds = [[request(images_[c], scales[(c + r) % len(scales)], args.max_tokens) for c in range(args.clients)]
             for r in range(len(scales))]
-  engine_rows, host_ms = engine_only(model, rounds, 8, args.repeats)
+  engine_rows, host_ms = engine_only(model, rounds, 8, args.repeats, args.data_parallel)
   served_rows = served(ckpt, root / f"{name}-", images_, scales, args)
 
   lines = [f"{name}, engine only (in-process, no HTTP; the clients' first {len(scales)} rounds of requests, "
            f"median of {args.repeats}):", "",
            "| config | how | requests | requests/s | encoder ms / request | generate ms / request | mean batch "
            "| load average |", "|---|---|---|---|---|---|---|---|"]
+  ms = lambda v: "-" if v is None else f"{v:.2f}"  # (a split batch's shares overlap: no encoder / decode split)
   for r in engine_rows:
-    lines.append(f"| {name} | {r['mode']} | {r['requests']} | {r['req_s']:.1f} | {r['encode_ms']:.2f} | "
-                 f"{r['generate_ms']:.2f} | {r['mean_batch']:.1f} | {r['load']} |")
+    lines.append(f"| {name} | {r['mode']} | {r['requests']} | {r['req_s']:.1f} | {ms(r['encode_ms'])} | "
+                 f"{ms(r['generate_ms'])} | {r['mean_batch']:.1f} | {r['load']} |")
   lines += ["", f"{name}, served (`m3 serve` subprocesses on 127.0.0.1, {args.clients} closed-loop aiohttp clients x "
             f"{args.requests} requests a pass, {args.rounds} timed passes a server, alternating between the servers "
             "round by round; requests/s: the median pass (the range); tokens/s and latencies: over all passes):", "",
@@ -372,15 +409,21 @@ def run(name: str, args, root: pathlib.Path) -> list[str]:
     lines.append(f"| {name} | {r['mode']} | {r['requests']} | {r['req_s']:.1f} ({r['req_s_range']}) | {r['tok_s']} | "
                  f"{r['p50']:.3f} | {r['p95']:.3f} | {r['client_ms']:.1f} / {r['server_ms']} | {r['mean_batch']} | "
                  f"{r['busy']} | {r['compiles']} | {r['exit']} | {r['load']} |")
-  seq, one, rule = (r["req_s"] for r in engine_rows)
+  seq, one, rule = (r["req_s"] for r in engine_rows[:3])
+  split = (f", one batch split over {args.data_parallel} replicas / one at a time = "
+           f"**{engine_rows[3]['req_s'] / seq:.2f}x**" if len(engine_rows) > 3 else "")
   # Each round's batched pass over the sequential pass of the same round: the median, and the range over rounds.
   ratios = ", ".join(f"{r['mode'].split('--batching ')[1].rstrip(')')} **{np.median(r['ratios']):.2f}x** "
                      f"({min(r['ratios']):.2f}-{max(r['ratios']):.2f})"
                      for r in served_rows if "--batching" in r["mode"])
+  if args.data_parallel > 1:  # the baseline given the replicas too (one request at a time uses one)
+    r = served_rows[-3]
+    ratios += (f"; sequential with --data-parallel {args.data_parallel} {np.median(r['ratios']):.2f}x "
+               f"({min(r['ratios']):.2f}-{max(r['ratios']):.2f})")
   lines += ["", f"{name}: served batching / sequential, the median of the rounds' ratios (their range): {ratios};"
             f" engine alone (no HTTP; the ceiling is the better of the two): one batch / one at a time = "
             f"**{one / seq:.2f}x**, the scheduler's batches / one at a time = **{rule / seq:.2f}x** (mean batch "
-            f"{engine_rows[2]['mean_batch']:.1f}); host work per "
+            f"{engine_rows[2]['mean_batch']:.1f}){split}; host work per "
             f"request in-process (validate, tokenize, PNG decode, CLIP preprocessing) {host_ms:.1f} ms."]
   return lines
 
@@ -396,6 +439,9 @@ def main(argv=None):
   p.add_argument("--batch-wait-ms", type=float, default=5.0)
   p.add_argument("--batching", default="static",
                  help="the server's batching modes to measure at --max-batch 8, comma-separated (static,continuous)")
+  p.add_argument("--data-parallel", type=int, default=1, metavar="N",
+                 help="also measure static batching over N engine replicas (m3 serve --data-parallel N; the "
+                      "sequential server gets it too); this process and the servers ask JAX for N CPU devices")
   p.add_argument("--repeats", type=int, default=3, help="engine-only timings: the median of this many")
   p.add_argument("--rounds", type=int, default=5, help="served: timed passes a server, alternating between them")
   p.add_argument("--out", default=None, help="write the tables (markdown) here")
@@ -404,6 +450,10 @@ def main(argv=None):
   args = p.parse_args(argv)
   if args.rounds < 1:
     p.error(f"--rounds {args.rounds}: expected at least 1 timed pass a server")
+  if args.data_parallel < 1:
+    p.error(f"--data-parallel {args.data_parallel}: expected at least 1 engine replica")
+  if args.data_parallel > 1:
+    cpu_devices(args.data_parallel)
   compile_cache.enable()  # the server subprocess reads what the warm-up here compiles
   command = "python -m benchmarks.serve_load " + shlex.join(sys.argv[1:] if argv is None else argv)
   lines = [f"`{command}`"]

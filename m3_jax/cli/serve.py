@@ -1,10 +1,12 @@
 """`m3 serve --ckpt CKPT [--host H] [--port P] [--max-batch B] [--max-queue Q] [--allowed-image-dir DIR]
-[--request-timeout S] [--batch-wait-ms MS] [--batching static|continuous]`: an OpenAI-compatible chat server (m3_jax/serve/)."""
+[--request-timeout S] [--batch-wait-ms MS] [--batching static|continuous] [--data-parallel N]`: an
+OpenAI-compatible chat server (m3_jax/serve/)."""
 from __future__ import annotations
 
 import argparse
 import contextlib
 import logging
+import os
 import pathlib
 import signal
 
@@ -34,6 +36,10 @@ def add_arguments(p: argparse.ArgumentParser):
                  help="static (default): a batch decodes until its longest answer ends, then the next batch is "
                  "gathered; continuous: requests join and leave the running decode every 8 steps, in --max-batch "
                  "rows (LLaVA-1.5 and NeXT)")
+  p.add_argument("--data-parallel", type=int, default=1, metavar="N",
+                 help="engine replicas on the first N devices; each batch's requests are split between them and run "
+                      "concurrently (static batching; one request at a time uses one). On CPU, JAX is asked for N "
+                      "devices before it starts (default: 1)")
   p.add_argument("--request-timeout", type=float, default=600.0,
                  help="seconds from receipt to answer; later requests get 504 and leave the queue")
   p.add_argument("--allowed-image-dir", default=None,
@@ -53,24 +59,41 @@ def run(args) -> int:
   from m3_jax.eval.loader import load
   from m3_jax.serve.app import create_app
 
-  for flag in ("max_batch", "max_queue", "max_image_pixels"):
+  for flag in ("max_batch", "max_queue", "max_image_pixels", "data_parallel"):
     if getattr(args, flag) < 1:
-      raise SystemExit(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected >= 1")
+      raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected >= 1")
   if args.allowed_image_dir is not None and not pathlib.Path(args.allowed_image_dir).is_dir():
-    raise SystemExit(f"--allowed-image-dir {args.allowed_image_dir}: not a directory")
+    raise ValueError(f"--allowed-image-dir {args.allowed_image_dir}: not a directory")
+  if args.data_parallel > 1 and args.batching != "static":
+    raise ValueError(f"--data-parallel {args.data_parallel} needs --batching static: continuous batching runs "
+                     "one decode timeline on one device")
+  if args.data_parallel > 1:
+    cpu_devices(args.data_parallel)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
   model = load(args.ckpt, step=args.step, template=args.template, router=args.router)
   name = args.served_model_name or pathlib.Path(args.ckpt).resolve().name
   app = create_app(model, name=name, max_batch=args.max_batch, max_queue=args.max_queue,
                    batch_wait_ms=args.batch_wait_ms, request_timeout=args.request_timeout,
                    allowed_image_dir=args.allowed_image_dir, max_image_pixels=args.max_image_pixels,
-                   batching=args.batching)
+                   batching=args.batching, data_parallel=args.data_parallel)
   if args.warmup:
     logging.getLogger("m3.serve").info("warm-up: %d engine calls", app.state.scheduler.warmup())
   # On SIGTERM / SIGINT uvicorn stops accepting and waits for the requests in flight, then the app's lifespan
   # ends the batching worker.
   DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="info")).run()
   return 0
+
+
+def cpu_devices(n: int):
+  """Asks JAX for n CPU devices, if it has not started and XLA_FLAGS does not already force a count (the user's, kept).
+  On GPU / TPU the accelerators are the devices and this changes nothing; `replicas` checks what there is."""
+  import jax
+  if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    return
+  try:
+    jax.config.update("jax_num_cpu_devices", n)
+  except RuntimeError:  # JAX has started: its devices are what they are
+    pass
 
 
 class DrainingServer(uvicorn.Server):

@@ -107,6 +107,11 @@ class Engine:
     self._score = jax.jit(self._score_impl)
     self._state = jax.jit(self._state_impl)
 
+  def on_device(self, device) -> "Engine":
+    """This engine with a copy of its params on `device`: a data-parallel replica (`replicas`)."""
+    return Engine(self.config, jax.device_put(self.params, device), stop_ids=self.stop_ids,
+                  length_step=self.length_step)
+
   @property
   def params(self):
     """The checkpoint's params, with params["llm"]["layers"] a tuple of per-layer trees (`llama.unscan`)."""
@@ -389,6 +394,18 @@ class Engine:
     total, count = self._score(self.params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(labels),
                                jnp.asarray(img), jnp.asarray(n_vis))
     return np.asarray(total), np.asarray(count)
+
+
+def replicas(engine: Engine, n: int) -> list[Engine]:
+  """`engine` and n - 1 copies of it on the next devices of `jax.devices()` (data parallelism for `m3 serve
+  --data-parallel`: a batch's rows are split between them and run concurrently). `engine`'s params must lie on
+  the first device (a loaded checkpoint's do)."""
+  devices = jax.devices()
+  if n < 1 or n > len(devices):
+    raise ValueError(f"{n} data-parallel replicas: expected 1 to {len(devices)}, the {devices[0].platform} devices "
+                     "this process has (on CPU, JAX makes as many as asked for before it starts: "
+                     "jax.config.update('jax_num_cpu_devices', N))")
+  return [engine] + [engine.on_device(d) for d in devices[1:n]]
 
 
 def shard_params(params, config: ModelConfig, mesh, rules):

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from m3_jax.eval.generate import replicas
 from m3_jax.serve import chat, images
 from m3_jax.serve.metrics import Metrics
 from m3_jax.serve.protocol import (ApiError, AssistantMessage, ChatChunk, ChatRequest, ChatResponse, Choice, Delta,
@@ -33,13 +34,16 @@ INLINE_IMAGE_PIXELS = 128 * 128
 
 def create_app(model, *, name: str, max_batch: int = 8, max_queue: int = 64, batch_wait_ms: float = 5.0,
                request_timeout: float = 600.0, allowed_image_dir: str | pathlib.Path | None = None,
-               max_image_pixels: int = 4096 * 4096, router=None, batching: str = "static") -> FastAPI:
+               max_image_pixels: int = 4096 * 4096, router=None, batching: str = "static",
+               data_parallel: int = 1) -> FastAPI:
   """`model`: an `m3_jax.load(...)` model. `router`: what answers visual_tokens="auto" (default: the model's
-  `router` attribute, which the router issue's loader sets; None refuses "auto" with a 400)."""
+  `router` attribute, which the router issue's loader sets; None refuses "auto" with a 400). `data_parallel`: engine
+  replicas on the first that many devices, each batch split between them (`generate.replicas`)."""
   router = router if router is not None else getattr(model, "router", None)
   metrics = Metrics()
+  engines = replicas(model.engine, data_parallel) if data_parallel != 1 else None
   scheduler = Scheduler(model, metrics, max_batch=max_batch, max_queue=max_queue,
-                        batch_wait_s=batch_wait_ms / 1000, router=router, batching=batching)
+                        batch_wait_s=batch_wait_ms / 1000, router=router, batching=batching, engines=engines)
   allowed = pathlib.Path(allowed_image_dir) if allowed_image_dir is not None else None
   created = int(time.time())
 

@@ -2,7 +2,9 @@
 the first one's arrival or the last batch's end, while they keep arriving less than --batch-wait-ms apart, for at
 most 4 of those waits; after a batch's end, until one more arrives) into one engine batch with mixed scales,
 per-request sampling and streaming, and hands each request its tokens as they are decoded. `--batching continuous`
-instead lets requests join and leave a running decode (`eval/continuous.Slots`).
+instead lets requests join and leave a running decode (`eval/continuous.Slots`). With engine replicas on several
+devices (`--data-parallel N`, static batching), each batch is split into N contiguous shares that run concurrently,
+one per replica.
 
 A request's answer does not depend on its batch: the engine's padding is out of attention and of the RoPE
 positions, and each row samples from its own seed (`Engine.generate_rows`). A request that times out or whose
@@ -16,6 +18,7 @@ import dataclasses
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import numpy as np
@@ -84,6 +87,17 @@ def row_bucket(n: int) -> int:
   return power_of_two(n)
 
 
+def shares(jobs: list, n: int) -> list[list]:
+  """`jobs` cut into at most n contiguous shares of near-equal size (the first ones one larger), none empty."""
+  size, extra = divmod(len(jobs), n)
+  out, start = [], 0
+  for i in range(min(n, len(jobs))):
+    end = start + size + (i < extra)
+    out.append(jobs[start:end])
+    start = end
+  return out
+
+
 def encode_by_scale(engine, jobs: list[Job]) -> None:
   """LLaVA-1.5: sets each job's `visual` (float[scale, D]) from its `pixels` at its `scale`, the encoder run once per
   scale group with the group's rows padded to a power of two (few compilations)."""
@@ -97,9 +111,18 @@ def encode_by_scale(engine, jobs: list[Job]) -> None:
 
 class Scheduler:
   def __init__(self, model, metrics: Metrics, *, max_batch: int, max_queue: int, batch_wait_s: float,
-               router=None, batching: str = "static"):
+               router=None, batching: str = "static", engines: list | None = None):
+    """`engines`: the model's engine and its replicas on other devices (`generate.replicas`); default: the
+    model's engine alone."""
     if batching not in BATCHING:
       raise ValueError(f"batching={batching!r}: expected one of {', '.join(BATCHING)}")
+    self.engines = list(engines) if engines else [model.engine]
+    if batching == "continuous" and len(self.engines) > 1:
+      raise ValueError(f"{len(self.engines)} data-parallel engine replicas with continuous batching: replicas "
+                       "split static batches (--batching static); continuous batching runs one decode timeline "
+                       "on one device")
+    self.pool = (ThreadPoolExecutor(len(self.engines) - 1, thread_name_prefix="m3-serve-replica")
+                 if len(self.engines) > 1 else None)
     self.model, self.metrics, self.router, self.batching = model, metrics, router, batching
     self.max_batch, self.max_queue, self.batch_wait_s = max_batch, max_queue, batch_wait_s
     self.waiting: collections.deque[Job] = collections.deque()
@@ -119,6 +142,8 @@ class Scheduler:
       self.stopping = True
       self.cond.notify_all()
     self.thread.join(timeout)
+    if self.pool is not None and not self.thread.is_alive():
+      self.pool.shutdown()
 
   def submit(self, job: Job):
     with self.cond:
@@ -145,19 +170,22 @@ class Scheduler:
 
   def warmup(self, prompt: str = "Describe the image.", max_tokens: int = chat.DEFAULT_MAX_TOKENS) -> int:
     """Compiles, before serving, the shapes that batches of this prompt's length and `max_tokens` meet: the
-    encoder for every scale and power-of-two group up to --max-batch, the greedy non-streamed decode for every
-    power-of-two batch and every scale as the batch's largest (LLaVA-1.5). Returns the number of engine calls."""
-    model, engine = self.model, self.model.engine
+    encoder for every scale and power-of-two group up to --max-batch (a replica's share of it, with replicas), the
+    greedy non-streamed decode for every power-of-two batch and every scale as the batch's largest (LLaVA-1.5), on
+    every replica. Returns the number of engine calls."""
+    model = self.model
     if model.config.type != "llava15":
       return 0
     size, calls = model.config.vision.image_size, 0
-    rows = [1 << k for k in range(row_bucket(self.max_batch).bit_length())]
+    share = -(-self.max_batch // len(self.engines))
+    rows = [1 << k for k in range(row_bucket(share).bit_length())]
     ids = model.prompt_ids(prompt, True)
-    for scale in sorted(model.scales):
-      for b in rows:
-        visual = engine.visual_tokens(np.zeros((b, size, size, 3), np.float32), scale, batch_size=b)
-        engine.generate_rows([ids] * b, visual, max_tokens, [0.0] * b, [1.0] * b, [0] * b)
-        calls += 2
+    for engine in self.engines:
+      for scale in sorted(model.scales):
+        for b in rows:
+          visual = engine.visual_tokens(np.zeros((b, size, size, 3), np.float32), scale, batch_size=b)
+          engine.generate_rows([ids] * b, visual, max_tokens, [0.0] * b, [1.0] * b, [0] * b)
+          calls += 2
     return calls
 
   # ------------------------------------------------------------------------------------------ worker thread
@@ -309,11 +337,31 @@ class Scheduler:
     return filled
 
   def _run_batch(self, batch: list[Job]):
+    """Runs `batch` on the engine, or split between the replicas: one share each, run concurrently (the first
+    in this thread); a failed share raises once every share has ended."""
+    parts = shares(batch, len(self.engines))
+    for replica, part in enumerate(parts):
+      self.metrics.replica_requests.labels(str(replica)).inc(len(part))
+    running = [self.pool.submit(self._run_share, e, p) for e, p in zip(self.engines[1:], parts[1:])]
+    errors = []
+    try:
+      self._run_share(self.engines[0], parts[0])
+    except Exception as e:
+      errors.append(e)
+    for future in running:
+      try:
+        future.result()
+      except Exception as e:
+        errors.append(e)
+    if errors:
+      raise errors[0]
+
+  def _run_share(self, engine, batch: list[Job]):
     # Cancelled again after encoding too: a request that left while the router or encoder ran has no tokens.
-    batch = [j for j in self._encode([j for j in batch if not j.cancelled]) if not j.finished and not j.cancelled]
+    batch = [j for j in self._encode([j for j in batch if not j.cancelled], engine)
+             if not j.finished and not j.cancelled]
     if not batch:
       return
-    model = self.model
 
     def on_token(step: int, tokens: np.ndarray):
       for job, tok in zip(batch, tokens.tolist()):
@@ -323,7 +371,7 @@ class Scheduler:
     streaming = any(j.stream for j in batch)
     # The engine compiles a power-of-two answer length and its loop stops at the batch's largest max_tokens.
     max_new = max(j.prompt.max_tokens for j in batch)
-    rows = model.engine.generate_rows(
+    rows = engine.generate_rows(
         [j.prompt.ids for j in batch], [j.visual for j in batch], max_new,
         [j.temperature for j in batch], [j.top_p for j in batch], [j.seed for j in batch],
         on_token=on_token if streaming else None)
@@ -337,8 +385,9 @@ class Scheduler:
       if not job.finished:  # the row ended before max_tokens: at a stop id, which generate_rows cuts off
         self._finish(job, reason="stop")
 
-  def _encode(self, batch: list[Job]) -> list[Job]:
-    """Sets each job's scale and visual tokens (float[n, D] or None): the encoder runs once per scale group."""
+  def _encode(self, batch: list[Job], engine=None) -> list[Job]:
+    """Sets each job's scale and visual tokens (float[n, D] or None): the encoder (`engine`'s, default the
+    model's; LLaVA-NeXT's crops always go through the model's) runs once per scale group."""
     model = self.model
     auto = [j for j in batch if isinstance(j.prompt.scale, chat.Auto)]
     if auto:  # the router hook (the `--scale auto` issue): its choice, capped by max_visual_tokens
@@ -351,7 +400,7 @@ class Scheduler:
         j.scale = j.prompt.scale
     with_image = [j for j in batch if j.scale is not None and not j.cancelled]
     if model.config.type == "llava15":
-      encode_by_scale(model.engine, with_image)
+      encode_by_scale(engine or model.engine, with_image)
     else:
       for j in with_image:
         j.visual = model.visual([j.image], [j.scale])[0]

@@ -1,10 +1,15 @@
-"""The scheduler's gathering rule, with the engine replaced by a fixed-duration batch (no model, no HTTP)."""
+"""The scheduler's gathering rule, with the engine replaced by a fixed-duration batch (no model, no HTTP); how it
+answers a batch's rows; how it splits a batch between engine replicas."""
+import queue
 import threading
 import time
 import types
 
+import numpy as np
+import pytest
+
 from m3_jax.serve.metrics import Metrics
-from m3_jax.serve.scheduler import Job, Scheduler
+from m3_jax.serve.scheduler import Job, Scheduler, shares
 
 
 def batch_sizes(starts_ms: list[int], wait_ms: int, run_ms: int, rounds: int = 5, think_ms: int = 10) -> list[int]:
@@ -139,17 +144,13 @@ def test_a_non_streamed_row_is_answered_whole_with_the_per_token_rules():
   """Non-streamed rows without stop strings are taken whole: a row cut at a stop id before max_tokens ends with
   "stop", a row reaching max_tokens (the batch decodes to its largest) is cut there with "length", an empty row is
   an empty "stop" answer, and a cancelled request gets nothing."""
-  import queue
-
-  import numpy as np
-
   rows = [[7] * 10, [7] * 16, [7] * 10, [], [7] * 16]
   engine = types.SimpleNamespace(length_step=16, stop_ids=(2,),
                                  generate_rows=lambda prompts, visual, max_new, *rest, on_token=None: rows)
   tokenizer = types.SimpleNamespace(decode=lambda ids, skip_special_tokens: " ".join(map(str, ids)))
   model = types.SimpleNamespace(scales=(1,), engine=engine, tokenizer=tokenizer)
   sched = Scheduler(model, Metrics(), max_batch=8, max_queue=64, batch_wait_s=0.0)
-  sched._encode = lambda batch: batch
+  sched._encode = lambda batch, engine=None: batch
   inline = types.SimpleNamespace(call_soon_threadsafe=lambda f, *a: f(*a))
 
   def job(max_tokens):
@@ -163,3 +164,65 @@ def test_a_non_streamed_row_is_answered_whole_with_the_per_token_rules():
   assert [(len(a.token_ids), a.finish_reason) for a in answers] == [(10, "stop"), (8, "length"), (10, "length"),
                                                                      (0, "stop")]
   assert answers[1].text == " ".join(["7"] * 8) and jobs[4].events.empty()
+
+
+def test_shares_cut_a_batch_into_contiguous_near_equal_parts():
+  assert shares(list(range(8)), 2) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+  assert shares(list(range(5)), 2) == [[0, 1, 2], [3, 4]]
+  assert shares(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
+  assert shares([0], 2) == [[0]]  # a batch smaller than the replicas uses as many as it has requests
+  assert shares(list(range(4)), 1) == [[0, 1, 2, 3]]
+
+
+def replica_server(fail_second: bool):
+  """A scheduler over two fake engine replicas whose decodes must overlap (each waits for the other at a barrier),
+  the second failing when asked; jobs without images whose prompt is their number, answered [100 + number] * 3."""
+  meeting = threading.Barrier(2, timeout=30)
+  ran = {}
+
+  def engine(name, fail=False):
+    def generate_rows(prompts, visual, max_new, *rest, on_token=None):
+      ran[name] = [int(p[0]) for p in prompts]
+      meeting.wait()  # (a share run after the other would break the barrier: the shares run concurrently)
+      if fail:
+        raise RuntimeError(f"{name} lost its device")
+      return [[100 + int(p[0])] * 3 for p in prompts]
+    return types.SimpleNamespace(length_step=16, stop_ids=(2,), generate_rows=generate_rows)
+
+  first, second = engine("first"), engine("second", fail_second)
+  tokenizer = types.SimpleNamespace(decode=lambda ids, skip_special_tokens: " ".join(map(str, ids)))
+  model = types.SimpleNamespace(scales=(1,), engine=first, tokenizer=tokenizer,
+                                config=types.SimpleNamespace(type="llava15"))
+  sched = Scheduler(model, Metrics(), max_batch=8, max_queue=64, batch_wait_s=0.0, engines=[first, second])
+  inline = types.SimpleNamespace(call_soon_threadsafe=lambda f, *a: f(*a))
+  jobs = [Job(types.SimpleNamespace(ids=np.array([i], np.int32), scale=None, max_tokens=3, stops=()), None, None,
+              0.0, 1.0, 0, False, inline, queue.Queue()) for i in range(5)]
+  with sched.cond:  # all five wait before the worker starts: one batch
+    sched.waiting.extend(jobs)
+  return sched, jobs, ran
+
+
+@pytest.mark.parametrize("fail_second", [False, True])
+def test_a_batch_is_split_between_replicas_that_run_at_once_and_a_failed_share_answers_only_its_requests(
+    fail_second):
+  sched, jobs, ran = replica_server(fail_second)
+  sched.start()
+  try:
+    events = [j.events.get(timeout=30) for j in jobs]
+  finally:
+    sched.stop(30)
+  assert ran == {"first": [0, 1, 2], "second": [3, 4]}
+  for i, (kind, payload) in enumerate(events):
+    if fail_second and i >= 3:
+      assert kind == "error" and payload.status == 500 and "second lost its device" in payload.info.message
+    else:
+      assert kind == "done" and payload.token_ids == [100 + i] * 3 and payload.finish_reason == "length"
+  assert all(j.events.empty() for j in jobs)  # one answer each
+  assert not sched.thread.is_alive() and sched.pool._shutdown
+
+
+def test_continuous_batching_refuses_replicas():
+  model = types.SimpleNamespace(scales=(1,), engine=types.SimpleNamespace(length_step=16))
+  with pytest.raises(ValueError, match="--batching static"):
+    Scheduler(model, Metrics(), max_batch=8, max_queue=8, batch_wait_s=0.0, batching="continuous",
+              engines=[model.engine, model.engine])

@@ -156,6 +156,33 @@ def test_64_concurrent_mixed_scale_requests_equal_their_single_answers(served, m
   assert batches <= 32, batches  # requests were batched (16 clients, up to 8 per batch)
 
 
+def test_data_parallel_replicas_split_each_batch_and_answer_as_one_engine(model, images, reference):
+  """--data-parallel 2: a second engine on the second device takes half of each batch; every answer (streamed or
+  not, mixed scales) still equals the request's single answer."""
+  import jax
+
+  scales = sorted(model.scales)[:2]
+  jobs = [(i % 4, scales[i % 2], i == 5) for i in range(8)]  # (image, scale, stream)
+  with serving(model, max_batch=8, batch_wait_ms=200, allowed_image_dir=images, max_image_pixels=4096,
+               data_parallel=2) as (url, app):
+    engines = app.state.scheduler.engines
+    assert len(engines) == 2 and engines[0] is model.engine
+    assert {d for x in jax.tree.leaves(engines[1].params) for d in x.devices()} == {jax.devices()[1]}
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+
+    def one(job):
+      image, scale, stream = job
+      r = ask(client, content(data_uri(images / f"{image}.png")), visual_tokens=scale, stream=stream)
+      return stream_text(r)[0] if stream else r.choices[0].message.content
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+      got = list(pool.map(one, jobs))
+    assert got == [reference(image, scale)["text"] for image, scale, _ in jobs]
+    assert engines[1]._generate._cache_size() > 0  # the second replica decoded a share
+  with pytest.raises(ValueError, match="data-parallel replicas: expected 1 to 8"):
+    app_module.create_app(model, name=NAME, data_parallel=9)
+
+
 def error_of(excinfo):
   e = excinfo.value
   return e.status_code, e.body

@@ -1,5 +1,6 @@
 """`m3 serve` as a process: SIGTERM stops accepting, finishes the requests in flight, and exits 0."""
 import concurrent.futures
+import os
 import signal
 import subprocess
 import sys
@@ -22,11 +23,16 @@ def metric(url: str, name: str) -> float:
 
 @pytest.mark.slow
 def test_sigterm_drains_in_flight_requests_and_exits_0(ckpt, model):
+  """With --data-parallel 2 (each batch of 2 split between two engine replicas): `m3 serve` asks JAX for the two
+  CPU devices itself (this test's XLA_FLAGS device count is taken away from the process)."""
   port = free_port()
   url = f"http://127.0.0.1:{port}"
+  flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                   if not f.startswith("--xla_force_host_platform_device_count"))
   proc = subprocess.Popen([sys.executable, "-m", "m3_jax", "serve", "--ckpt", str(ckpt), "--port", str(port),
-                           "--max-batch", "2", "--batch-wait-ms", "0"],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                           "--max-batch", "2", "--batch-wait-ms", "0", "--data-parallel", "2"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=dict(os.environ, XLA_FLAGS=flags))
   try:
     deadline = time.monotonic() + 300
     while True:
@@ -45,9 +51,11 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(ckpt, model):
       while metric(url, "m3_requests_running") + metric(url, "m3_queue_depth") < 4:
         assert not any(f.done() for f in futures), "a request finished before all were in: nothing to drain"
         time.sleep(0.05)
+      replicas = {r: metric(url, f'm3_replica_requests_total{{replica="{r}"}}') for r in "01"}
       proc.send_signal(signal.SIGTERM)
       answers = [f.result() for f in futures]
     assert proc.wait(120) == 0
+    assert replicas["1"] >= 1 and replicas["0"] >= 1, replicas  # a batch of 2 was split
   finally:
     if proc.poll() is None:
       proc.kill()
