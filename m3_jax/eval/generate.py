@@ -93,8 +93,10 @@ class Engine:
   loop reads each layer's weights where they lie instead of copying them out of the stacked arrays every step.
   """
 
-  def __init__(self, config: ModelConfig, params, *, stop_ids: Sequence[int] | None = None, length_step: int = 16):
+  def __init__(self, config: ModelConfig, params, *, stop_ids: Sequence[int] | None = None, length_step: int = 16,
+               device: jax.Device | None = None):
     self.config = config
+    self.device = device  # a replica's device (`on_device`): its random keys are put there
     self.model = llava.LlavaM3(config)
     self.params = params
     self.stop_ids = tuple(stop_ids) if stop_ids is not None else (config.eos_token_id,)
@@ -110,7 +112,7 @@ class Engine:
   def on_device(self, device) -> "Engine":
     """This engine with a copy of its params on `device`: a data-parallel replica (`replicas`)."""
     return Engine(self.config, jax.device_put(self.params, device), stop_ids=self.stop_ids,
-                  length_step=self.length_step)
+                  length_step=self.length_step, device=device)
 
   @property
   def params(self):
@@ -144,7 +146,7 @@ class Engine:
         pad = batch_size - len(chunk) if len(rows) > batch_size else 0  # one shape per scale across chunks
         if pad:
           px = np.concatenate([px, np.zeros((pad, *px.shape[1:]), px.dtype)])
-        emb = np.asarray(self._visual(self.params, jnp.asarray(px), scale=int(scale)))
+        emb = np.asarray(self._visual(self.params, np.asarray(px), scale=int(scale)))
         for j, i in enumerate(chunk):
           out[i] = emb[j]
     return out
@@ -171,7 +173,7 @@ class Engine:
       pad = batch_size - n if b > batch_size else 0  # one shape across chunks
       if pad:
         px = np.concatenate([px, np.zeros((pad, *px.shape[1:]), px.dtype)])
-      for scale, emb in zip(scales, self._visual_scales(self.params, jnp.asarray(px), scales=scales)):
+      for scale, emb in zip(scales, self._visual_scales(self.params, np.asarray(px), scales=scales)):
         emb = np.asarray(emb)
         out[scale].extend(emb[j] for j in range(n))
     return out
@@ -180,7 +182,7 @@ class Engine:
                            grid: tuple[int, int] | None = None) -> dict[int, np.ndarray]:
     """`anyres_tokens` at every scale in `scales` from one pass of the encoder over the crops: {scale: float[n, D]}."""
     scales = tuple(sorted({int(s) for s in scales}, reverse=True))
-    per_crop = self._visual_scales(self.params, jnp.asarray(crops), scales=scales)
+    per_crop = self._visual_scales(self.params, np.asarray(crops), scales=scales)
     out = {}
     for scale, emb in zip(scales, per_crop):
       idx = anyres.pack_indices(self.config, image_hw, scale, grid, n_crops=int(crops.shape[0]))
@@ -192,7 +194,7 @@ class Engine:
     """LLaVA-NeXT: one image's crops float32[C, H, W, 3] (base first, `m3_jax.data.anyres.anyres_crops`) ->
     float[n, D], every crop pooled to `scale` tokens ("tokens per grid"), unpadded, a newline per row."""
     idx = anyres.pack_indices(self.config, image_hw, int(scale), grid, n_crops=int(crops.shape[0]))
-    per_crop = self._visual(self.params, jnp.asarray(crops), scale=int(scale))
+    per_crop = self._visual(self.params, np.asarray(crops), scale=int(scale))
     return np.asarray(anyres.anyres_embeds(per_crop[None], self.params["image_newline"], idx[None])[0])
 
   # -------------------------------------------------------------------------------------------- batching
@@ -304,8 +306,8 @@ class Engine:
     """Prompt ids (one placeholder where a sample has visual tokens) + per-sample visual tokens float[n_b, D]
     (or None for text-only) -> generated ids per sample, up to and excluding the first stop token."""
     self.check_context(prompts, visual, int(sampling.max_new_tokens))
-    return self._run(prompts, visual, jax.random.key(sampling.seed), jnp.float32(sampling.temperature),
-                     jnp.float32(sampling.top_p), max_new=int(sampling.max_new_tokens),
+    return self._run(prompts, visual, jax.random.key(sampling.seed), np.float32(sampling.temperature),
+                     np.float32(sampling.top_p), max_new=int(sampling.max_new_tokens),
                      greedy=sampling.temperature <= 0)
 
   def generate_rows(self, prompts: Sequence[np.ndarray], visual: Sequence[np.ndarray | None], max_new_tokens: int,
@@ -348,8 +350,10 @@ class Engine:
       raise ValueError(f"max_new_tokens {max_new}: expected >= 0")
     n = len(prompts)
     ids, mask, img, n_vis = self._pack(*self.pad_rows(prompts, visual), "left")
-    out = self._generate(self.params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(img), jnp.asarray(n_vis),
-                         rng, temperature, top_p, jnp.int32(max_new), max_new=new_tokens_bucket(max_new), **static)
+    if self.device is not None:  # (host arrays go straight to the params' device; keys are made on the default one)
+      rng = jax.device_put(rng, self.device)
+    out = self._generate(self.params, np.asarray(ids), np.asarray(mask), np.asarray(img), np.asarray(n_vis),
+                         rng, temperature, top_p, np.int32(max_new), max_new=new_tokens_bucket(max_new), **static)
     results = []
     for row in np.asarray(out)[:n, :max_new].tolist():
       cut = next((i for i, t in enumerate(row) if t in self.stop_ids), len(row))
@@ -369,7 +373,7 @@ class Engine:
     rows and slots are masked out and a row's state does not depend on its batch."""
     n = len(prompts)
     ids, mask, img, n_vis = self._pack(*self.pad_rows(prompts, visual), "left")  # as in generation
-    out = self._state(self.params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(img), jnp.asarray(n_vis))
+    out = self._state(self.params, np.asarray(ids), np.asarray(mask), np.asarray(img), np.asarray(n_vis))
     return np.asarray(out)[:n]
 
   # ----------------------------------------------------------------------------------------------- scoring
@@ -391,8 +395,8 @@ class Engine:
     labels = np.full_like(ids, IGNORE)
     for i, (p, c) in enumerate(zip(prompts, continuations)):
       labels[i, len(p):len(p) + len(c)] = c
-    total, count = self._score(self.params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(labels),
-                               jnp.asarray(img), jnp.asarray(n_vis))
+    total, count = self._score(self.params, np.asarray(ids), np.asarray(mask), np.asarray(labels),
+                               np.asarray(img), np.asarray(n_vis))
     return np.asarray(total), np.asarray(count)
 
 

@@ -50,20 +50,21 @@ class M3Model:
                      if im is not None else np.zeros((size, size, 3), np.float32) for im in images])
 
   def visual(self, images: Sequence[Any], scales: Sequence[int], grid: tuple[int, int] | None = None,
-             batch_size: int = 16) -> list[np.ndarray]:
+             batch_size: int = 16, engine: Engine | None = None) -> list[np.ndarray]:
     """Each image's visual tokens float[n_b, D] at its scale (LLaVA-NeXT: `scale` tokens per crop, `grid`
-    overrides the crop grid as in paper Table 5)."""
+    overrides the crop grid as in paper Table 5), by `engine` (default: the model's; a server's replica)."""
+    engine = engine or self.engine
     if self.config.type == "llava15":
       if grid is not None:
         raise ValueError(f"a grid override ({grid[0]}x{grid[1]}) needs a LLaVA-NeXT checkpoint; this one is "
                          "LLaVA-1.5 (one crop per image)")
-      return self.engine.visual_tokens(self.pixels(images), scales, batch_size=batch_size)
+      return engine.visual_tokens(self.pixels(images), scales, batch_size=batch_size)
     from m3_jax.data.anyres import anyres_crops
     out = []
     for im, scale in zip(images, scales):
       crops, hw = anyres_crops(image_lib.load_image(im), self.image_cfg, self.config.anyres.grid_pinpoints,
                                self.config.anyres.pinpoint_order, grid)
-      out.append(self.engine.anyres_tokens(crops, hw, scale, grid))
+      out.append(engine.anyres_tokens(crops, hw, scale, grid))
     return out
 
   def visual_scales(self, images: Sequence[Any], scales: Sequence[int], grid: tuple[int, int] | None = None,

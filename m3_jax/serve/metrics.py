@@ -23,8 +23,8 @@ class Metrics:
     self.running = Gauge("m3_requests_running", "requests in the batch being decoded", registry=r)
     self.batch_size = Histogram("m3_batch_size", "requests per engine batch", buckets=(1, 2, 4, 8, 16, 32, 64),
                                 registry=r)
-    self.replica_requests = Counter("m3_replica_requests", "requests decoded by each engine replica "
-                                    "(--data-parallel; replica 0 alone without it)", ["replica"], registry=r)
+    self.replica_requests = Counter("m3_replica_requests", "requests of static batches given to each engine "
+                                    "replica (--data-parallel N > 1)", ["replica"], registry=r)
     self.batch_seconds = Histogram("m3_batch_seconds", "one engine batch: encode + prefill + decode",
                                    buckets=LATENCY_BUCKETS, registry=r)
     self.latency = Histogram("m3_request_latency_seconds", "request received -> answered",

@@ -123,6 +123,8 @@ class Scheduler:
                        "on one device")
     self.pool = (ThreadPoolExecutor(len(self.engines) - 1, thread_name_prefix="m3-serve-replica")
                  if len(self.engines) > 1 else None)
+    for replica in range(len(self.engines)):  # every replica on /metrics from the start, at 0
+      metrics.replica_requests.labels(str(replica))
     self.model, self.metrics, self.router, self.batching = model, metrics, router, batching
     self.max_batch, self.max_queue, self.batch_wait_s = max_batch, max_queue, batch_wait_s
     self.waiting: collections.deque[Job] = collections.deque()
@@ -142,8 +144,8 @@ class Scheduler:
       self.stopping = True
       self.cond.notify_all()
     self.thread.join(timeout)
-    if self.pool is not None and not self.thread.is_alive():
-      self.pool.shutdown()
+    if self.pool is not None:  # (a worker still running past `timeout`: its shares are not waited for)
+      self.pool.shutdown(wait=not self.thread.is_alive(), cancel_futures=True)
 
   def submit(self, job: Job):
     with self.cond:
@@ -338,27 +340,28 @@ class Scheduler:
 
   def _run_batch(self, batch: list[Job]):
     """Runs `batch` on the engine, or split between the replicas: one share each, run concurrently (the first
-    in this thread); a failed share raises once every share has ended."""
+    in this thread); a share that fails answers its own requests with a 500."""
+    batch = self._route([j for j in batch if not j.cancelled])  # "auto": the router once, for the whole batch
+    if len(self.engines) == 1:
+      return self._run_share(self.engines[0], batch)
     parts = shares(batch, len(self.engines))
     for replica, part in enumerate(parts):
       self.metrics.replica_requests.labels(str(replica)).inc(len(part))
     running = [self.pool.submit(self._run_share, e, p) for e, p in zip(self.engines[1:], parts[1:])]
-    errors = []
+    outcomes = [None] * len(parts)
     try:
       self._run_share(self.engines[0], parts[0])
     except Exception as e:
-      errors.append(e)
-    for future in running:
-      try:
-        future.result()
-      except Exception as e:
-        errors.append(e)
-    if errors:
-      raise errors[0]
+      outcomes[0] = e
+    for i, future in enumerate(running, 1):
+      outcomes[i] = future.exception()
+    for i, (part, e) in enumerate(zip(parts, outcomes)):
+      if e is not None:  # this share's requests get a 500 naming its error; the other shares' are answered
+        self._fail(part, "share %d of a batch of %d (replica %d)" % (i, len(batch), i), e)
 
   def _run_share(self, engine, batch: list[Job]):
-    # Cancelled again after encoding too: a request that left while the router or encoder ran has no tokens.
-    batch = [j for j in self._encode([j for j in batch if not j.cancelled], engine)
+    # Cancelled again after encoding too: a request that left while the encoder ran has no tokens.
+    batch = [j for j in self._encode_visual([j for j in batch if not j.cancelled], engine)
              if not j.finished and not j.cancelled]
     if not batch:
       return
@@ -386,8 +389,11 @@ class Scheduler:
         self._finish(job, reason="stop")
 
   def _encode(self, batch: list[Job], engine=None) -> list[Job]:
-    """Sets each job's scale and visual tokens (float[n, D] or None): the encoder (`engine`'s, default the
-    model's; LLaVA-NeXT's crops always go through the model's) runs once per scale group."""
+    """Sets each job's scale (`_route`) and visual tokens (`_encode_visual`)."""
+    return self._encode_visual(self._route(batch), engine)
+
+  def _route(self, batch: list[Job]) -> list[Job]:
+    """Sets each job's scale: its own, or the router's choice for "auto" (once for the whole batch)."""
     model = self.model
     auto = [j for j in batch if isinstance(j.prompt.scale, chat.Auto)]
     if auto:  # the router hook (the `--scale auto` issue): its choice, capped by max_visual_tokens
@@ -398,12 +404,18 @@ class Scheduler:
     for j in batch:
       if isinstance(j.prompt.scale, int):
         j.scale = j.prompt.scale
+    return batch
+
+  def _encode_visual(self, batch: list[Job], engine=None) -> list[Job]:
+    """Sets each routed job's visual tokens (float[n, D] or None) with `engine` (default: the model's), the
+    encoder run once per scale group (LLaVA-1.5) or per image (LLaVA-NeXT's crops)."""
+    model, engine = self.model, engine or self.model.engine
     with_image = [j for j in batch if j.scale is not None and not j.cancelled]
     if model.config.type == "llava15":
-      encode_by_scale(engine or model.engine, with_image)
+      encode_by_scale(engine, with_image)
     else:
       for j in with_image:
-        j.visual = model.visual([j.image], [j.scale])[0]
+        j.visual = model.visual([j.image], [j.scale], engine=engine)[0]
         try:
           chat.check_context(model, j.prompt.ids, j.scale, j.prompt.max_tokens, visual=len(j.visual))
         except ApiError as e:

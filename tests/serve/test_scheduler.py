@@ -150,7 +150,8 @@ def test_a_non_streamed_row_is_answered_whole_with_the_per_token_rules():
   tokenizer = types.SimpleNamespace(decode=lambda ids, skip_special_tokens: " ".join(map(str, ids)))
   model = types.SimpleNamespace(scales=(1,), engine=engine, tokenizer=tokenizer)
   sched = Scheduler(model, Metrics(), max_batch=8, max_queue=64, batch_wait_s=0.0)
-  sched._encode = lambda batch, engine=None: batch
+  sched._route = lambda batch: batch
+  sched._encode_visual = lambda batch, engine=None: batch
   inline = types.SimpleNamespace(call_soon_threadsafe=lambda f, *a: f(*a))
 
   def job(max_tokens):
@@ -226,3 +227,27 @@ def test_continuous_batching_refuses_replicas():
   with pytest.raises(ValueError, match="--batching static"):
     Scheduler(model, Metrics(), max_batch=8, max_queue=8, batch_wait_s=0.0, batching="continuous",
               engines=[model.engine, model.engine])
+
+
+def test_warmup_compiles_every_share_shape_on_every_replica():
+  """--max-batch 8 over 2 replicas: a share has at most 4 requests, padded to 1, 2 or 4 rows; each replica's
+  encoder and decode are called at each of those sizes and every scale before serving."""
+  calls = []
+
+  def engine(name):
+    def visual_tokens(pixels, scale, batch_size):
+      calls.append((name, "encode", len(pixels), scale))
+      return [np.zeros((scale, 4), np.float32)] * len(pixels)
+
+    def generate_rows(prompts, visual, max_new, *rest):
+      calls.append((name, "decode", len(prompts), len(visual[0])))
+    return types.SimpleNamespace(length_step=16, visual_tokens=visual_tokens, generate_rows=generate_rows)
+
+  first, second = engine("first"), engine("second")
+  model = types.SimpleNamespace(scales=(9, 1), engine=first, config=types.SimpleNamespace(
+      type="llava15", vision=types.SimpleNamespace(image_size=8)), prompt_ids=lambda prompt, image: [1, 2])
+  sched = Scheduler(model, Metrics(), max_batch=8, max_queue=8, batch_wait_s=0.0, engines=[first, second])
+  assert sched.warmup() == 2 * 2 * 3 * 2
+  want = {(name, kind, rows, scale) for name in ("first", "second") for kind in ("encode", "decode")
+          for rows in (1, 2, 4) for scale in (1, 9)}
+  assert set(calls) == want and len(calls) == len(want)

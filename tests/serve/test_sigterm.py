@@ -30,7 +30,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(ckpt, model):
   flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
                    if not f.startswith("--xla_force_host_platform_device_count"))
   proc = subprocess.Popen([sys.executable, "-m", "m3_jax", "serve", "--ckpt", str(ckpt), "--port", str(port),
-                           "--max-batch", "2", "--batch-wait-ms", "0", "--data-parallel", "2"],
+                           "--max-batch", "2", "--batch-wait-ms", "200", "--data-parallel", "2"],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env=dict(os.environ, XLA_FLAGS=flags))
   try:
@@ -47,15 +47,17 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(ckpt, model):
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
       futures = [pool.submit(httpx.post, url + "/v1/chat/completions", timeout=600, json={
           "messages": [{"role": "user", "content": q}], "max_tokens": MAX}) for q in questions]
-      # Every request is in (decoding or queued; the first batch compiles for seconds) before SIGTERM.
-      while metric(url, "m3_requests_running") + metric(url, "m3_queue_depth") < 4:
+      # Every request is in (decoding or queued; the first batch, split between the replicas, compiles for
+      # seconds) before SIGTERM.
+      replica = lambda r: metric(url, f'm3_replica_requests_total{{replica="{r}"}}')
+      while metric(url, "m3_requests_running") + metric(url, "m3_queue_depth") < 4 or replica("1") < 1:
         assert not any(f.done() for f in futures), "a request finished before all were in: nothing to drain"
         time.sleep(0.05)
-      replicas = {r: metric(url, f'm3_replica_requests_total{{replica="{r}"}}') for r in "01"}
+      replicas = {r: replica(r) for r in "01"}
       proc.send_signal(signal.SIGTERM)
       answers = [f.result() for f in futures]
     assert proc.wait(120) == 0
-    assert replicas["1"] >= 1 and replicas["0"] >= 1, replicas  # a batch of 2 was split
+    assert replicas == {"0": 1, "1": 1}, replicas  # the first batch of 2 was split
   finally:
     if proc.poll() is None:
       proc.kill()
