@@ -20,15 +20,14 @@ the checkpoint's chain), greedy, `--max-tokens` (random weights rarely stop earl
 - Served: `python -m m3_jax serve --ckpt CKPT --port P --max-batch B --batching MODE --warmup` as subprocesses on
   127.0.0.1 (each its own GIL), B = 8 with each `--batching` mode, B = 8 static with `--data-parallel N` when N > 1,
   and B = 1 (sequential, the baseline of every ratio; when N > 1 also a sequential server with `--data-parallel N`,
-  which one request at a time cannot use, reported beside it), all up at once and each ended by SIGTERM (it drains; its exit status is reported); with
-  continuous batching, "mean batch" is the mean of active rows per chunk of decode steps and "worker busy" the
-  chunks' share of the wall. The clients are asyncio
-  tasks of this process over one aiohttp session, each a closed loop sending `--requests` requests one after the
-  other. Warm-up passes (2 requests per client) run until one compiles nothing. Then `--rounds` timed passes a
-  server, alternating between the servers round by round, in reverse order every other round (this machine's
-  speed drifts by 2x within minutes: one server timed after another measured the drift as much as the batching);
-  the ratio to sequential is each round's batched pass over that round's sequential pass, their median reported
-  with their range.
+  which one request at a time cannot use, reported beside it), all up at once and each ended by SIGTERM (it drains;
+  its exit status is reported); with continuous batching, "mean batch" is the mean of active rows per chunk of
+  decode steps and "worker busy" the chunks' share of the wall. The clients are asyncio tasks of this process over
+  one aiohttp session, each a closed loop sending `--requests` requests one after the other. Warm-up passes (2
+  requests per client) run until one compiles nothing. Then `--rounds` timed passes a server, alternating between
+  the servers round by round, in reverse order every other round (this machine's speed drifts by 2x within
+  minutes: one server timed after another measured the drift as much as the batching); the ratio to sequential is
+  each round's batched pass over that round's sequential pass, their median reported with their range.
 
 Every XLA program the server can meet is compiled here first (`Scheduler.warmup` for this prompt and max_tokens,
 which the engine-only runs need anyway) into the persistent compilation cache the server reads; the server logs its
@@ -54,6 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
 import httpx
@@ -74,8 +74,7 @@ from m3_jax.models.config import ModelConfig
 from m3_jax.serve import chat, images
 from m3_jax.serve.metrics import Metrics
 from m3_jax.serve.protocol import ChatRequest
-from m3_jax.serve.scheduler import Job, Scheduler, encode_by_scale, shares
-from concurrent.futures import ThreadPoolExecutor
+from m3_jax.serve.scheduler import Job, Scheduler, encode_by_scale, run_shares, shares
 
 PROMPT = "what colour is the picture?"
 COMPILED = re.compile(r"Finished XLA compilation of \S+ in ([0-9.]+) sec")
@@ -131,11 +130,9 @@ def run_batch(engine, jobs: list[Job]) -> tuple[float, float]:
 def run_split(engines, jobs: list[Job], pool: ThreadPoolExecutor) -> float:
   """One engine batch split between replicas as the scheduler splits it (a share each, concurrently) -> seconds."""
   start = time.perf_counter()
-  parts = shares(jobs, len(engines))
-  running = [pool.submit(run_batch, e, p) for e, p in zip(engines[1:], parts[1:])]
-  run_batch(engines[0], parts[0])
-  for r in running:
-    r.result()
+  for e in run_shares(engines, shares(jobs, len(engines)), run_batch, pool):
+    if e is not None:
+      raise e
   return time.perf_counter() - start
 
 
@@ -417,7 +414,7 @@ def run(name: str, args, root: pathlib.Path) -> list[str]:
                      f"({min(r['ratios']):.2f}-{max(r['ratios']):.2f})"
                      for r in served_rows if "--batching" in r["mode"])
   if args.data_parallel > 1:  # the baseline given the replicas too (one request at a time uses one)
-    r = served_rows[-3]
+    r = next(r for r in served_rows if r["mode"] == f"sequential (--max-batch 1, --data-parallel {args.data_parallel})")
     ratios += (f"; sequential with --data-parallel {args.data_parallel} {np.median(r['ratios']):.2f}x "
                f"({min(r['ratios']):.2f}-{max(r['ratios']):.2f})")
   lines += ["", f"{name}: served batching / sequential, the median of the rounds' ratios (their range): {ratios};"

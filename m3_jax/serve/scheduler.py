@@ -98,6 +98,18 @@ def shares(jobs: list, n: int) -> list[list]:
   return out
 
 
+def run_shares(engines: list, parts: list[list], run: Callable, pool: ThreadPoolExecutor) -> list[Exception | None]:
+  """`run(engines[i], parts[i])` for every share at once (the first in this thread, the others in `pool`) -> each
+  share's exception, or None."""
+  running = [pool.submit(run, e, p) for e, p in zip(engines[1:], parts[1:])]
+  try:
+    run(engines[0], parts[0])
+    first = None
+  except Exception as e:
+    first = e
+  return [first] + [future.exception() for future in running]
+
+
 def encode_by_scale(engine, jobs: list[Job]) -> None:
   """LLaVA-1.5: sets each job's `visual` (float[scale, D]) from its `pixels` at its `scale`, the encoder run once per
   scale group with the group's rows padded to a power of two (few compilations)."""
@@ -347,17 +359,9 @@ class Scheduler:
     parts = shares(batch, len(self.engines))
     for replica, part in enumerate(parts):
       self.metrics.replica_requests.labels(str(replica)).inc(len(part))
-    running = [self.pool.submit(self._run_share, e, p) for e, p in zip(self.engines[1:], parts[1:])]
-    outcomes = [None] * len(parts)
-    try:
-      self._run_share(self.engines[0], parts[0])
-    except Exception as e:
-      outcomes[0] = e
-    for i, future in enumerate(running, 1):
-      outcomes[i] = future.exception()
-    for i, (part, e) in enumerate(zip(parts, outcomes)):
+    for replica, (part, e) in enumerate(zip(parts, run_shares(self.engines, parts, self._run_share, self.pool))):
       if e is not None:  # this share's requests get a 500 naming its error; the other shares' are answered
-        self._fail(part, "share %d of a batch of %d (replica %d)" % (i, len(batch), i), e)
+        self._fail(part, "replica %d's share of a batch of %d" % (replica, len(batch)), e)
 
   def _run_share(self, engine, batch: list[Job]):
     # Cancelled again after encoding too: a request that left while the encoder ran has no tokens.
@@ -388,9 +392,9 @@ class Scheduler:
       if not job.finished:  # the row ended before max_tokens: at a stop id, which generate_rows cuts off
         self._finish(job, reason="stop")
 
-  def _encode(self, batch: list[Job], engine=None) -> list[Job]:
-    """Sets each job's scale (`_route`) and visual tokens (`_encode_visual`)."""
-    return self._encode_visual(self._route(batch), engine)
+  def _encode(self, batch: list[Job]) -> list[Job]:
+    """Sets each job's scale (`_route`) and visual tokens (`_encode_visual`, the model's engine)."""
+    return self._encode_visual(self._route(batch), self.engines[0])
 
   def _route(self, batch: list[Job]) -> list[Job]:
     """Sets each job's scale: its own, or the router's choice for "auto" (once for the whole batch)."""
@@ -406,10 +410,10 @@ class Scheduler:
         j.scale = j.prompt.scale
     return batch
 
-  def _encode_visual(self, batch: list[Job], engine=None) -> list[Job]:
-    """Sets each routed job's visual tokens (float[n, D] or None) with `engine` (default: the model's), the
-    encoder run once per scale group (LLaVA-1.5) or per image (LLaVA-NeXT's crops)."""
-    model, engine = self.model, engine or self.model.engine
+  def _encode_visual(self, batch: list[Job], engine) -> list[Job]:
+    """Sets each routed job's visual tokens (float[n, D] or None) with `engine`, the encoder run once per scale
+    group (LLaVA-1.5) or per image (LLaVA-NeXT's crops)."""
+    model = self.model
     with_image = [j for j in batch if j.scale is not None and not j.cancelled]
     if model.config.type == "llava15":
       encode_by_scale(engine, with_image)
