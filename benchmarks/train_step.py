@@ -265,7 +265,6 @@ def main(argv=None):
   if args.dry_run:
     return
 
-  import jax
   import torch
   peaks = {"jax": jax_matmul_peak()}
   torch.set_num_threads(threads)

@@ -5,7 +5,6 @@ All in-process through `cli.main` with one tiny m3 checkpoint (zeros of the righ
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import numpy as np

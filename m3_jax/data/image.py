@@ -229,23 +229,43 @@ def _center_crop(a: np.ndarray, height: int, width: int) -> np.ndarray:
   return padded[top:top + height, left:left + width]
 
 
-def preprocess(img: Image.Image, cfg: ImageProcessorConfig, *, aspect: str = "crop") -> np.ndarray:
+def preprocess(img: Image.Image, cfg: ImageProcessorConfig, *, aspect: str = "crop",
+               max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None) -> np.ndarray:
   """RGB PIL image -> float32[H, W, 3], CLIP-normalised.
 
   aspect: "crop" (HF / plain CLIP: resize shortest edge, center crop) or "pad" (LLaVA-1.5: first pad to a
-  square of the mean colour, so nothing is cropped away).
+  square of the mean colour, so nothing is cropped away). `max_pixels`, `name`: see `resize_crop`.
   """
-  return normalize(resize_crop(img, cfg, aspect=aspect), cfg)
+  return normalize(resize_crop(img, cfg, aspect=aspect, max_pixels=max_pixels, name=name), cfg)
 
 
-def resize_crop(img: Image.Image, cfg: ImageProcessorConfig, *, aspect: str = "crop") -> np.ndarray:
+def work_pixels(w: int, h: int, cfg: ImageProcessorConfig, aspect: str) -> int:
+  """Pixels of the largest image `resize_crop` makes from a w x h one: the image itself, LLaVA-1.5's square of its
+  longer side ("pad"), or the image resized to the processor's size ("crop"). A thin image makes a huge one: 16384
+  x 1 pads to 16384 x 16384, and 1 x 1000 resized to a shortest edge of 336 is 336 x 336000."""
+  side_w, side_h = (max(w, h),) * 2 if aspect == "pad" else (w, h)
+  rw, rh = _resize_target(side_w, side_h, cfg.size) if cfg.do_resize else (side_w, side_h)
+  return max(w * h, side_w * side_h, rw * rh)
+
+
+def resize_crop(img: Image.Image, cfg: ImageProcessorConfig, *, aspect: str = "crop",
+                max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None) -> np.ndarray:
   """The geometric half of `preprocess`: RGB PIL image -> uint8[H, W, 3] (pad or not, resize, center crop).
 
-  The pipeline's workers stop here: uint8 crosses the process boundary at a quarter of float32's size."""
+  An image whose preprocessing would make one of more than `max_pixels` pixels on the way (`work_pixels`: an
+  extreme aspect ratio) is an ImageError naming it (`name`) before any of it is made. The pipeline's workers stop
+  here: uint8 crosses the process boundary at a quarter of float32's size."""
+  if aspect not in ("pad", "crop"):
+    raise ValueError(f"image aspect {aspect!r} is not 'pad' or 'crop'")
+  w, h = img.size
+  work = work_pixels(w, h, cfg, aspect)
+  if work > max_pixels:
+    how = (f"LLaVA-1.5's preprocessing pads it to a {max(w, h)}x{max(w, h)} square before resizing"
+           if aspect == "pad" else f"preprocessing resizes it to {'x'.join(map(str, _resize_target(w, h, cfg.size)))}")
+    raise ImageError(f"image {name + ' ' if name else ''}{w}x{h}: {how} ({work} pixels), over the limit of "
+                     f"{max_pixels} pixels; crop it to a less extreme aspect ratio or raise the limit")
   if aspect == "pad":
     img = expand_to_square(img, cfg.pad_color)
-  elif aspect != "crop":
-    raise ValueError(f"image aspect {aspect!r} is not 'pad' or 'crop'")
   if cfg.do_convert_rgb:
     img = to_rgb(img)
   if cfg.do_resize:
@@ -269,5 +289,7 @@ def normalize(a: np.ndarray, cfg: ImageProcessorConfig) -> np.ndarray:
 
 def load_and_preprocess(src: Any, cfg: ImageProcessorConfig, *, aspect: str = "pad",
                         max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-  """File/bytes -> float32[H, W, 3]; the one call the pipeline and `m3 generate` make per image."""
-  return preprocess(load_image(src, max_pixels=max_pixels), cfg, aspect=aspect)
+  """File/bytes -> float32[H, W, 3]; the one call the pipeline and `m3 generate` make per image. `max_pixels`
+  bounds the image and every image its preprocessing makes (`resize_crop`)."""
+  name = None if isinstance(src, (bytes, bytearray, Image.Image)) else str(src)
+  return preprocess(load_image(src, max_pixels=max_pixels), cfg, aspect=aspect, max_pixels=max_pixels, name=name)

@@ -102,7 +102,11 @@ class Preprocess:
                                    record_id=rid)
     h, w = self.image_cfg.output_size
     if has_image:
-      pixels = image_lib.resize_crop(self.load(img, rid), self.image_cfg, aspect=self.aspect)   # uint8: Collate
+      try:  # uint8: Collate normalises
+        pixels = image_lib.resize_crop(self.load(img, rid), self.image_cfg, aspect=self.aspect,
+                                       max_pixels=self.max_pixels)
+      except image_lib.ImageError as e:
+        raise BadRecord(rid, str(e)) from None
     else:
       pixels = np.zeros((h, w, 3), np.uint8)
     return {"id": rid, "input_ids": tok.input_ids, "labels": tok.labels, "pixels": pixels, "truncated": tok.truncated,

@@ -43,10 +43,11 @@ class M3Model:
   def scales(self) -> tuple[int, ...]:
     return self.config.m3.scales
 
-  def pixels(self, images: Sequence[Any]) -> np.ndarray:
-    """Paths / bytes / PIL images (or None) -> float32[B, H, W, 3]; None becomes zeros (text-only)."""
+  def pixels(self, images: Sequence[Any], max_pixels: int = image_lib.DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Paths / bytes / PIL images (or None) -> float32[B, H, W, 3]; None becomes zeros (text-only). An image over
+    `max_pixels`, or whose preprocessing would make one over it (an extreme aspect ratio), is an ImageError."""
     size = self.config.vision.image_size
-    return np.stack([image_lib.load_and_preprocess(im, self.image_cfg, aspect=self.aspect)
+    return np.stack([image_lib.load_and_preprocess(im, self.image_cfg, aspect=self.aspect, max_pixels=max_pixels)
                      if im is not None else np.zeros((size, size, 3), np.float32) for im in images])
 
   def visual(self, images: Sequence[Any], scales: Sequence[int], grid: tuple[int, int] | None = None,

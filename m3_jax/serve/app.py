@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from m3_jax.data import image as image_lib
 from m3_jax.eval.generate import replicas
 from m3_jax.serve import chat, images
 from m3_jax.serve.metrics import Metrics
@@ -28,8 +29,11 @@ LONG_PROMPT_CHARS = 20_000
 # refuse) in a worker thread. A hop costs ~1.5 ms here, and while eight requests wait on the pool their hops
 # serialize: 6-11 ms of a closed-loop batch's turnaround on tiny. The length bound comes first, before any base64
 # or header work, so a large payload, or a small one whose PNG text chunks inflate, cannot hold the loop for long.
+# The preprocessing of an inline image must stay as small too (`image_lib.work_pixels`: at most what LLaVA's 336-pixel
+# CLIP input costs); a thin image pads to a square of its longer side: 16384 x 1 is 256 times 128 x 128 decoded.
 INLINE_URI_CHARS = 16 * 1024
 INLINE_IMAGE_PIXELS = 128 * 128
+INLINE_WORK_PIXELS = 336 * 336
 
 
 def create_app(model, *, name: str, max_batch: int = 8, max_queue: int = 64, batch_wait_ms: float = 5.0,
@@ -99,21 +103,36 @@ def create_app(model, *, name: str, max_batch: int = 8, max_queue: int = 64, bat
     return ModelList(data=[ModelCard(id=name, created=created, scales=sorted(model.scales),
                                      router=router is not None)])
 
-  def model_input(img):
-    return (None, img) if model.config.type != "llava15" else (model.pixels([img])[0], None)
+  llava15 = model.config.type == "llava15"
+
+  def model_input(img, label: str):
+    """LLaVA-1.5: its CLIP pixels, or a 400 when preprocessing would make an image over --max-image-pixels (an
+    extreme aspect ratio); LLaVA-NeXT cuts its crops at batch time, from a size its grid bounds."""
+    if not llava15:
+      return None, img
+    try:
+      return image_lib.preprocess(img, model.image_cfg, aspect=model.aspect, max_pixels=max_image_pixels,
+                                  name=label), None
+    except image_lib.ImageError as e:
+      raise images.bad(str(e), "image_too_large") from None
 
   def load_image(src, label: str):
-    return model_input(images.load(src, label, max_image_pixels))
+    return model_input(images.load(src, label, max_image_pixels), label)
 
   def resolve_image(url: str):
-    return model_input(images.resolve(url, allowed, max_image_pixels))
+    src, label = images.source(url, allowed)
+    return load_image(src, label)
+
+  def inline(size: tuple[int, int]) -> bool:
+    return size[0] * size[1] <= INLINE_IMAGE_PIXELS and (
+        not llava15 or image_lib.work_pixels(*size, model.image_cfg, model.aspect) <= INLINE_WORK_PIXELS)
 
   async def image_of(url: str):
     """(CLIP pixels float32[H, W, 3], None) for LLaVA-1.5, (None, the PIL image) for LLaVA-NeXT; 400 if bad."""
     if len(url) <= INLINE_URI_CHARS and url[:5].lower() == "data:":
       src, label = images.source(url, allowed)
       head = images.header(src)
-      if head is None or head.size[0] * head.size[1] <= INLINE_IMAGE_PIXELS:  # (None: load names the problem)
+      if head is None or inline(head.size):  # (None: load names the problem)
         return load_image(src if head is None else head, label)
       return await run_in_threadpool(load_image, head, label)
     return await run_in_threadpool(resolve_image, url)
@@ -200,6 +219,9 @@ def create_app(model, *, name: str, max_batch: int = 8, max_queue: int = 64, bat
       c = ChatChunk(id=ident, created=now, model=name, choices=[StreamChoice(delta=delta, **kw)])
       return f"data: {c.model_dump_json(exclude_none=True)}\n\n"
 
+    # /metrics counts every stream once: by account() when answered; as 200 when it ends in an error chunk (its
+    # status line went out with the first chunk); as 499 when the client leaves first.
+    counted = False
     try:
       yield chunk(Delta(role="assistant", content=""))
       while True:
@@ -207,10 +229,13 @@ def create_app(model, *, name: str, max_batch: int = 8, max_queue: int = 64, bat
         if kind == "delta":
           yield chunk(Delta(content=payload))
         elif kind == "error":
+          metrics.requests.labels("200").inc()
+          counted = True
           yield f"data: {ErrorResponse(error=payload.info).model_dump_json()}\n\n"
           break
         else:
           account(payload, start)
+          counted = True
           final = ChatChunk(id=ident, created=now, model=name, scale=payload.scale,
                             choices=[StreamChoice(delta=Delta(), finish_reason=payload.finish_reason)])
           yield f"data: {final.model_dump_json(exclude_none=True)}\n\n"
@@ -222,11 +247,15 @@ def create_app(model, *, name: str, max_batch: int = 8, max_queue: int = 64, bat
           event = await asyncio.wait_for(job.events.get(), max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
           scheduler.cancel(job, "timeout")
+          metrics.requests.labels("200").inc()
+          counted = True
           yield f"data: {ErrorResponse(error=timeout_error().info).model_dump_json()}\n\n"
           break
       yield "data: [DONE]\n\n"
     finally:  # a client that leaves mid-stream cancels this generator
       scheduler.cancel(job, "disconnect")
+      if not counted:
+        metrics.requests.labels("499").inc()
 
   return app
 

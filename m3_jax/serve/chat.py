@@ -35,7 +35,7 @@ def prepare(req: ChatRequest, model, has_router: bool) -> Prompt:
   scale = choose_scale(req, model.scales, has_router) if image_url is not None else None
   ids = prompt_ids(model, system, turns, image_url is not None)
   max_tokens = req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS
-  stops = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+  stops = tuple(unicode_text(s, "stop") for s in ((req.stop,) if isinstance(req.stop, str) else req.stop or ()))
   if len(stops) > 4 or any(not s for s in stops):
     raise ApiError(400, f"stop: up to 4 non-empty strings, got {list(stops)}", param="stop")
   placeholders = int(np.sum(ids == model.config.image_token_id))
@@ -51,6 +51,17 @@ def text_chars(req: ChatRequest) -> int:
   return sum(len(m.content) if isinstance(m.content, str) else
              sum(len(p if isinstance(p, str) else p.text) for p in m.content if not isinstance(p, ImagePart))
              for m in req.messages)
+
+
+def unicode_text(text: str, param: str) -> str:
+  """`text`, or a 400 when it holds a lone UTF-16 surrogate: JSON may escape one ("\\ud800"), Python's json keeps
+  it, and no tokenizer takes it."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise ApiError(400, f"{param}: not valid Unicode text, a lone surrogate {text[e.start]!r} at character {e.start}",
+                   param=param.split("[")[0], code="invalid_text") from None
+  return text
 
 
 def without_placeholders(text: str) -> str:
@@ -77,7 +88,7 @@ def split_messages(req: ChatRequest) -> tuple[str | None, list[tuple[int, str]],
         image_url = part.image_url.url
       else:
         texts.append(part if isinstance(part, str) else part.text)
-    text = without_placeholders("\n".join(texts))
+    text = without_placeholders(unicode_text("\n".join(texts), f"messages[{i}]"))
     if m.role == "system":
       if i != 0:
         raise ApiError(400, f"messages[{i}]: a system message must come first", param="messages")

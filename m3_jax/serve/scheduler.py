@@ -63,6 +63,7 @@ class Job:
   scale: int | None = None
   visual: np.ndarray | None = None   # float[n, D] once encoded
   visual_tokens: int = 0
+  encoded: bool = False              # routed and encoded (a continuous joiner sent back keeps it)
   text: TextStream | None = None
 
   def post(self, kind: str, payload):
@@ -310,7 +311,7 @@ class Scheduler:
     """Moves `joiners` (taken from the queue) into free rows of `slots`, those that fit the timeline now (the rest
     go back to the front of the queue, their visual tokens kept); returns the rows filled. A failure answers the
     joiners with a 500 and leaves the running rows alone."""
-    fresh = [j for j in joiners if j.visual is None]   # not yet encoded (a request sent back keeps its tokens)
+    fresh = [j for j in joiners if not j.encoded]   # new here (a request sent back keeps its tokens and wait)
     now = time.monotonic()
     for job in fresh:
       self.metrics.queue_wait.observe(now - job.queued_at)
@@ -426,6 +427,7 @@ class Scheduler:
           self._finish(j, error=e)
     for j in batch:
       j.visual_tokens = 0 if j.visual is None else len(j.visual)
+      j.encoded = True
       j.text = TextStream(model.tokenizer, j.prompt.stops) if j.stream else None
     return batch
 

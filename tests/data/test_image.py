@@ -102,6 +102,24 @@ def test_decompression_bomb_guard_refuses_before_decoding(tmp_path):
   assert im.load_image(path, max_pixels=60_000).size == (300, 200)
 
 
+def test_an_extreme_aspect_ratio_is_refused_before_its_padded_square_is_made(tmp_path):
+  """The limit bounds every image preprocessing makes, not only the decoded one: LLaVA-1.5 pads a thin image to a
+  square of its longer side before resizing (a 100-byte PNG of 16384 x 1 would make a 16384 x 16384 one)."""
+  cfg = im.ImageProcessorConfig()  # LLaVA's: shortest edge 336, crop 336 x 336
+  # Counted by hand: the square of the longer side; the image resized to a shortest edge of 336; the larger image.
+  assert im.work_pixels(16384, 1, cfg, "pad") == 16384 * 16384
+  assert im.work_pixels(1, 1000, cfg, "crop") == 336 * 336000
+  assert im.work_pixels(640, 480, cfg, "pad") == 640 * 640
+  assert im.work_pixels(1000, 1000, cfg, "crop") == 1000 * 1000
+  path = _save(Image.new("RGB", (3000, 2), (10, 20, 30)), tmp_path / "thin.png")
+  with pytest.raises(im.ImageError, match=r"thin.png 3000x2: LLaVA-1.5's preprocessing pads it to a 3000x3000 square "
+                     r"before resizing \(9000000 pixels\), over the limit of 4000000 pixels"):
+    im.load_and_preprocess(path, cfg, aspect="pad", max_pixels=2000 * 2000)
+  with pytest.raises(im.ImageError, match=r"image 2x3000: preprocessing resizes it to 336x504000"):
+    im.preprocess(Image.new("RGB", (2, 3000)), cfg, aspect="crop", max_pixels=2000 * 2000)
+  assert im.load_and_preprocess(path, cfg, aspect="pad", max_pixels=3000 * 3000).shape == (336, 336, 3)
+
+
 def test_unreadable_and_missing(tmp_path):
   bad = tmp_path / "bad.jpg"
   bad.write_bytes(b"not an image")

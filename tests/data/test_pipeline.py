@@ -120,6 +120,21 @@ def test_bad_records_raise_or_skip(word_tokenizer, tmp_path, caplog):
   assert "empty answer" in next(r["problem"] for r in rows if r["id"] == "r3")
 
 
+def test_a_record_whose_image_would_pad_past_the_limit_is_bad_by_its_id(word_tokenizer, tmp_path):
+  import dataclasses
+  Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+  Image.new("RGB", (101, 1)).save(tmp_path / "thin.png")   # 101 pixels, padded to 101 x 101 = 10201
+  recs = _records(2, image=True)
+  recs[0]["image"], recs[1]["image"] = "ok.png", "thin.png"
+  (tmp_path / "d.json").write_text(json.dumps(recs))
+  bad = pipeline.BadRecords("skip")
+  ds = pipeline.make_dataset(sources.LlavaJson(tmp_path / "d.json"),
+                             dataclasses.replace(_pre(word_tokenizer), max_pixels=10_000), batch_size=1,
+                             num_epochs=1, pad_id=3, prefetch=0, keep_ids=True, bad_records=bad)
+  assert [b["id"][0] for b in ds] == ["r0"]
+  assert list(bad.seen) == ["r1"] and "101x1: LLaVA-1.5's preprocessing pads it to a 101x101 square" in bad.seen["r1"]
+
+
 def test_a_pipeline_batch_shards_over_the_mesh(word_tokenizer, llava_json):
   from m3_jax import sharding
   mesh = sharding.make_mesh((4, 2, 1), jax.devices()[:8])

@@ -84,7 +84,7 @@ def test_eval_resumes_after_a_crash_without_recomputing(setup, tmp_path, monkeyp
 def test_likelihood_mode_picks_the_most_likely_option_letter(setup):
   ckpt, questions = setup
   model = load(ckpt)
-  samples = [Sample(question_id=str(i), prompt=f"what colour is the picture?\nA. red\nB. blue\nC. green",
+  samples = [Sample(question_id=str(i), prompt="what colour is the picture?\nA. red\nB. blue\nC. green",
                     answers="A", image=str(questions.parent / f"{i}.png"), options=["red", "blue", "green"])
              for i in range(2)]
   picked = model.choose([s.image for s in samples], [s.prompt for s in samples], [3, 3], 9)

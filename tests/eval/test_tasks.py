@@ -135,7 +135,7 @@ def test_vizwiz(tmp_path):
 
 # --- GQA --------------------------------------------------------------------------------------------------------
 def test_gqa(tmp_path):
-  f = write_json(tmp_path / "gqa" / "testdev_balanced_questions.json", {
+  write_json(tmp_path / "gqa" / "testdev_balanced_questions.json", {
       "201307251": {"imageId": "n161313", "question": "Is it overcast?", "answer": "no", "fullAnswer": "No, it is"
                     " clear.", "types": {"structural": "verify", "semantic": "global", "detailed": "weatherVerify"}},
       "201640614": {"imageId": "n235859", "question": "Who is wearing the dress?", "answer": "woman",
@@ -432,7 +432,7 @@ def test_nextqa(tmp_path):
 def test_intentqa(tmp_path):
   header = ["video_id", "frame_count", "width", "height", "question", "answer", "qid", "type", "a0", "a1", "a2",
             "a3", "a4"]
-  f = write_table(tmp_path / "IntentQA" / "test.csv", header, [
+  write_table(tmp_path / "IntentQA" / "test.csv", header, [
       ["5432", 100, 640, 480, "why did the boy run", 4, 0, "CW", "to hide", "to sleep", "to eat", "to sing",
        "to catch the ball"]], ",")
   samples, summary = run(get_task("intentqa"), str(tmp_path / "IntentQA"), {"5432_0": "to catch the ball"})

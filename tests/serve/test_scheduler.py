@@ -251,3 +251,24 @@ def test_warmup_compiles_every_share_shape_on_every_replica():
   want = {(name, kind, rows, scale) for name in ("first", "second") for kind in ("encode", "decode")
           for rows in (1, 2, 4) for scale in (1, 9)}
   assert set(calls) == want and len(calls) == len(want)
+
+
+def test_a_continuous_joiner_sent_back_is_counted_and_encoded_once():
+  """A joiner that does not fit the running timeline goes back to the front of the queue; taken again after the
+  next chunk, it is not new: its queue wait is observed once and it is not routed and encoded again."""
+  model = types.SimpleNamespace(scales=(1,), engine=types.SimpleNamespace(length_step=16),
+                                config=types.SimpleNamespace(type="llava15"), tokenizer=None)
+  metrics = Metrics()
+  sched = Scheduler(model, metrics, max_batch=2, max_queue=4, batch_wait_s=0.0, batching="continuous")
+  encoded = []
+  encode = sched._encode_visual
+  sched._encode_visual = lambda batch, engine: (encoded.extend(batch), encode(batch, engine))[1]
+  full = types.SimpleNamespace(free_rows=lambda: [0, 1], prefill_length=lambda ids, visual: 16,
+                               fits=lambda length, max_new: False)   # a timeline with no room for the joiner
+  job = Job(types.SimpleNamespace(scale=None, max_tokens=8, ids=np.arange(3)), None, None, 0.0, 1.0, 0, False,
+            None, None)  # text only: its visual tokens stay None
+  for _ in range(3):
+    assert sched._admit(full, {}, [job]) == [] and list(sched.waiting) == [job]
+    sched.waiting.clear()
+  assert encoded == [job]
+  assert metrics.registry.get_sample_value("m3_queue_wait_seconds_count") == 1

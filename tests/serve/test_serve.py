@@ -194,7 +194,8 @@ def error_of(excinfo):
     "bad_json", "no_messages", "empty_messages", "invalid_scale", "auto_without_router", "two_images",
     "undecodable_image", "bad_base64", "too_many_pixels", "context_length", "http_url", "dotdot_path",
     "symlink_escape", "absolute_outside", "missing_file", "unknown_model", "n_2", "seed_range",
-    "assistant_last", "unknown_route", "nul_in_path", "name_too_long"])
+    "assistant_last", "unknown_route", "nul_in_path", "name_too_long", "thin_image", "thin_image_file",
+    "lone_surrogate"])
 def test_malformed_requests_get_their_4xx_and_the_server_keeps_serving(served, images, tmp_path, case):
   url, app, client = served
   img = data_uri(images / "2.png")
@@ -209,9 +210,12 @@ def test_malformed_requests_get_their_4xx_and_the_server_keeps_serving(served, i
           "absolute_outside": (400, "path_not_allowed"), "missing_file": (400, "image_not_found"),
           "unknown_model": (404, "model_not_found"), "n_2": (400, "less_than_equal"),
           "seed_range": (400, "less_than_equal"), "assistant_last": (400, None), "unknown_route": (404, None),
-          "nul_in_path": (400, "path_not_allowed"), "name_too_long": (400, "path_not_allowed")}[case]
+          "nul_in_path": (400, "path_not_allowed"), "name_too_long": (400, "path_not_allowed"),
+          "thin_image": (400, "image_too_large"), "thin_image_file": (400, "image_too_large"),
+          "lone_surrogate": (400, "invalid_text")}[case]
   raw = {"bad_json": b'{"messages": [', "no_messages": b'{"model": "tiny-m3"}',
-         "empty_messages": b'{"messages": []}'}
+         "empty_messages": b'{"messages": []}',
+         "lone_surrogate": b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}'}  # json.loads keeps it
   if case in raw:
     r = httpx.post(url + "/v1/chat/completions", content=raw[case], headers={"content-type": "application/json"})
     status, body = r.status_code, r.json()
@@ -224,6 +228,10 @@ def test_malformed_requests_get_their_4xx_and_the_server_keeps_serving(served, i
       if not link.exists():
         os.symlink(outside, link)
     big = png_uri(np.zeros((80, 80, 3), np.uint8))  # 6400 pixels > --max-image-pixels 4096
+    # 100 pixels (decoded on the event loop), and 4000 (in a thread); LLaVA-1.5 pads them to 100^2 and 4000^2 squares.
+    thin = png_uri(np.zeros((1, 100, 3), np.uint8))
+    if case == "thin_image_file":
+      Image.new("RGB", (4000, 1)).save(images / "thin.png")
     request = {
         "invalid_scale": lambda: ask(client, content(img), visual_tokens=10),
         "auto_without_router": lambda: ask(client, content(img), visual_tokens="auto"),
@@ -231,6 +239,8 @@ def test_malformed_requests_get_their_4xx_and_the_server_keeps_serving(served, i
         "undecodable_image": lambda: ask(client, content("data:image/png;base64,bm90IGFuIGltYWdl")),
         "bad_base64": lambda: ask(client, content("data:image/png;base64,@@@")),
         "too_many_pixels": lambda: ask(client, content(big)),
+        "thin_image": lambda: ask(client, content(thin)),
+        "thin_image_file": lambda: ask(client, content("thin.png")),
         "context_length": lambda: ask(client, content(img), max_tokens=1000),
         "http_url": lambda: ask(client, content("https://example.com/cat.png")),
         "dotdot_path": lambda: ask(client, content(f"../{tmp_path.name}/secret.png")),
@@ -259,6 +269,9 @@ def test_malformed_requests_get_their_4xx_and_the_server_keeps_serving(served, i
     assert "m3 router fit" in body["error"]["message"]
   if case == "symlink_escape":
     assert "outside the allowed image directory" in body["error"]["message"]
+  if case.startswith("thin_image"):
+    side = 100 if case == "thin_image" else 4000
+    assert f"pads it to a {side}x{side} square" in body["error"]["message"], body
   assert httpx.get(url + "/health").json() == {"status": "ok"}
 
 
@@ -334,3 +347,32 @@ def test_timeouts_and_disconnects_free_their_slot(gated, model):
   wait_for(lambda: sample(app, "m3_requests_running") == 0)  # the held batch had nothing left to decode
   assert httpx.get(url + "/health").json() == {"status": "ok"}
   assert sample(app, "m3_requests_total", status="504") == 2
+
+
+def test_every_stream_is_counted_once_on_metrics(gated):
+  """A stream that ends in an error chunk counts as 200 (its status line went out with the first chunk); one whose
+  client leaves mid-way as 499."""
+  from m3_jax.serve.protocol import ApiError
+  url, app, gate = gated(max_batch=1, batch_wait_ms=0)
+  sched, left = app.state.scheduler, threading.Event()
+
+  def fails_after_a_delta(batch):  # in place of the engine: one delta, then the batch fails
+    for job in batch:
+      job.post("delta", "partial")
+      if job.prompt.max_tokens == 3:
+        left.wait(60)   # (until that client has gone)
+      sched._finish(job, error=ApiError(500, "generation failed: boom", type="server_error"))
+  sched.run_batch = fails_after_a_delta
+  gate.set()
+  count = lambda status: sample(app, "m3_requests_total", status=status) or 0
+  body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+  with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "max_tokens": 4}, timeout=60) as r:
+    lines = [line for line in r.iter_lines() if line]
+  assert r.status_code == 200 and '"partial"' in lines[1] and "boom" in lines[-2] and lines[-1] == "data: [DONE]"
+  assert count("200") == 1 and count("499") == 0
+  with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "max_tokens": 3}, timeout=60) as r:
+    next(line for line in r.iter_lines() if "partial" in line)
+  wait_for(lambda: count("499") == 1)
+  left.set()
+  wait_for(lambda: sample(app, "m3_requests_running") == 0)
+  assert count("200") == 1 and count("499") == 1

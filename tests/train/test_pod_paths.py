@@ -14,7 +14,6 @@ import fsspec
 import jax
 import numpy as np
 import pytest
-from etils import epath
 from etils.epath import backend as epath_backend
 from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
