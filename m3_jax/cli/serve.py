@@ -50,7 +50,8 @@ def add_arguments(p: argparse.ArgumentParser):
                  "the encoder's programs are among them (the timeline's prefill and decode chunks compile on "
                  "first use)")
   p.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
-                 help="larger images are refused (400) from their header, before decoding")
+                 help="larger images are refused (400) from their header, before decoding, and so are images "
+                      "whose preprocessing would make a larger one (LLaVA-1.5 pads to a square: 8192x1 is 8192^2)")
   p.epilog = ("example:\n  m3 serve --ckpt runs/demo/train --served-model-name m3 --port 8000 --allowed-image-dir .\n"
               "  curl -s http://127.0.0.1:8000/v1/models")
 
