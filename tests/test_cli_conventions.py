@@ -2,6 +2,8 @@
 key and the expected type, --version, defaults in every flag's help, an example in every --help, --ckpt."""
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 from m3_jax import __version__, cli
@@ -75,3 +77,7 @@ def test_scale_takes_one_value_or_a_comma_list():
   assert g.parse_args(["--ckpt", "c", "--prompt", "p", "--scale", "576,1"]).scale == (576, 1)
   with pytest.raises(SystemExit):
     g.parse_args(["--ckpt", "c", "--prompt", "p", "--scale", "many"])
+  # A repeated scale would be answered (and appended to predictions.jsonl) twice.
+  from m3_jax.cli import scale_list
+  with pytest.raises(argparse.ArgumentTypeError, match="'144,9,144' names 144 more than once"):
+    scale_list("144,9,144")

@@ -69,6 +69,9 @@ def scale_list(text: str) -> tuple[int | str, ...]:
   if not scales:
     raise argparse.ArgumentTypeError(f"{text!r} is not a scale or a comma list of scales, e.g. 144, 576,144,36 or "
                                      "auto,144")
+  twice = sorted({str(s) for s in scales if scales.count(s) > 1})
+  if twice:
+    raise argparse.ArgumentTypeError(f"{text!r} names {', '.join(twice)} more than once; give each scale once")
   return scales
 
 

@@ -133,6 +133,7 @@ def run(args) -> int:
                        "threshold": threshold, "budget": args.budget}
   summary = evaluator.evaluate(generate, task, samples, scales, args.out, choose=choose, batch_size=args.batch_size,
                                progress=not args.no_progress, run=run, extra_summary=extra, route=route,
-                               router_id=router.identity if router else None)
+                               router_id=router.identity if router else None,
+                               router_threshold=threshold if router else None)
   print(json.dumps(summary))
   return 0

@@ -95,19 +95,22 @@ def _encode(model: M3Model, images: list, scales: Sequence[int], grid, batch_siz
 def evaluate(generate: AnswerFn, task: Task, samples: Sequence[Sample], scales: Sequence[int],
              out: str | epath.PathLike, *, choose: AnswerFn | None = None, batch_size: int = 16, progress: bool = True,
              extra_summary: dict | None = None, run: dict | None = None, overwrite: bool = False,
-             route: RouteFn | None = None, router_id: str | None = None) -> dict:
-  """Answers every sample at every scale (a batch of `batch_size` samples per call; multiple-choice batches go
-  to `choose` when given), appends each answer to `out`/predictions.jsonl with its per-sample score, category,
-  prompt and reference answers, and writes the summary: `{"task", "num_samples", "scales": {scale: task metrics
-  (+ samples_per_second when this call answered some)}, **extra_summary}`, which it returns.
+             route: RouteFn | None = None, router_id: str | None = None,
+             router_threshold: float | None = None) -> dict:
+  """Answers every sample at every scale (a batch of `batch_size` samples per call; with `choose`, each sample with
+  options is answered by it, the others by `generate`, whatever else its batch holds), appends each answer to
+  `out`/predictions.jsonl with its per-sample score, category, prompt and reference answers, and writes the summary:
+  `{"task", "num_samples", "scales": {scale: task metrics (+ samples_per_second when this call answered some)},
+  **extra_summary}`, which it returns.
 
   `run` (`cache.run_record`) is the cache key: predictions in `out` made under another key are refused
   (cache.CacheMismatch) unless `overwrite` deletes them first; without `run` the folder's predictions are trusted.
 
   The scale `predictions.AUTO` answers each sample at `route`'s choice (so its answer is the one a fixed run at that
-  scale gives); its lines record the router (`router_id`), and only lines of this router are resumed. Its summary
-  adds mean visual tokens (routing included), the routing pass's FLOPs and seconds per sample, and the chosen
-  scales' histogram."""
+  scale gives); its lines record the router (`router_id`) and its threshold (`router_threshold`, set by --budget),
+  and only lines of this router at this threshold are resumed. Its summary adds, over this call's samples, mean
+  visual tokens (routing included), the routing pass's FLOPs and seconds per sample, and the chosen scales'
+  histogram."""
   out = epath.Path(out)  # gs://... too
   out.mkdir(parents=True, exist_ok=True)
   cache.open_run(out, run, overwrite)
@@ -117,8 +120,11 @@ def evaluate(generate: AnswerFn, task: Task, samples: Sequence[Sample], scales: 
   routing_seconds, routed = 0.0, 0
   if predictions.AUTO in scales and route is None:
     raise ValueError('scale "auto" needs a scale router (route=...)')
+  def stale(rec: dict) -> bool:  # an auto line of another router, or of this one at another --budget
+    return rec.get("router") != router_id or rec.get("threshold") != router_threshold
+
   todo = {scale: [s for s in samples if (s.question_id, scale) not in done or
-                  (scale == predictions.AUTO and done[s.question_id, scale].get("router") != router_id)]
+                  (scale == predictions.AUTO and stale(done[s.question_id, scale]))]
           for scale in scales}
   pending = {scale: {s.question_id for s in todo[scale]} for scale in scales}
   seconds = dict.fromkeys(scales, 0.0)
@@ -134,7 +140,7 @@ def evaluate(generate: AnswerFn, task: Task, samples: Sequence[Sample], scales: 
         if not chunk:
           continue
         start = time.perf_counter()
-        answer = choose if choose is not None and all(s.options for s in chunk) else generate
+        answer = (lambda samples, at: _answer(generate, choose, samples, at))
         if scale == predictions.AUTO:
           clock = time.perf_counter()
           routing = route(chunk)
@@ -142,7 +148,8 @@ def evaluate(generate: AnswerFn, task: Task, samples: Sequence[Sample], scales: 
           routed += len(chunk)
           texts = _answer_routed(answer, chunk, [r["chosen_scale"] for r in routing])
           recs = [predictions.record(s.question_id, scale, p, task.score(s, p), category=s.category,
-                                     prompt=s.prompt, answers=s.answers, **r, router=router_id)
+                                     prompt=s.prompt, answers=s.answers, **r, router=router_id,
+                                     threshold=router_threshold)
                   for s, p, r in zip(chunk, texts, routing)]
         else:
           recs = [predictions.record(s.question_id, scale, p, task.score(s, p), category=s.category,
@@ -156,18 +163,34 @@ def evaluate(generate: AnswerFn, task: Task, samples: Sequence[Sample], scales: 
   # A scale's rate counts the calls that answered it; the chunk's one encoder pass falls in its first scale's call.
   timing = {scale: len(todo[scale]) / seconds[scale] for scale in scales if todo[scale]}
   summary = {"task": task.name, "num_samples": len(samples), "scales": {}, **(extra_summary or {})}
+  ids = {s.question_id for s in samples}
   for scale in scales:
     preds = {qid: rec["prediction"] for (qid, s), rec in done.items() if s == scale}
     metrics = task.summarize([s for s in samples if s.question_id in preds], preds)
     if scale in timing:
       metrics["samples_per_second"] = timing[scale]
     if scale == predictions.AUTO:
-      metrics.update(_auto_summary([rec for (qid, s), rec in done.items() if s == scale], router_id))
+      metrics.update(_auto_summary([rec for (qid, s), rec in done.items() if s == scale and qid in ids],
+                                   router_id))
       if routed:
         metrics["routing_seconds_per_sample"] = routing_seconds / routed
     summary["scales"][str(scale)] = metrics
   predictions.write_summary(out, summary)
   return summary
+
+
+def _answer(generate: AnswerFn, choose: AnswerFn | None, chunk: Sequence[Sample], scale) -> list[str]:
+  """Each sample's answer, in chunk order: by `choose` when given and the sample has options, else by `generate`
+  (so a sample's answer never depends on the samples batched with it)."""
+  if choose is None:
+    return generate(chunk, scale)
+  texts: list[str] = [""] * len(chunk)
+  for fn, rows in ((choose, [j for j, s in enumerate(chunk) if s.options]),
+                   (generate, [j for j, s in enumerate(chunk) if not s.options])):
+    if rows:
+      for j, text in zip(rows, fn([chunk[j] for j in rows], scale)):
+        texts[j] = text
+  return texts
 
 
 def _answer_routed(answer: AnswerFn, chunk: Sequence[Sample], chosen: Sequence[int]) -> list[str]:

@@ -5,13 +5,13 @@ The only code that reads or writes them; `m3 eval` writes them, `m3 score` and `
 
 predictions.jsonl: one JSON object per line, per sample and scale. `m3 eval` writes `question_id`, `scale`,
 `prediction`, `score`, `category`, `prompt` (the task's question, without the chat template) and `answers` (the
-task's reference answers: a list of strings, a string or an option letter); with `--scale auto` a line's `scale`
-is "auto" and it adds `chosen_scale` (the router's choice), `visual_tokens` (the chosen scale's plus the routing
-pass's), `routing_visual_tokens`, `routing_flops` and `router` (the router's identity); `m3 score` needs only `question_id`
-and `prediction` (LLaVA answer files' `text` is read as `prediction`), so any model's answers can be scored. Ids
-compare as strings. A later line for the same (question_id, scale) replaces an earlier one (a resumed eval). Every
-line ends with a newline, so an unterminated last line that is not valid JSON is a write cut by a crash: readers
-skip it and the appender drops it.
+task's reference answers: a list of strings, a string or an option letter); with `--scale auto` a line's `scale` is
+"auto" and it adds `chosen_scale` (the router's choice), `visual_tokens` (the chosen scale's plus the routing
+pass's), `routing_visual_tokens`, `routing_flops`, `router` (the router's identity) and `threshold` (its decision
+threshold, set by --budget); `m3 score` needs only `question_id` and `prediction` (LLaVA answer files' `text` is
+read as `prediction`), so any model's answers can be scored. Ids compare as strings. A later line for the same
+(question_id, scale) replaces an earlier one (a resumed eval). Every line ends with a newline, so an unterminated
+last line that is not valid JSON is a write cut by a crash: readers skip it and the appender drops it.
 
 summary.json: `{"task", "num_samples", "scales": {scale: {metric: value}}, ...}` (`m3 eval` adds `ckpt`, `pool`,
 `ckpt_identity`);

@@ -71,8 +71,8 @@ def test_evaluate_with_fake_functions_writes_the_contract(tmp_path):
 
   summary = evaluator.evaluate(generate, Exact(), SAMPLES, [9, 1], tmp_path, choose=choose, batch_size=2,
                                progress=False, extra_summary={"ckpt": "c", "pool": "avg"})
-  # Batches of two in sample order, each answered at every scale before the next (its image encoded once); the
-  # batch that mixes free-form and choice samples is generated.
+  # Batches of two in sample order, each answered at every scale before the next (its image encoded once); a sample
+  # with options goes to choose, the others to generate.
   assert calls == [("generate", 9, ["q0", "q1"]), ("generate", 1, ["q0", "q1"]),
                    ("choose", 9, ["q2"]), ("choose", 1, ["q2"])]
   lines = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
@@ -102,3 +102,46 @@ def test_evaluate_without_choose_generates_multiple_choice(tmp_path):
   evaluator.evaluate(lambda samples, scale: seen.extend(s.question_id for s in samples) or ["B"] * len(samples),
                      Exact(), SAMPLES[2:], [1], tmp_path, progress=False)
   assert seen == ["q2"]
+
+
+def test_a_samples_answer_does_not_depend_on_its_batch(tmp_path):
+  """With likelihood mode (choose), a batch mixing free-form and choice samples sends each to its own function: the
+  choice sample is chosen at any --batch-size (it used to be generated whenever its batch held a free-form one)."""
+  calls = []
+  generate = lambda samples, scale: calls.append(("generate", [s.question_id for s in samples])) or ["?"] * len(samples)
+  choose = lambda samples, scale: calls.append(("choose", [s.question_id for s in samples])) or ["B"] * len(samples)
+  for batch_size in (3, 1):
+    calls.clear()
+    summary = evaluator.evaluate(generate, Exact(), SAMPLES, [1], tmp_path / str(batch_size), choose=choose,
+                                 batch_size=batch_size, progress=False)
+    assert summary["scales"]["1"]["accuracy/choice"] == 1.0
+    assert sorted(q for kind, ids in calls if kind == "choose" for q in ids) == ["q2"]
+  assert calls == [("generate", ["q0"]), ("generate", ["q1"]), ("choose", ["q2"])]
+
+
+def test_auto_lines_resume_only_for_the_same_router_and_threshold(tmp_path):
+  """--budget sets the router's threshold: answers routed at another threshold are routed and answered again. The
+  auto summary counts this call's samples only (a --limit 2 run in a folder that holds 3)."""
+  routed = []
+
+  def route(chunk):
+    routed.extend(s.question_id for s in chunk)
+    return [{"chosen_scale": 9 if s.question_id == "q0" else 1, "visual_tokens": 10 if s.question_id == "q0" else 2,
+             "routing_visual_tokens": 1, "routing_flops": 5.0} for s in chunk]
+
+  answer = lambda samples, scale: ["cat"] * len(samples)
+  run = lambda samples, threshold: evaluator.evaluate(
+      answer, Exact(), samples, ["auto"], tmp_path, progress=False, route=route, router_id="r1",
+      router_threshold=threshold)
+  run(SAMPLES, 0.5)
+  assert routed == ["q0", "q1", "q2"]
+  line = json.loads((tmp_path / "predictions.jsonl").read_text().splitlines()[0])
+  assert line["router"] == "r1" and line["threshold"] == 0.5
+  routed.clear()
+  run(SAMPLES, 0.5)
+  assert routed == []                      # same router, same threshold: resumed
+  summary = run(SAMPLES[:2], 0.25)         # another --budget: routed again
+  assert routed == ["q0", "q1"]
+  # (10 + 2) / 2 visual tokens over q0 and q1; q2's line (threshold 0.5) is not this run's
+  assert summary["scales"]["auto"]["mean_visual_tokens"] == 6.0
+  assert summary["scales"]["auto"]["chosen_scales"] == {"9": 1, "1": 1}

@@ -341,6 +341,11 @@ def test_seed_image(tmp_path):
   assert samples[0].image == os.path.join(str(tmp_path / "seed"), "SEED-Bench-image", "1454426_2591111986")
   # LLaVA's SEED scorer compares the answer text with the letter exactly: "C. bird" != "C"
   assert summary["accuracy"] == 0.5 and summary["accuracy/Scene Understanding"] == 1.0
+  bad = write_json(tmp_path / "bad" / "SEED-Bench.json", {"questions": [
+      {"answer": 1, "choice_a": "a", "choice_b": "b", "choice_c": "c", "choice_d": "d", "data_id": "x.jpg",
+       "data_type": "image", "question": "?", "question_id": "5"}]})
+  with pytest.raises(TaskDataError, match=r"answer 1 is not one of A, B, C, D"):  # an int, not a letter
+    list(get_task("seed_image").samples(bad))
 
 
 # --- AI2D -------------------------------------------------------------------------------------------------------
@@ -364,6 +369,11 @@ def test_ai2d_parquet_and_json(tmp_path):
   bad = write_lines(tmp_path / "bad.jsonl", [{"question": "q", "options": ["x"], "answer": 4, "image": "i.png"}])
   with pytest.raises(TaskDataError, match=r"record 0: answer 4 is out of range"):
     list(get_task("ai2d").samples(bad))
+  for record, message in [({"options": "['x', 'y'", "answer": 0}, r"options \"\['x', 'y'\" is not a list literal"),
+                          ({"options": ["x", "y"], "answer": None}, r"answer None is not an option index")]:
+    bad = write_lines(tmp_path / "bad.jsonl", [{"question": "q", "image": "i.png", **record}])
+    with pytest.raises(TaskDataError, match=r"record 0: " + message):
+      list(get_task("ai2d").samples(bad))
 
 
 # --- MMMU -------------------------------------------------------------------------------------------------------

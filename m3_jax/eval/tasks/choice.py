@@ -227,7 +227,7 @@ class SEEDBenchImage(_ChoiceTask):
         continue
       options = [field(q, f"choice_{c}", where) for c in "abcd"]
       answer = field(q, "answer", where)
-      if answer not in "ABCD" or len(answer) != 1:
+      if not isinstance(answer, str) or len(answer) != 1 or answer not in "ABCD":
         raise TaskDataError(f"{where}: answer {answer!r} is not one of A, B, C, D")
       qtype = q.get("question_type_id")
       yield Sample(question_id=str(field(q, "question_id", where)), prompt=choice_prompt(q["question"], options),
@@ -256,11 +256,16 @@ class AI2D(_ChoiceTask):
     for i, r, where in iter_numbered(records, path):
       options = field(r, "options", where)
       if isinstance(options, str):
-        options = ast.literal_eval(options)
+        try:
+          options = ast.literal_eval(options)
+        except (ValueError, SyntaxError):
+          raise TaskDataError(f"{where}: options {options!r} is not a list literal") from None
+      if not isinstance(options, (list, tuple)):
+        raise TaskDataError(f"{where}: options {options!r} is not a list")
       try:
         answer = int(field(r, "answer", where))
         gold = LETTERS[answer]
-      except (ValueError, IndexError):
+      except (ValueError, TypeError, IndexError):
         raise TaskDataError(f"{where}: answer {r['answer']!r} is not an option index") from None
       if not 0 <= answer < len(options):
         raise TaskDataError(f"{where}: answer {answer} is out of range for {len(options)} options")
