@@ -96,9 +96,10 @@ def record(question_id: str, scale: int | None, prediction: str, score: float | 
 
 
 class Appender:
-  """Appends records to a predictions file, one flushed line each; a last line cut by a crash is dropped first
-  so that the next record starts on a line of its own. An object-store file (gs://...), which cannot be appended
-  to, is written in a local copy and uploaded whole after each batch of records."""
+  """Appends records to a predictions file, one flushed line each. First, a last line cut by a crash is dropped, and
+  one that is whole but lost its newline gets it back (readers keep it, so the answer it holds stays counted), so
+  that the next record starts on a line of its own. An object-store file (gs://...), which cannot be appended to,
+  is written in a local copy and uploaded whole after each batch of records."""
 
   def __init__(self, path: str | epath.PathLike):
     self.path = epath.Path(path)
@@ -108,7 +109,11 @@ class Appender:
     if self.path.exists():
       text = self.path.read_text(encoding="utf-8")
       if text and not text.endswith("\n"):
-        text = text[:text.rfind("\n") + 1]
+        try:
+          json.loads(text[text.rfind("\n") + 1:])
+          text += "\n"
+        except json.JSONDecodeError:
+          text = text[:text.rfind("\n") + 1]
         self.path.write_text(text, encoding="utf-8")
       if self._remote:
         self._local.write_text(text, encoding="utf-8")

@@ -76,6 +76,10 @@ def score_file(task: Task, samples: Sequence[Sample], path: str, *, scale: int |
   one scale (or none), else `{"task", "scales": {scale: {metric: value}}}`.
   """
   records = predictions_lib.read(path, predictions_lib.SCORE_FIELDS, who="m3 score")
+  # An `m3 eval` file: a later line for the same (question_id, scale) replaces an earlier one (a resumed or re-routed
+  # run). A file without scales (another model's answers) must name each id once.
+  records = ([r for r in records if r["scale"] is None]
+             + list(predictions_lib.latest([r for r in records if r["scale"] is not None]).values()))
   if scale is not None:
     wanted = {scale} if isinstance(scale, (int, str)) else set(scale)
     records = [r for r in records if r["scale"] in wanted]

@@ -58,6 +58,18 @@ def test_appender_drops_a_cut_line_and_latest_wins(tmp_path):
       {("a", 1): "new", ("b", 1): "b1"}
 
 
+def test_appender_keeps_a_whole_last_line_that_lost_its_newline(tmp_path):
+  """Readers keep an unterminated last line that is valid JSON, so the appender must too (it used to drop it: the
+  answer was counted by the resume that read it, then gone from the file)."""
+  f = tmp_path / "p.jsonl"
+  f.write_text('{"question_id": "a", "scale": 1, "prediction": "a1"}\n'
+               '{"question_id": "b", "scale": 1, "prediction": "b1"}')
+  assert [r["question_id"] for r in predictions.read(f)] == ["a", "b"]
+  with predictions.Appender(f) as out:
+    out.write([predictions.record("c", 1, "c1", 0.0)])
+  assert [r["question_id"] for r in predictions.read(f)] == ["a", "b", "c"] and f.read_text().count("\n") == 3
+
+
 def test_evaluate_with_fake_functions_writes_the_contract(tmp_path):
   calls = []
 

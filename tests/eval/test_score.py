@@ -95,6 +95,11 @@ def test_m3_eval_files_are_scored_per_scale(tmp_path, capsys):
   assert last_json(out)["scales"]["9"]["accuracy"] == 0.5 and last_json(out)["scales"]["576"]["accuracy"] == 1.0
   code, out, err = score(capsys, "pope", "--data", data, "--predictions", preds, "--scale", "36")
   assert code == 2 and "with scale 36" in err
+  # A resumed or re-routed eval appends a later line for the same (question_id, scale): it replaces the earlier one.
+  preds = preds_file(tmp_path, rows + [{"question_id": 1, "scale": 9, "prediction": "no", "score": 0}], "p2.jsonl")
+  code, out, err = score(capsys, "pope", "--data", data, "--predictions", preds, "--scale", "9")
+  assert code == 0, err
+  assert last_json(out)["accuracy"] == 0.25 and last_json(out)["count"] == 4
 
 
 def test_bad_prediction_line_and_unknown_task(tmp_path, capsys):
