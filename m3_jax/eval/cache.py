@@ -68,9 +68,32 @@ def run_record(*, ckpt: str, step: int | None, data: str, **key: Any) -> dict:
 
 
 def read(folder: str | os.PathLike) -> dict | None:
-  """The folder's run.json, or None when there is none."""
+  """The folder's run.json, or None when there is none; one that is not a run record (cut, hand-edited) is a
+  CacheMismatch naming it."""
   file = epath.Path(folder) / predictions.RUN
-  return json.loads(file.read_text()) if file.exists() else None
+  if not file.exists():
+    return None
+  try:
+    run = json.loads(file.read_text())
+  except json.JSONDecodeError as e:
+    run = f"not valid JSON ({e.msg}, line {e.lineno})"
+  if not isinstance(run, dict) or not isinstance(run.get("key"), dict):
+    found = run if isinstance(run, str) else f"got {json.dumps(run)[:200]}"
+    raise CacheMismatch(f"{file}: expected an eval run record {{\"format\", \"key\": {{...}}, ...}} (the cache key of "
+                        f"the predictions beside it), {found}; pass --overwrite to start afresh")
+  return run
+
+
+def _write(file: epath.Path, run: dict) -> None:
+  """run.json written whole or not at all: a local file through a temporary one and a rename (an object store's
+  write is already whole)."""
+  text = json.dumps(run, indent=2) + "\n"
+  if "://" in str(file):
+    file.write_text(text)
+    return
+  tmp = file.with_name(file.name + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, file)
 
 
 def _differences(old: dict, new: dict) -> list[str]:
@@ -102,4 +125,4 @@ def open_run(folder: str | os.PathLike, run: dict | None, overwrite: bool = Fals
       raise CacheMismatch(f"{folder} holds predictions of another run; reusing them would score answers of that "
                           "run as this one's:\n  " + "\n  ".join(diffs) +
                           "\nchoose a new --out, or pass --overwrite to delete them and start afresh")
-  (folder / predictions.RUN).write_text(json.dumps(run, indent=2) + "\n")
+  _write(folder / predictions.RUN, run)

@@ -146,3 +146,16 @@ def test_fingerprint_follows_content_not_location(tmp_path):
 def test_run_record_needs_every_key_field():
   with pytest.raises(TypeError, match="run key fields"):
     cache.run_record(ckpt="c", step=None, data="d", task="probe")
+
+
+def test_a_cut_or_hand_edited_run_file_is_named_and_run_json_is_written_whole(tmp_path):
+  run = cache.run_record(ckpt="c", step=None, data="d", **{k: None for k in cache.KEY_FIELDS})
+  (tmp_path / "predictions.jsonl").write_text('{"question_id": "q0", "scale": 9, "prediction": "red"}\n')
+  for text, found in [('{"format": "m3-eval-run/1", "key": {"ckpt_id', "not valid JSON"),
+                      ('["a list"]', 'got \\["a list"\\]')]:
+    (tmp_path / "run.json").write_text(text)
+    with pytest.raises(cache.CacheMismatch, match=rf"run.json: expected an eval run record .*{found}.*--overwrite"):
+      cache.open_run(tmp_path, run)
+  cache.open_run(tmp_path, run, overwrite=True)
+  assert cache.read(tmp_path) == json.loads(json.dumps(run)) and sorted(p.name for p in tmp_path.iterdir()) == [
+      "run.json"]   # (no temporary file left beside it)
