@@ -71,11 +71,14 @@ def read_run(path: str | pathlib.Path, name: str | None = None) -> Run:
                        "per-sample score, so the oracle cannot be computed")
     # MMBench: a question (all its rotations) is right only when every rotation is: the min over its rows.
     key = str(int(qid) % modulus) if modulus else qid
-    score = float(rec["score"])
+    if scale is None:
+      raise predictions.PredictionError(f"{file}: question_id={qid!r} has no scale; `m3 analyze` reads `m3 eval` "
+                                        "output, whose every line has one")
+    score = _number(file, qid, scale, rec, "score")
     if scale == predictions.AUTO:
       row = auto.setdefault(key, {"score": score, "tokens": [], "chosen": []})
       row["score"] = min(row["score"], score)
-      row["tokens"].append(float(rec["visual_tokens"]))
+      row["tokens"].append(_number(file, qid, scale, rec, "visual_tokens"))
       row["chosen"].append(rec.get("chosen_scale"))
     else:
       scores[key][scale] = min(scores[key].get(scale, score), score)
@@ -84,6 +87,14 @@ def read_run(path: str | pathlib.Path, name: str | None = None) -> Run:
     row["tokens"] = sum(row["tokens"]) / len(row["tokens"])
   return Run(name=name or task, task=task, path=str(file.parent), scores=dict(scores), categories=categories,
              autos=[("auto", auto)] if auto else [])
+
+
+def _number(file, qid: str, scale, rec: dict, field: str) -> float:
+  try:
+    return float(rec[field])
+  except (KeyError, TypeError, ValueError):
+    raise predictions.PredictionError(f"{file}: question_id={qid!r} at scale {scale}: {field} "
+                                      f"{rec.get(field, '(missing)')!r} is not a number") from None
 
 
 def _task(folder: pathlib.Path) -> str:

@@ -88,6 +88,15 @@ def test_bad_records_are_named(tmp_path):
     analysis.read_run(d)
   with pytest.raises(FileNotFoundError, match="no predictions.jsonl"):
     analysis.read_run(tmp_path / "nowhere")
+  # An auto line without its visual tokens, a score that is not a number, a line without a scale: named, not a
+  # bare KeyError / ValueError / TypeError.
+  for line, message in [({"scale": "auto", "score": 1.0}, "question_id='q1' at scale auto: visual_tokens "
+                                                          "'\\(missing\\)' is not a number"),
+                        ({"scale": 9, "score": "high"}, "question_id='q1' at scale 9: score 'high' is not a number"),
+                        ({"scale": None, "score": 1.0}, "question_id='q1' has no scale")]:
+    (d / "predictions.jsonl").write_text(json.dumps({"question_id": "q1", "prediction": "a", **line}) + "\n")
+    with pytest.raises(ValueError, match=r"predictions.jsonl: " + message):
+      analysis.read_run(d)
 
 
 def test_cli_writes_report_and_plot(tmp_path, capsys):
