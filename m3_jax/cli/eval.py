@@ -103,7 +103,7 @@ def run(args) -> int:
       task_options=options, data_fingerprint=fingerprint.hexdigest(),
       template=_stored_template(args.ckpt) if args.template == "auto" else args.template, pool=pool,
       grid=list(grid) if grid else None, max_new_tokens=args.max_new_tokens, temperature=0.0, top_p=1.0, seed=0,
-      likelihood=args.likelihood)
+      likelihood=args.likelihood, image_folder=args.image_folder, allow_outside_images=args.allow_outside_images)
   cache.open_run(args.out, run, args.overwrite)  # before the params load: a refusal costs nothing
   auto = bool(args.scales) and "auto" in args.scales
   router = None

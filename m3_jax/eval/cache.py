@@ -1,7 +1,8 @@
 """The eval cache key: what determines an answer of `m3 eval`, kept as `run.json` in its --out folder so that the
 folder's predictions are reused only for the run that made them.
 
-    run.json  {"format": FORMAT, "key": {field: value}, "ckpt": path, "step": N | null, "data": path}
+    run.json  {"format": FORMAT, "key": {field: value}, "ckpt": path, "step": N | null, "data": path,
+               "image_folder": path | null, "allow_outside_images": bool}
 
 Key fields (compared on every resume):
   ckpt_identity     `m3_jax.checkpoint.reader.identity`: the model config and every param array's checksum (for a
@@ -11,8 +12,10 @@ Key fields (compared on every resume):
                     answers, options, category, media path relative to the data (embedded images by content)
   template, pool, grid                                   the resolved chat template, pooling method, NeXT crop grid
   max_new_tokens, temperature, top_p, seed, likelihood   generation settings
-`ckpt`, `step` and `data` are recorded as given but not compared: a checkpoint or data set that moved is the same.
-The scale router reads `key.ckpt_identity` of its calibration runs from here too.
+`ckpt`, `step`, `data`, `image_folder` and `allow_outside_images` are recorded but not compared: a checkpoint or
+data set that moved is the same. `data` and `image_folder` are absolute (an object store's URL as given), so that
+`m3 router fit`, which reads its calibration runs' samples from here (`key.ckpt_identity` too), finds them from any
+directory, with the permission the run had to read images outside the data's folder.
 """
 from __future__ import annotations
 
@@ -59,12 +62,19 @@ class Fingerprint:
     return self._hash.hexdigest()[:16]
 
 
-def run_record(*, ckpt: str, step: int | None, data: str, **key: Any) -> dict:
+def absolute(path: str | os.PathLike | None) -> str | None:
+  """A local path made absolute; an object store's URL (gs://...) as given."""
+  return None if path is None else str(path) if "://" in str(path) else os.path.abspath(path)
+
+
+def run_record(*, ckpt: str, step: int | None, data: str, image_folder: str | None = None,
+               allow_outside_images: bool = False, **key: Any) -> dict:
   """run.json's content; `key` must hold exactly KEY_FIELDS."""
   if set(key) != set(KEY_FIELDS):
     raise TypeError(f"run key fields {sorted(key)}, expected {sorted(KEY_FIELDS)}")
   return {"format": FORMAT, "key": {k: key[k] for k in KEY_FIELDS}, "ckpt": str(ckpt), "step": step,
-          "data": str(data)}
+          "data": absolute(data), "image_folder": absolute(image_folder),
+          "allow_outside_images": bool(allow_outside_images)}
 
 
 def read(folder: str | os.PathLike) -> dict | None:

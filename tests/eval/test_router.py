@@ -268,3 +268,15 @@ def test_serve_answers_auto_with_the_checkpoints_router(setup):
   ids = [chat.prompt_ids(model, None, [(0, s.prompt)], True) for s in samples]
   expected = model.router.choose(model, model.pixels([s.image_bytes for s in samples]), ids)
   assert [r.json()["scale"] for r in got] == expected
+
+
+def test_a_calibration_run_made_with_a_relative_data_path_is_read_from_any_directory(setup, tmp_path, monkeypatch):
+  """run.json keeps --data absolute (and the run's --allow-outside-images): `m3 router fit` run from another
+  directory reads the samples of a run evaluated with `--data probe`."""
+  monkeypatch.chdir(setup["data"].parent)
+  run_dir = write_calibration(tmp_path / "relative", type(setup["data"])(setup["data"].name), setup["identity"])
+  run = json.loads((run_dir / "run.json").read_text())
+  assert run["data"] == str(setup["data"]) and run["allow_outside_images"] is False
+  monkeypatch.chdir(tmp_path)
+  run, scores = fit_lib.read_calibration(run_dir, SCALES, setup["identity"], "m3")
+  assert len(fit_lib.calibration_samples(run_dir, run, set(scores))) == 24

@@ -81,10 +81,15 @@ def calibration_samples(run_dir, run: dict, qids: set[str]) -> list:
   """The task samples of a calibration run (its task, options and data from run.json), checked against the
   run's data fingerprint, in task order, restricted to `qids`."""
   from m3_jax.eval.tasks import get_task
+  from m3_jax.eval.tasks.common import outside_images
   key = run["key"]
-  task = get_task(key["task"], **key["task_options"])
+  options = dict(key["task_options"])
+  if run.get("image_folder"):  # (the absolute path; the key keeps it as typed)
+    options["image_folder"] = run["image_folder"]
+  task = get_task(key["task"], **options)
   fp = cache.Fingerprint(run["data"])
-  samples = [s for s in fp.feed(task.samples(run["data"])) if s.question_id in qids]
+  with outside_images(bool(run.get("allow_outside_images"))):
+    samples = [s for s in fp.feed(task.samples(run["data"])) if s.question_id in qids]
   if fp.hexdigest() != key["data_fingerprint"]:
     raise CalibrationError(f"{run_dir}: its data {run['data']} changed since it was evaluated (fingerprint "
                            f"{fp.hexdigest()}, the run's {key['data_fingerprint']}); evaluate it again")
