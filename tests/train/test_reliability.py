@@ -173,10 +173,6 @@ def test_sigterm_ends_a_wait_for_data_at_once_and_saves(tmp_path, trainer, confi
   assert signal.getsignal(signal.SIGTERM) == handler and not (tmp_path / "lease.json").exists()
 
 
-# The failed save ends orbax's asyncio loop while TensorStore still writes the state's arrays beside the failed item;
-# each write, on finishing, posts its callback to that closed loop from a C++ thread (traced on 2026-12-03: ~90
-# callbacks), and Python reports the first as unraisable. Upstream behaviour on any failed save, not this code's.
-@pytest.mark.filterwarnings("ignore:(?s)Exception ignored in.*Event loop is closed:pytest.PytestUnraisableExceptionWarning")
 def test_a_full_disk_stops_the_run_at_once_naming_path_and_free_space(tmp_path, trainer, config_of, monkeypatch,
                                                                       caplog):
   config_of(**{"train.num_steps": 8, "checkpoint.every": 2})
