@@ -133,6 +133,7 @@ def evaluate(generate: AnswerFn, task: Task, samples: Sequence[Sample], scales: 
   # A chunk of samples is answered at every scale before the next chunk, so each image is encoded once for all
   # scales (model_functions keeps one chunk's tokens); a chunk is the samples that still need some scale.
   needed = [s for s in samples if any(s.question_id in pending[scale] for scale in scales)]
+  answer = lambda chunk, scale: _answer(generate, choose, chunk, scale)  # noqa: E731
   with predictions.Appender(pred_file) as appender:
     for i in range(0, len(needed), batch_size):
       for scale in scales:
@@ -140,7 +141,6 @@ def evaluate(generate: AnswerFn, task: Task, samples: Sequence[Sample], scales: 
         if not chunk:
           continue
         start = time.perf_counter()
-        answer = (lambda samples, at: _answer(generate, choose, samples, at))
         if scale == predictions.AUTO:
           clock = time.perf_counter()
           routing = route(chunk)

@@ -120,8 +120,7 @@ def create_app(model, *, name: str, max_batch: int = 8, max_queue: int = 64, bat
     return model_input(images.load(src, label, max_image_pixels), label)
 
   def resolve_image(url: str):
-    src, label = images.source(url, allowed)
-    return load_image(src, label)
+    return load_image(*images.source(url, allowed))
 
   def inline(size: tuple[int, int]) -> bool:
     return size[0] * size[1] <= INLINE_IMAGE_PIXELS and (
@@ -219,9 +218,9 @@ def create_app(model, *, name: str, max_batch: int = 8, max_queue: int = 64, bat
       c = ChatChunk(id=ident, created=now, model=name, choices=[StreamChoice(delta=delta, **kw)])
       return f"data: {c.model_dump_json(exclude_none=True)}\n\n"
 
-    # /metrics counts every stream once: by account() when answered; as 200 when it ends in an error chunk (its
-    # status line went out with the first chunk); as 499 when the client leaves first.
-    counted = False
+    # /metrics counts every stream once: account() an answered one; as 200 one that ends in an error chunk (its
+    # status line went out with the first chunk); as 499 one whose client leaves first.
+    uncounted = "499"
     try:
       yield chunk(Delta(role="assistant", content=""))
       while True:
@@ -229,13 +228,12 @@ def create_app(model, *, name: str, max_batch: int = 8, max_queue: int = 64, bat
         if kind == "delta":
           yield chunk(Delta(content=payload))
         elif kind == "error":
-          metrics.requests.labels("200").inc()
-          counted = True
+          uncounted = "200"
           yield f"data: {ErrorResponse(error=payload.info).model_dump_json()}\n\n"
           break
         else:
           account(payload, start)
-          counted = True
+          uncounted = None
           final = ChatChunk(id=ident, created=now, model=name, scale=payload.scale,
                             choices=[StreamChoice(delta=Delta(), finish_reason=payload.finish_reason)])
           yield f"data: {final.model_dump_json(exclude_none=True)}\n\n"
@@ -247,15 +245,14 @@ def create_app(model, *, name: str, max_batch: int = 8, max_queue: int = 64, bat
           event = await asyncio.wait_for(job.events.get(), max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
           scheduler.cancel(job, "timeout")
-          metrics.requests.labels("200").inc()
-          counted = True
+          uncounted = "200"
           yield f"data: {ErrorResponse(error=timeout_error().info).model_dump_json()}\n\n"
           break
       yield "data: [DONE]\n\n"
     finally:  # a client that leaves mid-stream cancels this generator
       scheduler.cancel(job, "disconnect")
-      if not counted:
-        metrics.requests.labels("499").inc()
+      if uncounted:
+        metrics.requests.labels(uncounted).inc()
 
   return app
 

@@ -43,6 +43,19 @@ def _image_field(value: Any, base: str, where: str) -> tuple[str | None, bytes |
   raise TaskDataError(f"{where}: no usable image (expected {{'bytes': ...}} or a path), got {type(value).__name__}")
 
 
+def _options(r: dict, where: str) -> list:
+  """A record's `options`: a list, or its Python literal as a string (the HF exports of AI2D and MMMU)."""
+  options = field(r, "options", where)
+  if isinstance(options, str):
+    try:
+      options = ast.literal_eval(options)
+    except (ValueError, SyntaxError):
+      raise TaskDataError(f"{where}: options {options!r} is not a list literal") from None
+  if not isinstance(options, (list, tuple)):
+    raise TaskDataError(f"{where}: options {options!r} is not a list")
+  return options
+
+
 def _records(path: str, what: str) -> list[dict]:
   """parquet files (a file, or every *.parquet under a folder), or a JSON / JSON-lines export."""
   if os.path.isdir(path):
@@ -254,14 +267,7 @@ class AI2D(_ChoiceTask):
     base = os.path.dirname(os.path.abspath(path)) if os.path.isfile(path) else path
     base = self.image_folder or base
     for i, r, where in iter_numbered(records, path):
-      options = field(r, "options", where)
-      if isinstance(options, str):
-        try:
-          options = ast.literal_eval(options)
-        except (ValueError, SyntaxError):
-          raise TaskDataError(f"{where}: options {options!r} is not a list literal") from None
-      if not isinstance(options, (list, tuple)):
-        raise TaskDataError(f"{where}: options {options!r} is not a list")
+      options = _options(r, where)
       try:
         answer = int(field(r, "answer", where))
         gold = LETTERS[answer]
@@ -296,12 +302,7 @@ class MMMU(_ChoiceTask):
       qtype = field(r, "question_type", where)
       question, answer = field(r, "question", where), field(r, "answer", where)
       if qtype == "multiple-choice":
-        options = field(r, "options", where)
-        if isinstance(options, str):
-          try:
-            options = ast.literal_eval(options)
-          except (ValueError, SyntaxError):
-            raise TaskDataError(f"{where}: options {options!r} is not a list literal") from None
+        options = _options(r, where)
         prompt = f"{choice_prompt(question, options, None)}\n\n{OPTION_LETTER}"
       else:
         options = None
