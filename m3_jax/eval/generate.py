@@ -6,10 +6,15 @@ compiled once and reused. Every sample carries its own number of visual tokens (
 of attention and of the RoPE position count, so a sample's result does not depend on what it is batched with.
 A batch may mix scales: samples are grouped by scale for the encoder, results come back in input order.
 
+Prefix caching: the text that a batch's prompts share before their first image (the chat template's system prompt),
+in whole blocks of `length_step` tokens, is prefilled once per engine and kept (a few prefixes, least recently used
+first out); each batch copies its keys and values into the cache's first slots and prefills only the rest.
+
 Shapes: B batch, T prompt length (bucketed), N visual tokens (bucketed), L = T + N - 1, K new tokens, D width.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import threading
 from typing import Callable, Sequence
@@ -49,6 +54,21 @@ def row_keys(seeds: Sequence[int]) -> jax.Array:
 
 def bucket(n: int, step: int) -> int:
   return max(step, -(-n // step) * step)
+
+
+def shared_prefix(seqs: Sequence[np.ndarray], visual: Sequence[np.ndarray | None], image_token_id: int,
+                  block: int) -> int:
+  """The prefix the prompts share and may take from a prefix cache: their longest common prefix in whole `block`s,
+  short of each prompt's last token (its logits start the answer) and of its image placeholder (the visual tokens
+  go in after it), 0 when under one block."""
+  limit = min(len(s) - 1 for s in seqs)
+  for s, v in zip(seqs, visual):
+    if v is not None:
+      limit = min(limit, int(np.argmax(s == image_token_id)))
+  for s in seqs[1:]:
+    differ = np.flatnonzero(s[:limit] != seqs[0][:limit])
+    limit = int(differ[0]) if len(differ) else limit
+  return limit // block * block
 
 
 def power_of_two(n: int) -> int:
@@ -94,7 +114,7 @@ class Engine:
   """
 
   def __init__(self, config: ModelConfig, params, *, stop_ids: Sequence[int] | None = None, length_step: int = 16,
-               device: jax.Device | None = None):
+               device: jax.Device | None = None, prefixes: int = 4):
     self.config = config
     self.device = device  # a replica's device (`on_device`): its random keys are put there
     self.model = llava.LlavaM3(config)
@@ -108,11 +128,15 @@ class Engine:
     self._stream_lock = threading.Lock()  # one streaming decode at a time: `_on_token` is the engine's
     self._score = jax.jit(self._score_impl)
     self._state = jax.jit(self._state_impl)
+    self._prefix = jax.jit(self._prefix_impl)
+    self.prefixes = prefixes  # how many prefixes' keys and values are kept (0: no prefix caching)
+    self._prefix_cache: collections.OrderedDict[tuple[int, ...], tuple[dict, ...]] = collections.OrderedDict()
+    self._prefix_lock = threading.Lock()
 
   def on_device(self, device) -> "Engine":
     """This engine with a copy of its params on `device`: a data-parallel replica (`replicas`)."""
     return Engine(self.config, jax.device_put(self.params, device), stop_ids=self.stop_ids,
-                  length_step=self.length_step, device=device)
+                  length_step=self.length_step, device=device, prefixes=self.prefixes)
 
   @property
   def params(self):
@@ -123,6 +147,8 @@ class Engine:
   def params(self, params):
     """Takes stacked or unscanned params; None frees them (training's evaluation sets them per evaluation)."""
     self._params = None if params is None else {**params, "llm": llama.unscan(params["llm"])}
+    if hasattr(self, "_prefix_cache"):
+      self._prefix_cache.clear()  # they were made with the old params
 
   # ---------------------------------------------------------------------------------------------- vision
   def _visual_impl(self, params, pixels, scale: int):
@@ -211,8 +237,9 @@ class Engine:
                            "smaller scale")
 
   def _pack(self, prompts: Sequence[np.ndarray], visual: Sequence[np.ndarray | None], side: str,
-            extra: Sequence[np.ndarray] | None = None):
-    """Pads prompts (+ optional continuations) to a bucketed length on `side` and visual tokens to a bucket."""
+            extra: Sequence[np.ndarray] | None = None, skip: int = 0):
+    """Pads prompts (+ optional continuations), less their first `skip` tokens (a cached prefix), to a bucketed
+    length on `side` and visual tokens to a bucket."""
     c = self.config
     if len(visual) != len(prompts):
       raise ValueError(f"{len(prompts)} prompts but {len(visual)} visual-token entries (None for text-only)")
@@ -221,6 +248,7 @@ class Engine:
       seqs = [np.concatenate([p, np.asarray(e, np.int32)]) for p, e in zip(seqs, extra)]
     llava.check_placeholders(seqs, [int(v is not None) for v in visual], c.image_token_id)
     self.check_context(seqs, visual)
+    seqs = [s[skip:] for s in seqs]
     t = bucket(max(len(s) for s in seqs), self.length_step)
     n_vis = np.array([0 if v is None else len(v) for v in visual], np.int32)
     n = bucket(max(int(n_vis.max()), 1), self.length_step) if n_vis.max() > 1 else 1
@@ -249,16 +277,45 @@ class Engine:
     return x, valid, positions, ex.labels
 
   # ------------------------------------------------------------------------------------------ generation
-  def _prefill(self, params, ids, mask, img, n_vis, room: int):
-    """A left-padded prompt batch into a fresh KV cache of its L slots + `room` -> (cache, kv_mask bool[B, L + room]
-    (the prompt's valid slots), next position int32[B], last logits float32[B, V])."""
+  def _prefill(self, params, ids, mask, img, n_vis, room: int, prefix=None):
+    """A left-padded prompt batch into a fresh KV cache of P + L slots + `room` -> (cache, kv_mask bool[B, P + L +
+    room] (the valid slots), next position int32[B], last logits float32[B, V]). prefix: the keys and values of P
+    tokens every prompt starts with (`_prefix_impl`), which the prompts here follow; None for P = 0."""
     m = self.model
     x, valid, positions, _ = self._inputs(params, ids, mask, img, n_vis, "left")
     b, length = valid.shape
-    cache = llama.init_cache(self.config.llm, b, length + room, x.dtype)
-    kv_mask = jnp.zeros((b, length + room), bool).at[:, :length].set(valid)
-    hidden, cache = m.apply({"params": params}, x, positions, kv_mask, cache, 0, method=m.decode)
+    p = 0 if prefix is None else prefix[0]["v"].shape[2]
+    cache = llama.init_cache(self.config.llm, b, p + length + room, x.dtype)
+    kv_mask = jnp.zeros((b, p + length + room), bool).at[:, p:p + length].set(valid)
+    if p:
+      cache = llama.map_cache(lambda c, pre, axis: jax.lax.dynamic_update_slice_in_dim(
+          c, jnp.broadcast_to(pre, (b, *pre.shape[1:])).astype(c.dtype), 0, axis), cache, prefix)
+      kv_mask, positions = kv_mask.at[:, :p].set(True), positions + p
+    hidden, cache = m.apply({"params": params}, x, positions, kv_mask, cache, p, method=m.decode)
     return cache, kv_mask, positions[:, -1] + 1, m.apply({"params": params}, hidden[:, -1], method=m.logits)
+
+  def _prefix_impl(self, params, ids):
+    """int32[1, P] prompt tokens -> their keys and values, a KV cache of P slots (`llama.init_cache`)."""
+    m, p = self.model, ids.shape[1]
+    x = m.apply({"params": params}, ids, method=m.embed_text)
+    cache = llama.init_cache(self.config.llm, 1, p, x.dtype)
+    positions = jnp.arange(p, dtype=jnp.int32)[None]
+    return m.apply({"params": params}, x, positions, jnp.ones((1, p), bool), cache, 0, method=m.decode)[1]
+
+  def cached_prefix(self, ids: np.ndarray) -> tuple[dict, ...]:
+    """The keys and values of prompt tokens `ids` (a prefix), from the engine's prefix cache or made now."""
+    key = tuple(int(i) for i in ids)
+    with self._prefix_lock:
+      if key in self._prefix_cache:
+        self._prefix_cache.move_to_end(key)
+        return self._prefix_cache[key]
+    ids = np.asarray(ids, np.int32)[None]
+    prefix = self._prefix(self.params, ids if self.device is None else jax.device_put(ids, self.device))
+    with self._prefix_lock:
+      self._prefix_cache[key] = prefix
+      while len(self._prefix_cache) > self.prefixes:
+        self._prefix_cache.popitem(last=False)
+    return prefix
 
   def _decode_step(self, params, tok, pos, kv_mask, cache, index):
     """Tokens int32[B] at positions int32[B], written at cache slot `index` -> (next logits float32[B, V], cache)."""
@@ -267,12 +324,13 @@ class Engine:
     hidden, cache = m.apply({"params": params}, emb, pos[:, None], kv_mask, cache, index, method=m.decode)
     return m.apply({"params": params}, hidden[:, 0], method=m.logits), cache
 
-  def _generate_impl(self, params, ids, mask, img, n_vis, rng, temperature, top_p, limit, *, max_new: int,
+  def _generate_impl(self, params, prefix, ids, mask, img, n_vis, rng, temperature, top_p, limit, *, max_new: int,
                      greedy: bool, per_row: bool = False, stream: bool = False):
     """Up to `limit` (int32, <= max_new) new tokens -> int32[B, max_new] (pad past them and past a row's stop).
     per_row: rng key[B], temperature float32[B], top_p float32[B] (one per row; temperature <= 0 is greedy)
-    instead of one key and scalars; stream: each step's tokens int32[B] go to `_on_token` as they are picked."""
-    cache, kv_mask, next_pos, logits = self._prefill(params, ids, mask, img, n_vis, max_new)
+    instead of one key and scalars; stream: each step's tokens int32[B] go to `_on_token` as they are picked;
+    prefix: see `_prefill`."""
+    cache, kv_mask, next_pos, logits = self._prefill(params, ids, mask, img, n_vis, max_new, prefix)
     b, length = ids.shape[0], kv_mask.shape[1] - max_new
     stop = jnp.asarray(self.stop_ids, jnp.int32)
     pad = self.config.pad_token_id
@@ -349,10 +407,15 @@ class Engine:
     if max_new < 0:
       raise ValueError(f"max_new_tokens {max_new}: expected >= 0")
     n = len(prompts)
-    ids, mask, img, n_vis = self._pack(*self.pad_rows(prompts, visual), "left")
+    seqs = [np.asarray(s, np.int32) for s in prompts]
+    p = shared_prefix(seqs, visual, self.config.image_token_id, self.length_step) if self.prefixes and n else 0
+    prefix = self.cached_prefix(seqs[0][:p]) if p else None
+    seqs, visual = self.pad_rows(seqs, visual)
+    seqs[n:] = [np.concatenate([seqs[0][:p], s]) for s in seqs[n:]]  # padding rows take the prefix too
+    ids, mask, img, n_vis = self._pack(seqs, visual, "left", skip=p)
     if self.device is not None:  # (host arrays go straight to the params' device; keys are made on the default one)
       rng = jax.device_put(rng, self.device)
-    out = self._generate(self.params, np.asarray(ids), np.asarray(mask), np.asarray(img), np.asarray(n_vis),
+    out = self._generate(self.params, prefix, np.asarray(ids), np.asarray(mask), np.asarray(img), np.asarray(n_vis),
                          rng, temperature, top_p, np.int32(max_new), max_new=new_tokens_bucket(max_new), **static)
     results = []
     for row in np.asarray(out)[:n, :max_new].tolist():

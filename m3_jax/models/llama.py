@@ -4,8 +4,9 @@ permutation), SwiGLU, grouped-query attention, causal + padding masks, a KV cach
 The KV cache is explicit state, not a Flax collection: a tuple with one {"k": float[B, K, Dh, S],
 "v": float[B, K, S, Dh]} per layer (`init_cache`; keys stored transposed, so both attention products are plain
 batched matmuls). A call with a cache writes its T new keys and values at slots [cache_index, cache_index + T) of
-each layer, then attends: a prefill (cache_index a Python 0) over its own T keys, a decode step over every slot
-j <= its own where `kv_mask[b, j]`. The write comes before the read, so inside a decode loop XLA updates each
+each layer, then attends over every slot j <= its own where `kv_mask[b, j]`: a prefill (cache_index a Python int,
+0 or the length of a prefix already in the cache) reads its first cache_index + T slots, a decode step (cache_index
+traced) all of them. The write comes before the read, so inside a decode loop XLA updates each
 layer's cache in place (reading it first and writing it after, as a stacked [L, ...] cache did, made XLA copy the
 cache every step).
 
@@ -68,8 +69,9 @@ class LlamaAttention(nn.Module):
       k_t = jax.lax.dynamic_update_slice(k_t, jnp.transpose(k.astype(k_t.dtype), (0, 2, 3, 1)), (0, 0, 0, cache_index))
       v_c = jax.lax.dynamic_update_slice(v_c, jnp.swapaxes(v.astype(v_c.dtype), 1, 2), (0, 0, cache_index, 0))
       cache = {"k": k_t, "v": v_c}
-      # Read from the cache just written: slots up to each query's own (a prefill's are its first T slots).
-      n = t if isinstance(cache_index, int) and cache_index == 0 else k_t.shape[3]
+      # Read from the cache just written: slots up to each query's own (with a Python cache_index, a prefill's
+      # first cache_index + T slots: its own and any prefix's before them).
+      n = cache_index + t if isinstance(cache_index, int) else k_t.shape[3]
       own = jnp.arange(n)[None, :] <= cache_index + jnp.arange(t)[:, None]                    # [T, n]
       o = cached_attention(q, k_t[..., :n].astype(self.dtype), v_c[:, :, :n].astype(self.dtype),
                            keys[:, :, :n] & own[None], self.dtype)
@@ -130,7 +132,8 @@ class Llama(nn.Module):
   def __call__(self, x, positions, kv_mask, cache=None, cache_index=0):
     """float[B, T, D] -> (final-normed hidden float[B, T, D], updated cache or None).
     cache: `init_cache`'s tuple or None; kv_mask bool[B, S] (or [B, T, S], per query); cache_index: int or
-    int32[], the slot of the first of the T new tokens (a Python 0 is a prefill: no cached slot is read)."""
+    int32[], the slot of the first of the T new tokens (a Python int is a prefill: it reads only the slots before
+    cache_index + T; 0 reads no cached slot)."""
     c = self.config
     carry = (x, positions, kv_mask, cache_index)
     layers = None if self.is_initializing() else nn.unbox(self.variables["params"]["layers"])

@@ -17,7 +17,7 @@ from PIL import Image
 from m3_jax import cli
 from m3_jax.configs import base as m3_config
 from m3_jax.convert.convert import convert
-from m3_jax.eval.generate import Engine, Sampling, shard_params
+from m3_jax.eval.generate import Engine, Sampling, shard_params, shared_prefix
 from m3_jax.models import llava
 from m3_jax.models.config import ModelConfig
 from m3_jax import sharding
@@ -86,6 +86,49 @@ def test_results_do_not_depend_on_batching_padding_or_grouping(tiny):
   assert [shuffled[order.index(i)] for i in range(4)] == together
   # Visual tokens of one scale computed per sample equal those computed in a mixed-scale batch.
   np.testing.assert_allclose(engine.visual_tokens(pixels[1:2], 36)[0], visual[1], atol=1e-5)
+
+
+def test_shared_prefix_is_whole_blocks_before_the_first_image_and_the_last_token():
+  a = np.array([1, 5, 6, 7, 8, 9, IMG, 10])
+  b = np.array([1, 5, 6, 7, 8, 9, 10, 11, 12])
+  assert shared_prefix([a, a], [np.zeros(1), np.zeros(1)], IMG, 2) == 6   # up to the placeholder
+  assert shared_prefix([a, a], [np.zeros(1), np.zeros(1)], IMG, 4) == 4   # whole blocks only
+  assert shared_prefix([a, b], [np.zeros(1), None], IMG, 1) == 6          # where they differ
+  assert shared_prefix([b], [None], IMG, 1) == 8                          # short of the last token
+  assert shared_prefix([b, np.array([1, 5, 9, 9, 9])], [None, None], IMG, 2) == 2
+  assert shared_prefix([b, np.array([1, 5, 9, 9, 9])], [None, None], IMG, 4) == 0  # under one block
+  assert shared_prefix([b, np.array([1, 5, 6, 9, 9, 9, 9, 9, 9]), b], [None] * 3, IMG, 1) == 3
+
+
+def test_a_shared_prompt_prefix_is_prefilled_once_and_changes_no_answer(tiny):
+  """Prompts sharing a system prompt take its keys and values from the engine's prefix cache (the two whole blocks
+  of 8 of their 20 shared tokens) and prefill only the rest: the same logits and answers as a full prefill."""
+  cfg, params, pixels, _ = tiny
+  system = [1] + list(range(5, 24))  # 20 tokens
+  prompts = [np.array(system + [IMG, 40 + i, 41]) for i in range(3)] + [np.array(system + [50, 51])]
+  cached = Engine(cfg, params, stop_ids=(EOS,), length_step=8)
+  plain = Engine(cfg, params, stop_ids=(EOS,), length_step=8, prefixes=0)
+  visual = cached.visual_tokens(pixels[:3], [9, 1, 36]) + [None]
+  packed = plain._pack(prompts, visual, "left")
+  _, _, pos, want_logits = plain._prefill(plain.params, *packed, 8)
+  _, _, got_pos, got_logits = cached._prefill(cached.params, *cached._pack(prompts, visual, "left", skip=16), 8,
+                                              cached.cached_prefix(np.array(system[:16])))
+  np.testing.assert_array_equal(got_pos, pos)
+  np.testing.assert_allclose(got_logits, want_logits, atol=2e-5, rtol=1e-5)
+  s = Sampling(max_new_tokens=6)
+  want = plain.generate(prompts, visual, s)
+  assert cached.generate(prompts, visual, s) == want
+  assert [cached.generate([p], [v], s)[0] for p, v in zip(prompts, visual)] == want
+  assert list(cached._prefix_cache) == [tuple(system[:16])]  # made once, then reused alone and batched
+  # New params (training's evaluations set them) drop the prefixes made with the old ones.
+  other = llava.init_params(cfg, jax.random.key(1))
+  cached.params, plain.params = other, other
+  assert not cached._prefix_cache
+  assert cached.generate(prompts, visual, s) == plain.generate(prompts, visual, s)
+  # At most `prefixes` are kept, the least recently used dropped first.
+  cached.prefixes = 1
+  cached.generate([np.array([1] + list(range(30, 50)) + [51])], [None], s)
+  assert list(cached._prefix_cache) == [(1, *range(30, 45))]
 
 
 def test_option_loglikelihood_matches_the_full_forward(tiny):
@@ -278,7 +321,7 @@ def test_decode_loop_copies_neither_the_kv_cache_nor_the_weights(tiny):
   engine = Engine(cfg, params, stop_ids=(EOS,))
   b = 3  # no activation [B, ...] is then shaped like a weight or a cache
   ids, mask, img, n_vis = engine._pack([np.array([1, IMG, 7, 8])] * b, [np.zeros((9, cfg.llm.width))] * b, "left")
-  hlo = engine._generate.lower(engine.params, ids, mask, img, n_vis, jax.random.key(0), np.float32(0),
+  hlo = engine._generate.lower(engine.params, None, ids, mask, img, n_vis, jax.random.key(0), np.float32(0),
                                np.float32(1), np.int32(32), max_new=32, greedy=True).compile().as_text()
   # Whatever the layouts: no copy as large as one layer's cache, nothing shaped like one layer's cache but the
   # in-place write, and no array shaped like one layer's weight matrix.
