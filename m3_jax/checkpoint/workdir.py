@@ -85,7 +85,8 @@ def read_config(workdir: str | epath.PathLike) -> dict:
 
 # Config fields a resumed run may change without --allow-config-change: they change when the run stops, how often
 # it saves, logs or evaluates, never the numbers it computes.
-RESUME_FREE = ("train.num_steps", "train.log_every", "train.eval_*", "eval.*", "checkpoint.every", "checkpoint.keep",
+# train.num_steps is not free: the LR schedule and the finest-first phase are fractions of it.
+RESUME_FREE = ("train.log_every", "train.eval_*", "eval.*", "checkpoint.every", "checkpoint.keep",
                "checkpoint.async_save", "checkpoint.lease_timeout")
 
 
@@ -128,7 +129,7 @@ def check_resume_config(workdir: str | epath.PathLike, config_json: str, step: i
   changes = config_diff(read_config(workdir), json.loads(config_json), defaults)
   if not changes:
     return changes
-  bound = [c for c in changes if not any(fnmatch.fnmatchcase(c[0], p) for p in RESUME_FREE)]
+  bound = _bound(changes)
   listing = "; ".join(f"{k}: {json.dumps(a)} -> {json.dumps(b)}" for k, a, b in changes)
   if bound and not allow:
     raise ConfigChanged(
@@ -137,12 +138,22 @@ def check_resume_config(workdir: str | epath.PathLike, config_json: str, step: i
         f"resume anyway (the change is recorded in {CONFIG_CHANGES}), or use another --workdir")
   (log.warning if bound else log.info)("resuming %s at step %d with config changes: %s", workdir, step, listing)
   if record:
-    path = epath.Path(workdir) / CONFIG_CHANGES
-    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": int(step),
-             "allowed_by": "--allow-config-change" if bound else "resume-free fields",
-             "changes": [{"key": k, "old": a, "new": b} for k, a, b in changes]}
-    path.write_text((path.read_text() if path.exists() else "") + json.dumps(entry, sort_keys=True) + "\n")
+    record_config_changes(workdir, step, changes)
   return changes
+
+
+def _bound(changes: list[tuple[str, Any, Any]]) -> list[tuple[str, Any, Any]]:
+  """The changes outside RESUME_FREE (those that change the run's numbers)."""
+  return [c for c in changes if not any(fnmatch.fnmatchcase(c[0], p) for p in RESUME_FREE)]
+
+
+def record_config_changes(workdir: str | epath.PathLike, step: int, changes: list[tuple[str, Any, Any]]) -> None:
+  """Appends a resume's config changes (`check_resume_config`'s) to config_changes.jsonl."""
+  path = epath.Path(workdir) / CONFIG_CHANGES
+  entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": int(step),
+           "allowed_by": "--allow-config-change" if _bound(changes) else "resume-free fields",
+           "changes": [{"key": k, "old": a, "new": b} for k, a, b in changes]}
+  path.write_text((path.read_text() if path.exists() else "") + json.dumps(entry, sort_keys=True) + "\n")
 
 
 def write_processor(workdir: str | epath.PathLike, tokenizer, preprocessor: dict) -> None:

@@ -57,35 +57,44 @@ def fit(trainer: TrainStep, workdir: str | epath.PathLike, batches: Iterator[dic
   config, train = trainer.config, trainer.config.train
   if train.on_nonfinite not in ON_NONFINITE:
     raise ValueError(f"train.on_nonfinite={train.on_nonfinite!r}: expected one of {', '.join(ON_NONFINITE)}")
+  for key, value in (("checkpoint.every", config.checkpoint.every), ("train.log_every", train.log_every)):
+    if not isinstance(value, int) or value < 1:
+      raise BadValue(f"{key}={value!r}: expected a whole number of steps >= 1")
   primary = jax.process_index() == 0
   lease = lease_lib.hold(workdir, float(config.checkpoint.get("lease_timeout", 300.0)))   # None on processes > 0
-  config_json = config.to_json_best_effort(indent=2, sort_keys=True)
-  resumes = workdir_lib.latest_step(workdir)
-  if resumes is not None:
-    try:
-      workdir_lib.check_resume_config(workdir, config_json, resumes, allow=allow_config_change,
-                                      defaults=json.loads(config_base.base().to_json_best_effort()), record=primary)
-    except BaseException:
-      if lease is not None:
-        lease.release()
-      raise
-    if jax.process_count() > 1:   # every process has read config.json before process 0 rewrites it
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices("m3_resume_config_checked")
-  if primary:
-    workdir_lib.write_config(workdir, config_json)
-  batches = batches if batches is not None else make_batches(config, workdir)
-  ckpts = workdir_lib.Checkpoints(workdir, keep=int(config.checkpoint.keep),
-                                  async_save=bool(config.checkpoint.get("async_save", True)))
-  restored = ckpts.restore(trainer.abstract_state())
-  data_state = None
-  if restored is None:
-    state, start = trainer.init_state(), 0
-  else:
-    start, state, data_state = restored
-    if data_state is not None and hasattr(batches, "set_state"):
-      workdir_lib.set_iterator_state(batches, data_state)
-    log.info("resumed from %s at step %d", ckpts.directory, start)
+  try:   # until the loop's own try: whatever fails releases the lease (a second fit in this process may take it)
+    config_json = config.to_json_best_effort(indent=2, sort_keys=True)
+    resumes = workdir_lib.latest_step(workdir)
+    changes = []
+    if resumes is not None:
+      changes = workdir_lib.check_resume_config(workdir, config_json, resumes, allow=allow_config_change,
+                                                defaults=json.loads(config_base.base().to_json_best_effort()),
+                                                record=False)
+      if jax.process_count() > 1:   # every process has read config.json before process 0 rewrites it
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("m3_resume_config_checked")
+    batches = batches if batches is not None else make_batches(config, workdir)
+    ckpts = workdir_lib.Checkpoints(workdir, keep=int(config.checkpoint.keep),
+                                    async_save=bool(config.checkpoint.get("async_save", True)))
+    restored = ckpts.restore(trainer.abstract_state())
+    data_state = None
+    if restored is None:
+      state, start = trainer.init_state(), 0
+    else:
+      start, state, data_state = restored
+      if data_state is not None and hasattr(batches, "set_state"):
+        workdir_lib.set_iterator_state(batches, data_state)
+      log.info("resumed from %s at step %d", ckpts.directory, start)
+    # The new config (and the record of its changes) only once the run it describes has resumed or started: a
+    # failed restore leaves the workdir as it was, resumable with the command that made it.
+    if primary:
+      if changes:
+        workdir_lib.record_config_changes(workdir, resumes, changes)
+      workdir_lib.write_config(workdir, config_json)
+  except BaseException:
+    if lease is not None:
+      lease.release()
+    raise
 
   log.info("scale curriculum: %s", trainer.curriculum.describe(int(train.num_steps)))
   writer = MetricsWriter(workdir, enabled=primary)
@@ -131,11 +140,11 @@ def fit(trainer: TrainStep, workdir: str | epath.PathLike, batches: Iterator[dic
       for done in pending:
         last_loss = _report(trainer, done, writer, bar, clock, force_log=step + 1 == num_steps)
       pending = []
-      if eval_every and ((step + 1) % eval_every == 0 or step + 1 == num_steps):
-        _evaluate(on_eval, step + 1, state["params"], writer, clock)
-      if (step + 1) % every == 0 or step + 1 == num_steps:
+      if (step + 1) % every == 0 or step + 1 == num_steps:   # saved before the evaluation, which may fail
         ckpts.save(step + 1, state, data_state, force=True)
         last_saved = step + 1
+      if eval_every and ((step + 1) % eval_every == 0 or step + 1 == num_steps):
+        _evaluate(on_eval, step + 1, state["params"], writer, clock)
     else:
       step = num_steps
     for done in pending:

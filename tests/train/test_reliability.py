@@ -25,7 +25,7 @@ from m3_jax import cli, sharding as shd
 from m3_jax.checkpoint import lease as lease_lib, workdir as workdir_lib
 from m3_jax.data import pipeline
 from m3_jax.data.synthetic import SyntheticBatches
-from m3_jax.errors import BadFile
+from m3_jax.errors import BadFile, BadValue
 from m3_jax.train import loop
 from m3_jax.train.metrics import read_metrics
 from m3_jax.train.state import TrainStep
@@ -107,9 +107,14 @@ def test_a_resume_with_another_config_is_refused_unless_free_or_allowed(tmp_path
                  "the run's numbers; pass --allow-config-change to resume anyway (the change is recorded in "
                  "config_changes.jsonl), or use another --workdir")
   assert (tmp_path / "config.json").read_text() == saved and not (tmp_path / "lease.json").exists()
-  # Free fields: more steps, saved more often.
+  # Free fields: saved and logged more often. More steps change the LR schedule: refused, unless allowed.
   config_of(**{"train.num_steps": 3, "checkpoint.every": 1})
-  assert loop.fit(trainer, tmp_path, synthetic(trainer.config), progress=False)["step"] == 3
+  with pytest.raises(workdir_lib.ConfigChanged, match=r"checkpoint.every: 2 -> 1; train.num_steps: 2 -> 3\. "):
+    loop.fit(trainer, tmp_path, synthetic(trainer.config), progress=False)
+  config_of(**{"train.num_steps": 2, "checkpoint.every": 1, "train.log_every": 2})
+  assert loop.fit(trainer, tmp_path, synthetic(trainer.config), progress=False)["step"] == 2
+  config_of(**{"train.num_steps": 3, "checkpoint.every": 1})
+  assert loop.fit(trainer, tmp_path, synthetic(trainer.config), progress=False, allow_config_change=True)["step"] == 3
   # A bound field, allowed.
   config_of(**{"train.num_steps": 4, "train.grad_clip": 0.5})
   with pytest.raises(workdir_lib.ConfigChanged, match=r"train.grad_clip: 1.0 -> 0.5; train.num_steps: 3 -> 4\. "):
@@ -118,7 +123,8 @@ def test_a_resume_with_another_config_is_refused_unless_free_or_allowed(tmp_path
   changes = [json.loads(l) for l in (tmp_path / "config_changes.jsonl").read_text().splitlines()]
   assert [(c["step"], c["allowed_by"], c["changes"]) for c in changes] == [
       (2, "resume-free fields", [{"key": "checkpoint.every", "old": 2, "new": 1},
-                                 {"key": "train.num_steps", "old": 2, "new": 3}]),
+                                 {"key": "train.log_every", "old": 1, "new": 2}]),
+      (2, "--allow-config-change", [{"key": "train.num_steps", "old": 2, "new": 3}]),
       (3, "--allow-config-change", [{"key": "train.grad_clip", "old": 1.0, "new": 0.5},
                                     {"key": "train.num_steps", "old": 3, "new": 4}])]
   assert json.loads((tmp_path / "config.json").read_text())["train"]["grad_clip"] == 0.5
@@ -154,6 +160,43 @@ def test_a_source_without_a_good_record_stops_naming_the_count(tmp_path, capsys)
   with pytest.raises(BadFile, match=r"^data.source=tfds data.path=x has no records; expected at least one to train"):
     pipeline.make_dataset([], None, batch_size=1, process_index=0, process_count=1, name="data.source=tfds data.path=x")
   assert time.perf_counter() - began < 300
+
+
+def test_a_failing_evaluation_comes_after_the_checkpoint_of_its_step(tmp_path, trainer, config_of):
+  """Evaluation at a checkpoint step runs after the save: a bad eval set (or an evaluation that runs out of memory)
+  loses no trained step."""
+  config_of(**{"train.num_steps": 2, "checkpoint.every": 2, "train.eval_every": 2})
+  def on_eval(step, params):
+    raise FileNotFoundError("eval.json")
+  with pytest.raises(FileNotFoundError):
+    loop.fit(trainer, tmp_path, synthetic(trainer.config), progress=False, on_eval=on_eval)
+  assert workdir_lib.steps(tmp_path) == [2] and not (tmp_path / "lease.json").exists()
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_the_workdir_as_it_was(tmp_path, trainer, config_of):
+  """A failure while resuming (here: an unreadable checkpoint, after an allowed config change) releases the lease
+  and keeps the workdir's config.json and change record as they were: the command that made the run resumes it."""
+  loop.fit(trainer, tmp_path, synthetic(trainer.config), progress=False)
+  saved = (tmp_path / "config.json").read_text()
+  config_of(**{"train.grad_clip": 0.5})
+  def unreadable(self, abstract):
+    raise workdir_lib.CheckpointsUnreadable("no readable checkpoint")
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(workdir_lib.Checkpoints, "restore", unreadable)
+    with pytest.raises(workdir_lib.CheckpointsUnreadable):
+      loop.fit(trainer, tmp_path, synthetic(trainer.config), progress=False, allow_config_change=True)
+  assert (tmp_path / "config.json").read_text() == saved and not (tmp_path / "config_changes.jsonl").exists()
+  assert not (tmp_path / "lease.json").exists()
+  config_of(**{"train.grad_clip": 1.0})
+  assert loop.fit(trainer, tmp_path, synthetic(trainer.config), progress=False)["step"] == 2  # resumes as it was
+
+
+@pytest.mark.parametrize("key", ["checkpoint.every", "train.log_every"])
+def test_a_zero_step_interval_is_refused_by_name_before_anything_runs(tmp_path, trainer, config_of, key):
+  config_of(**{key: 0})
+  with pytest.raises(BadValue, match=rf"^{re.escape(key)}=0: expected a whole number of steps >= 1$"):
+    loop.fit(trainer, tmp_path, synthetic(trainer.config), progress=False)
+  assert not (tmp_path / "lease.json").exists() and not (tmp_path / "config.json").exists()
 
 
 def test_sigterm_ends_a_wait_for_data_at_once_and_saves(tmp_path, trainer, config_of):
