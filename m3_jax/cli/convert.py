@@ -42,8 +42,13 @@ def run(args) -> int:
   from m3_jax.checkpoint import workdir
   if workdir.is_workdir(args.src):
     from m3_jax.convert.workdir import to_m3dir
-    to_m3dir(args.src, args.out, args.step)
-    print(f"wrote {args.out}: step {workdir.resolve_step(args.src, args.step)} of the training workdir {args.src}")
+    for flag, given in (("--vision-from", args.vision_from), ("--allow-pickle", args.allow_pickle)):
+      if given:
+        raise BadValue(f"{flag} applies to HF and original LLaVA sources; SRC {args.src} is a training workdir, "
+                       "whose steps hold every weight in its own format")
+    to_m3dir(args.src, args.out, args.step, dtype=args.dtype)
+    print(f"wrote {args.out}: step {workdir.resolve_step(args.src, args.step)} of the training workdir {args.src} "
+          f"({args.dtype})")
     return 0
   if args.step is not None:
     raise BadValue(f"--step {args.step}: SRC {args.src} is not a training workdir (only a workdir has steps)")

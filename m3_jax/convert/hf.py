@@ -143,6 +143,7 @@ LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
                        ("model.image_newline", "image_newline")),
     "original": (("model.mm_projector.0.", "multi_modal_projector.linear_1."),
                  ("model.mm_projector.2.", "multi_modal_projector.linear_2."),
+                 ("model.mm_projector.", "multi_modal_projector.linear_1."),   # mm_projector_type "linear"
                  ("model.vision_tower.vision_tower.vision_model.", V),
                  ("model.image_newline", "image_newline"), ("model.", LM), ("lm_head.", "language_model.lm_head.")),
     "clip": (("vision_model.", V), ("embeddings.", V + "embeddings."), ("encoder.", V + "encoder."),

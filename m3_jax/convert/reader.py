@@ -78,6 +78,10 @@ class TensorSource:
                             "It is probably truncated (an interrupted download or copy): fetch or save it again") from None
         self._handles.append(h)
         for k in h.keys():
+          if k in self._where:   # (a stale single file beside shards, without an index: which copy is meant?)
+            raise ReaderError(f"{self.directory}: tensor {k!r} is in both {self.files[self._where[k]].name} and "
+                              f"{f.name}; remove the file that does not belong to the checkpoint, or add its "
+                              "*.safetensors.index.json")
           self._where[k] = i
     else:
       self._load_pickles()

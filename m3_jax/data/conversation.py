@@ -49,17 +49,34 @@ class Template:
 
   def render(self, turns: Sequence[tuple[str, str | None]]) -> str:
     """[(role_index 0|1, message or None)] -> the conversation string (None: the generation prompt)."""
+    return self.render_spans(turns)[0]
+
+  def render_spans(self, turns: Sequence[tuple[str, str | None]]) -> tuple[str, list[tuple[int, int]]]:
+    """`render`, and the character span of each assistant message as it is written: from right after its role's
+    ":" (the space SentencePiece glues to the first answer word is inside) through its separator (the end token
+    with style "two"). Spans come from the writing, not from searching the text: a question quoting "ASSISTANT:"
+    or an answer quoting "</s>" does not move them."""
+    spans = []
     if self.style == "two":
       seps = (self.sep, self.sep2)
       out = self.system + self.sep if self.system else ""
       for i, (who, msg) in enumerate(turns):
         role = self.roles[who]
-        out += f"{role}: {msg}{seps[i % 2]}" if msg else f"{role}:"
-      return out
+        if not msg:
+          out += f"{role}:"
+          continue
+        start = len(out) + len(role) + 1
+        out += f"{role}: {msg}{seps[i % 2]}"
+        if who == 1:
+          spans.append((start, len(out)))
+      return out, spans
     if self.style == "plain":
-      return "".join((msg or "") + (self.sep if msg and who == 1 else "") for who, msg in turns)
+      out = ""
+      for who, msg in turns:
+        out += (msg or "") + (self.sep if msg and who == 1 else "")
+      return out, spans
     if self.style == "none":
-      return "".join(msg or "" for _, msg in turns)
+      return "".join(msg or "" for _, msg in turns), spans
     raise ValueError(f"template {self.name!r} has unknown style {self.style!r}")
 
 
@@ -216,6 +233,13 @@ def check_conversations(conversations: Any, has_image: bool) -> list[str]:
 
 
 def conversation_text(conversations: list[dict], template: Template, has_image: bool) -> str:
+  return conversation_spans(conversations, template, has_image)[0]
+
+
+def conversation_spans(conversations: list[dict], template: Template, has_image: bool
+                       ) -> tuple[str, list[tuple[int, int]]]:
+  """The conversation string and the character spans trained in it: each answer through its end token (style
+  "two", `Template.render_spans`), or the caption after the image (style "plain")."""
   turns = []
   for i, t in enumerate(conversations):
     msg = t["value"]
@@ -226,8 +250,10 @@ def conversation_text(conversations: list[dict], template: Template, has_image: 
     # LLaVA's preprocess_plain: the human turn is reduced to the image, the caption follows.
     if len(turns) != 2:
       raise ValueError(f"template 'plain' takes one (image, caption) pair, got {len(turns)} turns")
-    return (IMAGE if has_image else "") + turns[1][1] + template.sep
-  return template.render(turns)
+    start = len(IMAGE) if has_image else 0
+    text = (IMAGE if has_image else "") + turns[1][1] + template.sep
+    return text, [(start, len(text))]
+  return template.render_spans(turns)
 
 
 def tokenize_conversation(conversations: list[dict], tokenizer, *, template: str | Template = "vicuna_v1",
@@ -246,10 +272,10 @@ def tokenize_conversation(conversations: list[dict], tokenizer, *, template: str
     problems = [f"template 'plain' takes one (image, caption) pair, got {len(conversations)} turns"]
   if problems:
     raise BadRecord(record_id, "; ".join(problems))
-  text = conversation_text(conversations, t, has_image)
+  text, spans = conversation_spans(conversations, t, has_image)
   ids = tokenize_with_images(text, tokenizer, image_token_id)
   if labels == "exact":
-    lab = _labels_exact(text, ids, t, tokenizer, image_token_id, record_id)
+    lab = _labels_exact(text, spans, ids, tokenizer, image_token_id, record_id)
   elif labels == "llava":
     lab = _labels_llava(text, ids, t, tokenizer, image_token_id, has_image, record_id)
   else:
@@ -287,10 +313,9 @@ def truncate(sample: Tokenized, max_length: int, max_scale: int, image_token_id:
   return cut
 
 
-def _labels_exact(text: str, ids: list[int], t: Template, tokenizer, image_token_id: int,
+def _labels_exact(text: str, spans: list[tuple[int, int]], ids: list[int], tokenizer, image_token_id: int,
                   record_id: str) -> list[int]:
-  """Labels on [answer start, answer end + end token) for every assistant message, from prefix lengths."""
-  spans = _answer_spans(text, t)
+  """Labels on each trained character span of `text` (`conversation_spans`), from prefix lengths."""
 
   def prefix_len(k: int) -> int:
     pre = tokenize_with_images(text[:k], tokenizer, image_token_id)
@@ -304,25 +329,6 @@ def _labels_exact(text: str, ids: list[int], t: Template, tokenizer, image_token
     a, b = prefix_len(start), prefix_len(end)
     lab[a:b] = ids[a:b]
   return lab
-
-
-def _answer_spans(text: str, t: Template) -> list[tuple[int, int]]:
-  """Character spans of what is trained: each answer (starting right after "ASSISTANT:", so the space that
-  SentencePiece glues to the first answer word is inside) through its end token."""
-  if t.style == "plain":
-    start = text.find(IMAGE) + len(IMAGE) if IMAGE in text else 0
-    return [(start, len(text))]
-  spans, pos = [], 0
-  marker = t.sep + t.roles[1] + ":" if t.sep else t.roles[1] + ":"
-  while True:
-    i = text.find(marker, pos)
-    if i < 0:
-      return spans
-    start = i + len(marker)
-    end = text.find(t.sep2, start)
-    end = len(text) if end < 0 else end + len(t.sep2)
-    spans.append((start, end))
-    pos = end
 
 
 def _labels_llava(text: str, ids: list[int], t: Template, tokenizer, image_token_id: int, has_image: bool,

@@ -227,7 +227,11 @@ class BadRecords:
     self.report = epath.Path(report) if report is not None else None
     self.seen: dict[str, str] = {}
     if self.report is not None and self.report.exists():
-      self.seen = {r["id"]: r["problem"] for r in map(json.loads, self.report.read_text().splitlines()) if r}
+      text = self.report.read_text()
+      self.seen = dict(_report_lines(self.report, text))
+      whole = "".join(json.dumps({"id": k, "problem": v}) + "\n" for k, v in self.seen.items())
+      if whole != text:   # blank or cut lines: rewritten whole, so that appending goes on from a line's start
+        self.report.write_text(whole)
     self.skipped = 0
     self.truncated: set[str] = set()   # ids of records trained on with their end cut at data.max_length
     self.num_records, self.process_count, self.name = num_records, process_count, name
@@ -266,6 +270,18 @@ class BadRecords:
     return (f"{self.in_a_row} records of {self.name} in a row were bad on this process, a whole epoch of its share "
             f"({self.num_records} records over {self.process_count} processes; {first}); "
             "data.on_bad_record='skip' leaves it nothing to train on")
+
+
+def _report_lines(path: epath.Path, text: str):
+  """(id, problem) of each whole line of a bad-records report `text`; a blank line, or a last line cut by a kill in
+  the middle of its write, is passed over (that record is reported again when it comes round)."""
+  for line in text.splitlines():
+    try:
+      r = json.loads(line)
+      yield r["id"], r["problem"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+      if line.strip():
+        log.warning("%s: passing over a line that is not a whole report entry: %.80s", path, line)
 
 
 def default_buckets(max_text_len: int, n: int = 3, multiple: int = 8) -> tuple[int, ...]:

@@ -63,6 +63,36 @@ def test_truncated_safetensors(fixtures_dir, tmp_path):
     convert(src, tmp_path / "out", progress=False)
 
 
+def test_a_tensor_in_two_weight_files_without_an_index_is_named(fixtures_dir, tmp_path):
+  """A stale single file beside shards (the index deleted): which copy is the checkpoint's is not guessed."""
+  src = copy(fixtures_dir, HF15, tmp_path)
+  sd = load_file(src / "model.safetensors")
+  save_file({"language_model.model.norm.weight": sd["language_model.model.norm.weight"]},
+            src / "model-00002-of-00002.safetensors")
+  with pytest.raises(ReaderError, match=r"tensor 'language_model.model.norm.weight' is in both model-00002-of-00002"
+                                        r".safetensors and model.safetensors|tensor 'language_model.model.norm.weight'"
+                                        r" is in both model.safetensors and model-00002-of-00002.safetensors"):
+    convert(src, tmp_path / "out", progress=False)
+
+
+def test_an_original_checkpoint_with_a_linear_projector_converts(fixtures_dir, tmp_path):
+  """mm_projector_type "linear": LLaVA's one nn.Linear, `model.mm_projector.{weight,bias}`."""
+  src = copy(fixtures_dir, "original/llava-v1.5-m3-original", tmp_path)
+  cfg = json.loads((src / "config.json").read_text())
+  (src / "config.json").write_text(json.dumps({**cfg, "mm_projector_type": "linear"}))
+  sd = load_file(src / "model.safetensors")
+  first = {k: sd.pop(f"model.mm_projector.0.{k}") for k in ("weight", "bias")}
+  for k in ("weight", "bias"):
+    del sd[f"model.mm_projector.2.{k}"]
+  sd.update({f"model.mm_projector.{k}": v for k, v in first.items()})
+  save_file(sd, src / "model.safetensors")
+  convert(src, tmp_path / "out", vision_from=src / "clip", progress=False)
+  params = m3dir.load(tmp_path / "out")[1]
+  assert set(params["projector"]) == {"linear_1"}
+  np.testing.assert_array_equal(np.asarray(params["projector"]["linear_1"]["kernel"]), first["weight"].numpy().T)
+  np.testing.assert_array_equal(np.asarray(params["projector"]["linear_1"]["bias"]), first["bias"].numpy())
+
+
 def _to_pickle(src):
   sd = load_file(src / "model.safetensors")
   (src / "model.safetensors").unlink()

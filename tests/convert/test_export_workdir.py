@@ -80,3 +80,18 @@ def test_convert_of_a_workdir_step_is_an_m3_checkpoint_with_the_same_identity(ru
   assert (a.template, a.aspect, a.preprocessor) == (b.template, b.aspect, b.preprocessor)
   # --step names a workdir's step: with an m3 checkpoint directory as SRC it is refused.
   assert main(["convert", str(out), str(tmp_path / "again"), "--step", "1"]) == 2
+
+
+def test_convert_of_a_workdir_step_takes_dtype_and_refuses_the_hf_only_flags(run, tmp_path, capsys):
+  half = tmp_path / "bf16"
+  assert main(["convert", str(run), str(half), "--step", "1", "--dtype", "bfloat16"]) == 0
+  got, want = reader.read_checkpoint(half).params, reader.read_checkpoint(run, 1).params
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert a.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b).astype(jnp.bfloat16))
+  capsys.readouterr()
+  assert main(["convert", str(run), str(tmp_path / "x"), "--allow-pickle"]) == 2
+  assert capsys.readouterr().err.strip().endswith(
+      f"--allow-pickle applies to HF and original LLaVA sources; SRC {run} is a training workdir, whose steps hold "
+      "every weight in its own format")
+  assert not (tmp_path / "x").exists()

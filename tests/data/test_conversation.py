@@ -78,6 +78,18 @@ def test_labels_word_level_multiturn(word_tokenizer, template, has_image):
   assert (out.input_ids == IMG).sum() == int(has_image) and tokens[0] == "<s>"
 
 
+@pytest.mark.parametrize("template", ["vicuna_v1", "llava_hf"])
+def test_labels_follow_the_turns_not_role_markers_quoted_in_the_messages(word_tokenizer, template):
+  """A question quoting "ASSISTANT:" trains none of itself, and an answer quoting "</s>" is trained whole: the
+  trained spans are where the template writes each answer, not where a search of the text finds markers."""
+  tok = word_tokenizer
+  conv = _conv("<image>\nwhat is USER: red ASSISTANT: two cats", "a green </s> square", "how many?", "two")
+  out = cv.tokenize_conversation(conv, tok, template=template, image_token_id=IMG, has_image=True)
+  tokens = tok.convert_ids_to_tokens(out.input_ids.tolist())
+  trained = [t for t, l in zip(tokens, out.labels) if l != cv.IGNORE]
+  assert trained == ["a", "green", "</s>", "square", "</s>", "two", "</s>"]
+
+
 def test_llava_arithmetic_is_off_by_one_for_word_level(word_tokenizer):
   # LLaVA's "- 2" assumes SentencePiece leaves a lone "▁" after "ASSISTANT: "; a word-level tokenizer does not,
   # so LLaVA's literal mask also trains the ":" before each answer. Hand-worked for llava_hf, one turn:

@@ -118,6 +118,15 @@ def test_bad_records_raise_or_skip(word_tokenizer, tmp_path, caplog):
   rows = [json.loads(line) for line in report.read_text().splitlines()]
   assert sorted(r["id"] for r in rows) == ["r1", "r3", "r4"]
   assert "empty answer" in next(r["problem"] for r in rows if r["id"] == "r3")
+  # A run killed in the middle of appending left a blank line and a cut last line: the next run resumes, passes
+  # over them, and reports the record whose entry was cut again.
+  lines = report.read_text().splitlines()
+  report.write_text("\n".join(lines[:2]) + "\n\n" + lines[2][:15])
+  with caplog.at_level("WARNING"):
+    list(pipeline.make_dataset(src, _pre(word_tokenizer), batch_size=1, num_epochs=1, pad_id=3, prefetch=0,
+                               bad_records=pipeline.BadRecords("skip", report=report)))
+  assert any("not a whole report entry" in m for m in caplog.messages)
+  assert sorted(json.loads(line)["id"] for line in report.read_text().splitlines()) == ["r1", "r3", "r4"]
 
 
 def test_a_record_whose_image_would_pad_past_the_limit_is_bad_by_its_id(word_tokenizer, tmp_path):
