@@ -85,8 +85,9 @@ def read_config(workdir: str | epath.PathLike) -> dict:
 
 # Config fields a resumed run may change without --allow-config-change: they change when the run stops, how often
 # it saves, logs or evaluates, never the numbers it computes.
-# train.num_steps is not free: the LR schedule and the finest-first phase are fractions of it.
-RESUME_FREE = ("train.log_every", "train.eval_*", "eval.*", "checkpoint.every", "checkpoint.keep",
+# train.num_steps is free (a smoke run, then a longer one; m3 demo --steps): the LR schedule and the finest-first
+# phase are fractions of it, so they are recomputed for the new length from the resumed step on (recorded).
+RESUME_FREE = ("train.num_steps", "train.log_every", "train.eval_*", "eval.*", "checkpoint.every", "checkpoint.keep",
                "checkpoint.async_save", "checkpoint.lease_timeout")
 
 

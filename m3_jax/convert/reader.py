@@ -70,6 +70,8 @@ class TensorSource:
     self._flax_handles: dict[int, object] = {}
     if self.kind == "safetensors":
       from safetensors import safe_open
+      index = self.directory / "model.safetensors.index.json"
+      weight_map = json.loads(index.read_text())["weight_map"] if index.exists() else None  # (read once already)
       for i, f in enumerate(self.files):
         try:
           h = safe_open(str(f), framework="np")
@@ -78,7 +80,10 @@ class TensorSource:
                             "It is probably truncated (an interrupted download or copy): fetch or save it again") from None
         self._handles.append(h)
         for k in h.keys():
-          if k in self._where:   # (a stale single file beside shards, without an index: which copy is meant?)
+          if k in self._where and weight_map is not None:   # the index says which shard's copy is the tensor
+            if weight_map.get(k) != f.name:
+              continue
+          elif k in self._where:   # (a stale single file beside shards, without an index: which copy is meant?)
             raise ReaderError(f"{self.directory}: tensor {k!r} is in both {self.files[self._where[k]].name} and "
                               f"{f.name}; remove the file that does not belong to the checkpoint, or add its "
                               "*.safetensors.index.json")

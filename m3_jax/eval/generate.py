@@ -6,9 +6,10 @@ compiled once and reused. Every sample carries its own number of visual tokens (
 of attention and of the RoPE position count, so a sample's result does not depend on what it is batched with.
 A batch may mix scales: samples are grouped by scale for the encoder, results come back in input order.
 
-Prefix caching: the text that a batch's prompts share before their first image (the chat template's system prompt),
-in whole blocks of `length_step` tokens, is prefilled once per engine and kept (a few prefixes, least recently used
-first out); each batch copies its keys and values into the cache's first slots and prefills only the rest.
+Prefix caching (`prefix_limit` > 0; `m3_jax.load` sets it to the chat template's header, its system prompt and
+first role marker): the tokens a batch's prompts share before their first image, up to `prefix_limit`, in whole
+blocks of `length_step` tokens, are prefilled once per engine and kept (a few prefixes, least recently used first
+out); each batch copies their keys and values into the cache's first slots and prefills only the rest.
 
 Shapes: B batch, T prompt length (bucketed), N visual tokens (bucketed), L = T + N - 1, K new tokens, D width.
 """
@@ -57,11 +58,13 @@ def bucket(n: int, step: int) -> int:
 
 
 def shared_prefix(seqs: Sequence[np.ndarray], visual: Sequence[np.ndarray | None], image_token_id: int,
-                  block: int) -> int:
-  """The prefix the prompts share and may take from a prefix cache: their longest common prefix in whole `block`s,
-  short of each prompt's last token (its logits start the answer) and of its image placeholder (the visual tokens
-  go in after it), 0 when under one block."""
-  limit = min(len(s) - 1 for s in seqs)
+                  block: int, most: int | None = None) -> int:
+  """The prefix the prompts share and may take from a prefix cache: their longest common prefix, at `most` tokens,
+  in whole `block`s, short of each prompt's last token (its logits start the answer) and of its image placeholder
+  (the visual tokens go in after it); 0 when under one block."""
+  limit = max(0, min(len(s) - 1 for s in seqs))
+  if most is not None:
+    limit = min(limit, most)
   for s, v in zip(seqs, visual):
     if v is not None:
       limit = min(limit, int(np.argmax(s == image_token_id)))
@@ -114,7 +117,7 @@ class Engine:
   """
 
   def __init__(self, config: ModelConfig, params, *, stop_ids: Sequence[int] | None = None, length_step: int = 16,
-               device: jax.Device | None = None, prefixes: int = 4):
+               device: jax.Device | None = None, prefix_limit: int = 0, prefixes: int = 4):
     self.config = config
     self.device = device  # a replica's device (`on_device`): its random keys are put there
     self.model = llava.LlavaM3(config)
@@ -129,14 +132,14 @@ class Engine:
     self._score = jax.jit(self._score_impl)
     self._state = jax.jit(self._state_impl)
     self._prefix = jax.jit(self._prefix_impl)
-    self.prefixes = prefixes  # how many prefixes' keys and values are kept (0: no prefix caching)
-    self._prefix_cache: collections.OrderedDict[tuple[int, ...], tuple[dict, ...]] = collections.OrderedDict()
-    self._prefix_lock = threading.Lock()
+    self.prefix_limit = prefix_limit  # the longest prefix taken from the prefix cache, in tokens (0: none)
+    self.prefixes = prefixes  # how many prefixes' keys and values are kept
 
   def on_device(self, device) -> "Engine":
     """This engine with a copy of its params on `device`: a data-parallel replica (`replicas`)."""
     return Engine(self.config, jax.device_put(self.params, device), stop_ids=self.stop_ids,
-                  length_step=self.length_step, device=device, prefixes=self.prefixes)
+                  length_step=self.length_step, device=device, prefix_limit=self.prefix_limit,
+                  prefixes=self.prefixes)
 
   @property
   def params(self):
@@ -146,9 +149,12 @@ class Engine:
   @params.setter
   def params(self, params):
     """Takes stacked or unscanned params; None frees them (training's evaluation sets them per evaluation)."""
-    self._params = None if params is None else {**params, "llm": llama.unscan(params["llm"])}
-    if hasattr(self, "_prefix_cache"):
-      self._prefix_cache.clear()  # they were made with the old params
+    # Prefixes are made with the params they are kept with: new params start an empty prefix cache.
+    if not hasattr(self, "_prefix_lock"):
+      self._prefix_lock = threading.Lock()
+    with self._prefix_lock:
+      self._params = None if params is None else {**params, "llm": llama.unscan(params["llm"])}
+      self._prefix_cache: collections.OrderedDict[tuple[int, ...], tuple[dict, ...]] = collections.OrderedDict()
 
   # ---------------------------------------------------------------------------------------------- vision
   def _visual_impl(self, params, pixels, scale: int):
@@ -306,15 +312,16 @@ class Engine:
     """The keys and values of prompt tokens `ids` (a prefix), from the engine's prefix cache or made now."""
     key = tuple(int(i) for i in ids)
     with self._prefix_lock:
-      if key in self._prefix_cache:
-        self._prefix_cache.move_to_end(key)
-        return self._prefix_cache[key]
+      params, cache = self._params, self._prefix_cache
+      if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
     ids = np.asarray(ids, np.int32)[None]
-    prefix = self._prefix(self.params, ids if self.device is None else jax.device_put(ids, self.device))
+    prefix = self._prefix(params, ids if self.device is None else jax.device_put(ids, self.device))
     with self._prefix_lock:
-      self._prefix_cache[key] = prefix
-      while len(self._prefix_cache) > self.prefixes:
-        self._prefix_cache.popitem(last=False)
+      cache[key] = prefix   # (into the cache of the params it was made with: dropped with them if they changed)
+      while len(cache) > self.prefixes:
+        cache.popitem(last=False)
     return prefix
 
   def _decode_step(self, params, tok, pos, kv_mask, cache, index):
@@ -408,7 +415,8 @@ class Engine:
       raise ValueError(f"max_new_tokens {max_new}: expected >= 0")
     n = len(prompts)
     seqs = [np.asarray(s, np.int32) for s in prompts]
-    p = shared_prefix(seqs, visual, self.config.image_token_id, self.length_step) if self.prefixes and n else 0
+    p = (shared_prefix(seqs, visual, self.config.image_token_id, self.length_step, self.prefix_limit)
+         if self.prefix_limit and self.prefixes and n else 0)
     prefix = self.cached_prefix(seqs[0][:p]) if p else None
     seqs, visual = self.pad_rows(seqs, visual)
     seqs[n:] = [np.concatenate([seqs[0][:p], s]) for s in seqs[n:]]  # padding rows take the prefix too

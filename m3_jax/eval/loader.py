@@ -37,7 +37,15 @@ class M3Model:
     stop = {self.config.eos_token_id}
     if self.tokenizer.eos_token_id is not None:
       stop.add(int(self.tokenizer.eos_token_id))
-    self.engine = Engine(self.config, ckpt.params, stop_ids=sorted(stop))
+    self.engine = Engine(self.config, ckpt.params, stop_ids=sorted(stop), prefix_limit=self.header_tokens())
+
+  def header_tokens(self) -> int:
+    """How many tokens every prompt of the chat template starts with: its system prompt and first role marker, BOS
+    included (0 without a system prompt to share). The engine's prefix cache takes at most these."""
+    t = conversation.get_template(self.template)
+    if t.style != "two" or not t.system:
+      return 0
+    return len(conversation.tokenize_with_images(t.render([(0, "")]), self.tokenizer, self.config.image_token_id))
 
   @property
   def scales(self) -> tuple[int, ...]:

@@ -88,8 +88,8 @@ def fit(trainer: TrainStep, workdir: str | epath.PathLike, batches: Iterator[dic
     # The new config (and the record of its changes) only once the run it describes has resumed or started: a
     # failed restore leaves the workdir as it was, resumable with the command that made it.
     if primary:
-      if changes:
-        workdir_lib.record_config_changes(workdir, resumes, changes)
+      if changes:   # (at the step resumed: an earlier one than the latest when that was unreadable)
+        workdir_lib.record_config_changes(workdir, start, changes)
       workdir_lib.write_config(workdir, config_json)
   except BaseException:
     if lease is not None:

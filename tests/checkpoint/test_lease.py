@@ -93,24 +93,23 @@ def test_resume_config_check_lists_every_changed_field(tmp_path, caplog):
          "data": {"path": "a.json"}}
   workdir.write_config(tmp_path, json.dumps(old))
   free = json.loads(json.dumps(old))
-  free["train"].update(log_every=5, eval_every=5)
+  free["train"].update(num_steps=20, eval_every=5)
   free["checkpoint"]["every"] = 2
   with caplog.at_level(logging.INFO, logger="m3_jax.checkpoint.workdir"):
     changes = workdir.check_resume_config(tmp_path, json.dumps(free), step=10)
-  assert changes == [("checkpoint.every", 5, 2), ("train.eval_every", 0, 5), ("train.log_every", "(absent)", 5)]
-  assert "resuming" in caplog.text and "train.eval_every: 0 -> 5" in caplog.text
+  assert changes == [("checkpoint.every", 5, 2), ("train.eval_every", 0, 5), ("train.num_steps", 10, 20)]
+  assert "resuming" in caplog.text and "train.num_steps: 10 -> 20" in caplog.text
   bound = json.loads(json.dumps(free))
   bound["train"]["lr"] = 0.003
   bound["data"]["path"] = "b.json"
-  bound["train"]["num_steps"] = 20   # the LR schedule and the finest-first phase are fractions of it
   bound["train"]["new_field"] = 1    # a field this config has and the saved one lacks, not at its default
   with pytest.raises(workdir.ConfigChanged) as err:
     workdir.check_resume_config(tmp_path, json.dumps(bound), step=10, defaults={"train": {"new_field": 0}})
   assert str(err.value) == (
       f"training workdir {tmp_path} resumes at step 10 with a different config: checkpoint.every: 5 -> 2; "
-      'data.path: "a.json" -> "b.json"; train.eval_every: 0 -> 5; train.log_every: "(absent)" -> 5; train.lr: '
-      '0.001 -> 0.003; train.new_field: "(absent)" -> 1; train.num_steps: 10 -> 20. Resuming with data.path, '
-      "train.lr, train.new_field, train.num_steps changed changes the run's numbers; pass --allow-config-change to resume anyway (the change is recorded in "
+      'data.path: "a.json" -> "b.json"; train.eval_every: 0 -> 5; train.lr: 0.001 -> 0.003; train.new_field: '
+      '"(absent)" -> 1; train.num_steps: 10 -> 20. Resuming with data.path, train.lr, train.new_field changed '
+      "changes the run's numbers; pass --allow-config-change to resume anyway (the change is recorded in "
       "config_changes.jsonl), or use another --workdir")
   bound["train"]["new_field"] = 0    # at its default: a field added since the run started
   workdir.check_resume_config(tmp_path, json.dumps(bound), step=10, allow=True, defaults={"train": {"new_field": 0}})

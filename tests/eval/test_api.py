@@ -40,6 +40,26 @@ def test_plain_strings_give_one_result_with_finish_reason_and_timing(tmp_path):
     assert one["finish_reason"] == "stop"
 
 
+def test_load_caches_the_chat_templates_header_as_a_prefix(tmp_path):
+  """m3_jax.load's engine takes prompt prefixes up to the template's header (system prompt and first role marker):
+  the probe tokenizer writes vicuna_v1's header in 32 tokens, BOS included, the tokens every prompt starts with."""
+  cfg = ModelConfig.from_config(m3_config.load("configs/tiny.py").model)
+  params = llava.init_params(cfg, jax.random.key(0))
+  model = load(m3dir.save(tmp_path / "v", cfg, params, tokenizer_src=probe_tokenizer(), template="vicuna_v1"))
+  words = ("<s> a chat between a curious user and an artificial intelligence assistant . the assistant gives "
+           "helpful , detailed , and polite answers to the user ' s questions . user :").split()
+  assert model.engine.prefix_limit == model.header_tokens() == len(words) == 32
+  for question in ("What?", "How many?"):
+    ids = model.prompt_ids(question, has_image=True)
+    assert model.tokenizer.convert_ids_to_tokens(ids[:32].tolist()) == words
+  image = Image.fromarray(np.full((20, 30, 3), 200, np.uint8))
+  model.generate([image, image], ["What?", "How many?"], scale=9, max_new_tokens=2)
+  assert [len(k) for k in model.engine._prefix_cache] == [32]
+  # A template without a system prompt shares no header: no prefix caching.
+  hf = load(m3dir.save(tmp_path / "h", cfg, params, tokenizer_src=probe_tokenizer(), template="llava_hf"))
+  assert hf.engine.prefix_limit == 0
+
+
 def test_a_video_sample_is_shown_with_its_collage(tmp_path):
   for i in range(12):
     Image.fromarray(np.full((8, 10, 3), 20 * i, np.uint8)).save(tmp_path / f"{i:03d}.png")

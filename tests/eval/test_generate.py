@@ -98,6 +98,8 @@ def test_shared_prefix_is_whole_blocks_before_the_first_image_and_the_last_token
   assert shared_prefix([b, np.array([1, 5, 9, 9, 9])], [None, None], IMG, 2) == 2
   assert shared_prefix([b, np.array([1, 5, 9, 9, 9])], [None, None], IMG, 4) == 0  # under one block
   assert shared_prefix([b, np.array([1, 5, 6, 9, 9, 9, 9, 9, 9]), b], [None] * 3, IMG, 1) == 3
+  assert shared_prefix([b, b], [None, None], IMG, 2, most=5) == 4                  # at most `most` tokens
+  assert shared_prefix([np.array([], np.int32)], [None], IMG, 1) == 0             # (an empty prompt)
 
 
 def test_a_shared_prompt_prefix_is_prefilled_once_and_changes_no_answer(tiny):
@@ -106,8 +108,8 @@ def test_a_shared_prompt_prefix_is_prefilled_once_and_changes_no_answer(tiny):
   cfg, params, pixels, _ = tiny
   system = [1] + list(range(5, 24))  # 20 tokens
   prompts = [np.array(system + [IMG, 40 + i, 41]) for i in range(3)] + [np.array(system + [50, 51])]
-  cached = Engine(cfg, params, stop_ids=(EOS,), length_step=8)
-  plain = Engine(cfg, params, stop_ids=(EOS,), length_step=8, prefixes=0)
+  cached = Engine(cfg, params, stop_ids=(EOS,), length_step=8, prefix_limit=20)
+  plain = Engine(cfg, params, stop_ids=(EOS,), length_step=8)   # (no prefix_limit: no prefix caching)
   visual = cached.visual_tokens(pixels[:3], [9, 1, 36]) + [None]
   packed = plain._pack(prompts, visual, "left")
   _, _, pos, want_logits = plain._prefill(plain.params, *packed, 8)
@@ -125,9 +127,10 @@ def test_a_shared_prompt_prefix_is_prefilled_once_and_changes_no_answer(tiny):
   cached.params, plain.params = other, other
   assert not cached._prefix_cache
   assert cached.generate(prompts, visual, s) == plain.generate(prompts, visual, s)
-  # At most `prefixes` are kept, the least recently used dropped first.
+  # At most `prefixes` are kept, the least recently used dropped first; a prefix is at most prefix_limit tokens
+  # (a long text-only prompt alone shares its whole self: it takes the header's whole blocks, not all of it).
   cached.prefixes = 1
-  cached.generate([np.array([1] + list(range(30, 50)) + [51])], [None], s)
+  cached.generate([np.array([1] + list(range(30, 90)) + [91])], [None], s)
   assert list(cached._prefix_cache) == [(1, *range(30, 45))]
 
 
@@ -319,13 +322,20 @@ def test_decode_loop_copies_neither_the_kv_cache_nor_the_weights(tiny):
   copied every layer's weights every step: the per-token cost grew with the cache and the model, not the batch."""
   cfg, params, _, _ = tiny
   engine = Engine(cfg, params, stop_ids=(EOS,))
+  for p in (0, 16):   # without and with a cached prefix (a chat template's header)
+    _check_decode_loop(cfg, params, engine, p)
+
+
+def _check_decode_loop(cfg, params, engine, p: int):
   b = 3  # no activation [B, ...] is then shaped like a weight or a cache
-  ids, mask, img, n_vis = engine._pack([np.array([1, IMG, 7, 8])] * b, [np.zeros((9, cfg.llm.width))] * b, "left")
-  hlo = engine._generate.lower(engine.params, None, ids, mask, img, n_vis, jax.random.key(0), np.float32(0),
+  prompt = np.array(list(range(5, 5 + p)) + [1, IMG, 7, 8])
+  ids, mask, img, n_vis = engine._pack([prompt] * b, [np.zeros((9, cfg.llm.width))] * b, "left", skip=p)
+  prefix = engine.cached_prefix(prompt[:p]) if p else None
+  hlo = engine._generate.lower(engine.params, prefix, ids, mask, img, n_vis, jax.random.key(0), np.float32(0),
                                np.float32(1), np.int32(32), max_new=32, greedy=True).compile().as_text()
   # Whatever the layouts: no copy as large as one layer's cache, nothing shaped like one layer's cache but the
   # in-place write, and no array shaped like one layer's weight matrix.
-  slots, k, d = ids.shape[1] + img.shape[1] - 1 + 32, cfg.llm.kv_heads, cfg.llm.dim_per_head
+  slots, k, d = p + ids.shape[1] + img.shape[1] - 1 + 32, cfg.llm.kv_heads, cfg.llm.dim_per_head
   layer_cache = b * k * d * slots
   cache_shapes = {f"[{b},{k},{d},{slots}]", f"[{b},{k},{slots},{d}]"}
   weight_shapes = {"[" + ",".join(map(str, w.shape[1:])) + "]"
