@@ -26,6 +26,7 @@ import errno
 import fnmatch
 import json
 import logging
+import re
 import shutil
 import time
 import tempfile
@@ -268,6 +269,22 @@ def set_iterator_state(iterator, state: Any):
 
 
 # ---- the checkpoint manager ------------------------------------------------------------------------------------
+TRANSIENT = re.compile(r"UNAVAILABLE|DEADLINE_EXCEEDED|RESOURCE_EXHAUSTED|timed? ?out|connection (reset|refused|"
+                       r"aborted)|temporarily|too many open files|out of memory", re.I)
+
+
+def transient(error: BaseException) -> bool:
+  """Whether a failed restore says nothing about the checkpoint: out of memory, a timeout, a storage service or
+  network error (in the error or its causes). Such a step is not moved aside: the restore fails, to be retried."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, (MemoryError, TimeoutError, ConnectionError)) or TRANSIENT.search(str(error)):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
 class CheckpointsUnreadable(Incompatible):
   """Every checkpoint step of a workdir failed to restore (the run changed, or all are damaged)."""
 
@@ -401,7 +418,9 @@ class Checkpoints:
     checksums falls back to the one before it; once an earlier step restores, the failed later ones are moved aside
     (a crash mid-write, a flipped bit). When no step restores, nothing is moved and the error names each step's
     failure: every step failing alike means the run changed (the state's tree, the number of processes), not that
-    the checkpoints are bad, and starting over from step 0 would silently lose them. `step=` never falls back."""
+    the checkpoints are bad, and starting over from step 0 would silently lose them. `step=` never falls back, and
+    neither does a `transient` failure (out of memory, a timeout, a storage or network error): it is raised, the
+    step left in place for a retry."""
     candidates = [step] if step is not None else list(reversed(self.steps()))
     failed: list[tuple[int, Exception]] = []
     for s in candidates:
@@ -415,7 +434,7 @@ class Checkpoints:
         if sums is not None:
           identity.verify(restored["state"], sums, where)
       except Exception as e:  # noqa: BLE001 -- any unreadable checkpoint falls back to the previous one
-        if step is not None:
+        if step is not None or transient(e):   # (a good step must not be moved aside for a network or memory error)
           raise
         log.warning("checkpoint step %d in %s is unreadable (%s: %s); trying the previous one", s,
                     self.directory, type(e).__name__, str(e)[:300])

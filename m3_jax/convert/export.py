@@ -93,6 +93,12 @@ def export(ckpt_dir, out_dir, shard_bytes: int = 4 << 30, step: int | None = Non
     raise ValueError(f"output directory {out} exists and is not empty: choose a new directory")
   out.mkdir(parents=True, exist_ok=True)
   flat = {k: np.asarray(v) for k, v in flatten(params).items()}
+  tokenizer = None
+  if m3dir.has_tokenizer(ckpt.tokenizer_dir):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(ckpt.tokenizer_dir)
+  if cfg.image_token_id >= cfg.llm.vocab_size:
+    cfg, flat = image_token_row(cfg, flat, tokenizer)
   d = hf.hf_config(cfg)
   d.pop("model_type")
   d.pop("pad_token_id", None)
@@ -108,7 +114,41 @@ def export(ckpt_dir, out_dir, shard_bytes: int = 4 << 30, step: int | None = Non
       pre.update(image_processor_type="LlavaNextImageProcessor",
                  image_grid_pinpoints=[list(p) for p in hf.hf_pinpoints(cfg)])
     (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2, sort_keys=True) + "\n")
-  if m3dir.has_tokenizer(ckpt.tokenizer_dir):
-    from transformers import AutoTokenizer
-    AutoTokenizer.from_pretrained(ckpt.tokenizer_dir).save_pretrained(str(out))
+  if tokenizer is not None:
+    tokenizer.save_pretrained(str(out))
+  processor = "LlavaNextProcessor" if cfg.type == "llava_next" else "LlavaProcessor"
+  (out / "processor_config.json").write_text(json.dumps({
+      "processor_class": processor, "image_token": IMAGE_TOKEN, "patch_size": cfg.vision.patch_size,
+      "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}, indent=2, sort_keys=True) + "\n")
   return out
+
+
+IMAGE_TOKEN = "<image>"
+VOCAB_MULTIPLE = 64   # llava-hf pads LLaVA's 32000 + <image> to 32064
+
+
+def image_token_row(cfg, flat: dict, tokenizer):
+  """A checkpoint from original LLaVA / M3 has no `<image>` token (LLaVA splices the image in at index -200;
+  m3 converts it to image_token_id = vocab_size), and transformers' Llava looks the placeholder up in the embedding.
+  As llava-hf's conversion: `<image>` appended to the tokenizer at id vocab_size, the embedding and LM head padded
+  to a multiple of 64 rows (the new rows the mean of the old: the placeholder's row is never used, and a padded
+  token's logit is the mean logit, never the answer's). Returns (cfg, flat) with the padded vocabulary."""
+  import dataclasses
+  vocab = cfg.llm.vocab_size
+  if tokenizer is None or len(tokenizer) != vocab or IMAGE_TOKEN in tokenizer.get_vocab():
+    have = "no tokenizer" if tokenizer is None else f"a tokenizer of {len(tokenizer)} tokens"
+    raise ValueError(f"the checkpoint's image placeholder id {cfg.image_token_id} is past its vocabulary of {vocab} "
+                     f"and it has {have}: export adds {IMAGE_TOKEN} at id {vocab} to a tokenizer of exactly "
+                     f"{vocab} tokens without one, as llava-hf's conversion does")
+  from tokenizers import AddedToken
+  tokenizer.add_tokens(AddedToken(IMAGE_TOKEN, special=True, normalized=False), special_tokens=True)
+  assert tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == vocab
+  padded = -(-(vocab + 1) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+  embed, head = flat["llm/embed/embedding"], flat["llm/lm_head/kernel"]   # [V, D], [D, V]
+  flat = {**flat,
+          "llm/embed/embedding": np.concatenate(
+              [embed, np.repeat(embed.mean(0, keepdims=True), padded - vocab, 0).astype(embed.dtype)], 0),
+          "llm/lm_head/kernel": np.concatenate(
+              [head, np.repeat(head.mean(1, keepdims=True), padded - vocab, 1).astype(head.dtype)], 1)}
+  cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, vocab_size=padded), image_token_id=vocab)
+  return cfg, flat

@@ -185,6 +185,28 @@ def test_a_run_that_fails_before_its_first_step_leaves_the_workdir_as_it_was(tmp
   assert loop.fit(trainer, tmp_path, synthetic(trainer.config), progress=False)["step"] == 2  # resumes as it was
 
 
+def test_a_transient_restore_failure_moves_no_step_aside(tmp_path, trainer, config_of):
+  """A storage timeout (or out of memory) while restoring the latest step says nothing about the step: the resume
+  fails, to be retried, and the step stays where it is instead of being moved aside for an earlier one."""
+  config_of(**{"train.num_steps": 2, "checkpoint.every": 1})
+  loop.fit(trainer, tmp_path, synthetic(trainer.config), progress=False)
+  assert workdir_lib.steps(tmp_path) == [1, 2]
+  real = ocp.CheckpointManager.restore
+  def flaky(self, step, *args, **kwargs):
+    if step == 2:
+      raise ValueError("gs://bucket/run/checkpoints/2/state: DEADLINE_EXCEEDED: read timed out")
+    return real(self, step, *args, **kwargs)
+  config_of(**{"train.num_steps": 3})
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(ocp.CheckpointManager, "restore", flaky)
+    with pytest.raises(ValueError, match="DEADLINE_EXCEEDED"):
+      loop.fit(trainer, tmp_path, synthetic(trainer.config), progress=False)
+  assert workdir_lib.steps(tmp_path) == [1, 2] and not (tmp_path / workdir_lib.CORRUPT).exists()
+  assert not (tmp_path / "lease.json").exists()
+  assert loop.fit(trainer, tmp_path, synthetic(trainer.config), progress=False)["step"] == 3   # the retry resumes at 2
+  assert sorted(read_metrics(tmp_path)) == [1, 2, 3]
+
+
 @pytest.mark.parametrize("key", ["checkpoint.every", "train.log_every"])
 def test_a_zero_step_interval_is_refused_by_name_before_anything_runs(tmp_path, trainer, config_of, key):
   config_of(**{key: 0})
