@@ -242,6 +242,17 @@ def preprocessor_config(src: pathlib.Path, layout: str, cfg: ModelConfig, vision
   return d
 
 
+def _exported_by_m3(src: pathlib.Path) -> dict:
+  """The m3_template / m3_image_aspect an `m3 export` wrote into config.json ({} for any other checkpoint)."""
+  try:
+    d = json.loads((src / "config.json").read_text())
+  except (OSError, json.JSONDecodeError):
+    return {}
+  from m3_jax.data.conversation import TEMPLATES
+  known = {"m3_template": TEMPLATES, "m3_image_aspect": ("pad", "crop", "anyres")}
+  return {k: d[k] for k, values in known.items() if d.get(k) in values}
+
+
 def convert(src, out, dtype: str = "float32", vision_from=None, allow_pickle: bool = False,
             progress: bool = True) -> ModelConfig:
   """`m3 convert SRC OUT`: returns the ModelConfig written to OUT/m3_config.json."""
@@ -255,8 +266,10 @@ def convert(src, out, dtype: str = "float32", vision_from=None, allow_pickle: bo
   params = assemble(cfg, found, dtype, progress)
   preprocessor = preprocessor_config(src, layout, cfg, vision_from)
   source_dtypes = sorted({s.dtype(k) for s, k in found.values()})
+  exported = _exported_by_m3(src)   # an `m3 export`: its template and image aspect come back with it
   m3dir.save(out, cfg, params, tokenizer_src=src, preprocessor_cfg=preprocessor,
-             template="vicuna_v1" if layout == "original" else "llava_hf",
+             template=exported.get("m3_template", "vicuna_v1" if layout == "original" else "llava_hf"),
+             **({"image_aspect": exported["m3_image_aspect"]} if "m3_image_aspect" in exported else {}),
              source={"path": str(src.absolute()), "layout": layout, "dtypes": source_dtypes,
                      "vision_from": str(vision_from) if vision_from else None})
   for s, _ in sources:

@@ -102,6 +102,9 @@ def export(ckpt_dir, out_dir, shard_bytes: int = 4 << 30, step: int | None = Non
   d = hf.hf_config(cfg)
   d.pop("model_type")
   d.pop("pad_token_id", None)
+  # (m3's own: the chat template and image aspect the model was trained and evaluated with; `m3 convert` reads
+  # them back, transformers keeps them as unknown config attributes)
+  d.update(m3_template=ckpt.template, m3_image_aspect=ckpt.aspect)
   config = (LlavaNextConfig if cfg.type == "llava_next" else LlavaConfig)(**d)
   dtypes = {str(x.dtype) for x in flat.values()}
   config.dtype = dtypes.pop() if len(dtypes) == 1 else "float32"

@@ -1,9 +1,9 @@
 """A training workdir's step -> an m3 checkpoint directory (`m3 convert WORKDIR OUT [--step N]`).
 
 The step's params are read and verified against their save-time checksums, and written unchanged (the stored
-dtype, unless `--dtype` names another: floating params are cast to it) with the run's tokenizer (`tokenizer/`), `preprocessor_config.json`, chat template and image aspect, so the
-directory loads like any converted checkpoint and has the same identity as the workdir step
-(checkpoint.reader.identity).
+dtype, unless `--dtype` names another: floating params are cast to it) with the run's tokenizer (`tokenizer/`),
+`preprocessor_config.json`, chat template and image aspect, so the directory loads like any converted checkpoint
+and, in the stored dtype, has the same identity as the workdir step (checkpoint.reader.identity).
 """
 from __future__ import annotations
 

@@ -83,3 +83,17 @@ def test_export_round_trip_reloads_in_transformers(fixtures_dir, tmp_path, varia
   np.testing.assert_allclose(out, ref["logits"], atol=1e-4, rtol=0)
   from transformers import AutoTokenizer
   assert AutoTokenizer.from_pretrained(tmp_path / "hf").convert_tokens_to_ids("<image>") == 4
+
+
+def test_export_then_convert_keeps_the_template_and_image_aspect(fixtures_dir, tmp_path, variant):
+  """An original M3 checkpoint (vicuna_v1, padded images) exported to llava-hf and converted back is vicuna_v1 and
+  pad again (m3_template / m3_image_aspect in the exported config.json), not llava-hf's defaults."""
+  from m3_jax.checkpoint import reader
+  convert(fixtures_dir, "original/llava-v1.5-m3-original", ["--vision-from", "{src}/clip"], tmp_path / "m3", variant)
+  first = reader.read_checkpoint(tmp_path / "m3")
+  assert (first.template, first.aspect) == ("vicuna_v1", "pad")
+  assert main(["export", str(tmp_path / "m3"), str(tmp_path / "hf")]) == 0
+  assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+  back = reader.read_checkpoint(tmp_path / "back")
+  assert (back.template, back.aspect) == ("vicuna_v1", "pad")
+  assert reader.identity(tmp_path / "back") == reader.identity(tmp_path / "m3")
