@@ -145,6 +145,11 @@ def test_nonfinite_step_stops_or_skips_and_never_reaches_a_checkpoint(tmp_path):
   step, state, _ = workdir_lib.Checkpoints(tmp_path / "skip").restore(trainer.abstract_state())
   assert step == 4
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state))
+  # The skipped step still counts for the LR schedule: the optimiser's counts are the step, so the LR applied is
+  # schedule(step), the one logged.
+  counts = [int(x) for x in jax.tree_util.tree_leaves(state["opt_state"]) if np.issubdtype(np.asarray(x).dtype,
+                                                                                           np.integer)]
+  assert counts and set(counts) == {4}
   # The frozen vision tower never moved; the LLM did.
   init = trainer.init_state()["params"]
   for a, b in zip(jax.tree_util.tree_leaves(init["vision"]), jax.tree_util.tree_leaves(state["params"]["vision"])):
