@@ -111,10 +111,13 @@ def fit(trainer: TrainStep, workdir: str | epath.PathLike, batches: Iterator[dic
   lockstep = True   # False once a process left the loop on its own (the others are not at a save)
   try:
     for step in range(start, num_steps):
-      if lease is not None:
-        lease.check()
+      sigterm, lost = stopper.agreed(lease is not None and bool(lease.lost))
+      if lost:   # every process stops, not only process 0 (the others would wait in the next collective)
+        if lease is not None:
+          lease.check()
+        raise lease_lib.LeaseLost("process 0 lost this workdir's lease to another trainer: every process stops")
       ckpts.check()   # a failed background save stops the run before the next step
-      if stopper.agreed():
+      if sigterm:
         stopped = "SIGTERM"
         break
       try:
@@ -274,12 +277,14 @@ class _Preemption:
     finally:
       self._waiting = False
 
-  def agreed(self) -> bool:
-    """True on every host as soon as any host got SIGTERM (the checkpoint save that follows is collective)."""
+  def agreed(self, lost: bool = False) -> tuple[bool, bool]:
+    """(any host got SIGTERM, any host lost the workdir's lease), the same on every host (the checkpoint save that
+    follows SIGTERM is collective; a lost lease must stop every host, not leave the others in a collective)."""
     if jax.process_count() == 1:
-      return self.requested
+      return self.requested, lost
     from jax.experimental import multihost_utils
-    return bool(np.asarray(multihost_utils.process_allgather(np.int32(self.requested))).any())
+    flags = np.asarray(multihost_utils.process_allgather(np.int32(self.requested | (lost << 1))))
+    return bool((flags & 1).any()), bool((flags & 2).any())
 
   def restore(self):
     if self._previous is not None:

@@ -207,6 +207,30 @@ def test_a_transient_restore_failure_moves_no_step_aside(tmp_path, trainer, conf
   assert sorted(read_metrics(tmp_path)) == [1, 2, 3]
 
 
+def test_a_trainer_whose_lease_is_taken_stops_before_its_next_step(tmp_path, trainer, config_of):
+  """Another trainer takes the workdir mid-run (here: lease.json rewritten with its token): the heartbeat notices,
+  and the run stops with LeaseLost before its next step (all processes together: the flag is agreed like SIGTERM),
+  leaving the other trainer's lease in place."""
+  config_of(**{"train.num_steps": 6, "checkpoint.every": 100, "checkpoint.lease_timeout": 1.0})
+  base = synthetic(trainer.config)
+  class Thief:
+    def __init__(self):
+      self.served = 0
+    def __iter__(self):
+      return self
+    def __next__(self):
+      if self.served == 2:
+        held = json.loads((tmp_path / "lease.json").read_text())
+        (tmp_path / "lease.json").write_text(json.dumps({**held, "token": "thief"}))
+        time.sleep(0.5)   # a few heartbeats (every 0.1 s)
+      self.served += 1
+      return next(base)
+  with pytest.raises(lease_lib.LeaseLost, match="taken by another trainer"):
+    loop.fit(trainer, tmp_path, Thief(), progress=False)
+  assert json.loads((tmp_path / "lease.json").read_text())["token"] == "thief"
+  assert max(read_metrics(tmp_path), default=0) <= 3
+
+
 @pytest.mark.parametrize("key", ["checkpoint.every", "train.log_every"])
 def test_a_zero_step_interval_is_refused_by_name_before_anything_runs(tmp_path, trainer, config_of, key):
   config_of(**{key: 0})
