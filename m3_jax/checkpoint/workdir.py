@@ -269,17 +269,22 @@ def set_iterator_state(iterator, state: Any):
 
 
 # ---- the checkpoint manager ------------------------------------------------------------------------------------
-TRANSIENT = re.compile(r"UNAVAILABLE|DEADLINE_EXCEEDED|RESOURCE_EXHAUSTED|timed? ?out|connection (reset|refused|"
-                       r"aborted)|temporarily|too many open files|out of memory", re.I)
+TRANSIENT = re.compile(r"\b(UNAVAILABLE|DEADLINE_EXCEEDED|RESOURCE_EXHAUSTED)\b|\btimed out\b|\bconnection "
+                       r"(reset|refused|aborted)\b|\btemporarily unavailable\b|\btoo many open files\b|"
+                       r"\bout of memory\b", re.I)
 
 
-def transient(error: BaseException) -> bool:
+def transient(error: BaseException, where: str = "") -> bool:
   """Whether a failed restore says nothing about the checkpoint: out of memory, a timeout, a storage service or
-  network error (in the error or its causes). Such a step is not moved aside: the restore fails, to be retried."""
+  network error (in the error or its causes; their text with the checkpoint's path `where` left out, which may
+  hold any word). A checksum mismatch never is. Such a step is not moved aside: the restore fails, to be retried."""
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
-    if isinstance(error, (MemoryError, TimeoutError, ConnectionError)) or TRANSIENT.search(str(error)):
+    if isinstance(error, identity.ChecksumError):
+      return False
+    text = str(error).replace(where, "") if where else str(error)
+    if isinstance(error, (MemoryError, TimeoutError, ConnectionError)) or TRANSIENT.search(text):
       return True
     error = error.__cause__ or error.__context__
   return False
@@ -434,7 +439,8 @@ class Checkpoints:
         if sums is not None:
           identity.verify(restored["state"], sums, where)
       except Exception as e:  # noqa: BLE001 -- any unreadable checkpoint falls back to the previous one
-        if step is not None or transient(e):   # (a good step must not be moved aside for a network or memory error)
+        # (a good step is not moved aside for a network or memory error)
+        if step is not None or transient(e, str(self.directory)):
           raise
         log.warning("checkpoint step %d in %s is unreadable (%s: %s); trying the previous one", s,
                     self.directory, type(e).__name__, str(e)[:300])

@@ -122,7 +122,7 @@ def export(ckpt_dir, out_dir, shard_bytes: int = 4 << 30, step: int | None = Non
   processor = "LlavaNextProcessor" if cfg.type == "llava_next" else "LlavaProcessor"
   (out / "processor_config.json").write_text(json.dumps({
       "processor_class": processor, "image_token": IMAGE_TOKEN, "patch_size": cfg.vision.patch_size,
-      "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}, indent=2, sort_keys=True) + "\n")
+      "vision_feature_select_strategy": d["vision_feature_select_strategy"], "num_additional_image_tokens": 1}, indent=2, sort_keys=True) + "\n")
   return out
 
 
@@ -148,10 +148,11 @@ def image_token_row(cfg, flat: dict, tokenizer):
   assert tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == vocab
   padded = -(-(vocab + 1) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
   embed, head = flat["llm/embed/embedding"], flat["llm/lm_head/kernel"]   # [V, D], [D, V]
+  # (means in float32: a bfloat16 sum of 32000 rows loses most of the mean)
   flat = {**flat,
-          "llm/embed/embedding": np.concatenate(
-              [embed, np.repeat(embed.mean(0, keepdims=True), padded - vocab, 0).astype(embed.dtype)], 0),
-          "llm/lm_head/kernel": np.concatenate(
-              [head, np.repeat(head.mean(1, keepdims=True), padded - vocab, 1).astype(head.dtype)], 1)}
+          "llm/embed/embedding": np.concatenate([embed, np.repeat(
+              embed.astype(np.float32).mean(0, keepdims=True), padded - vocab, 0).astype(embed.dtype)], 0),
+          "llm/lm_head/kernel": np.concatenate([head, np.repeat(
+              head.astype(np.float32).mean(1, keepdims=True), padded - vocab, 1).astype(head.dtype)], 1)}
   cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, vocab_size=padded), image_token_id=vocab)
   return cfg, flat

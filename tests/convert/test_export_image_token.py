@@ -64,3 +64,22 @@ def test_export_adds_the_image_token_and_transformers_gives_m3s_logits(tmp_path)
   np.testing.assert_allclose(got[..., :VOCAB], want, atol=1e-4, rtol=0)
   # The padded tokens' logit is the mean logit: never the answer.
   np.testing.assert_allclose(got[..., VOCAB:], np.repeat(want.mean(-1, keepdims=True), 64 - VOCAB, -1), atol=1e-4)
+
+
+def test_the_padded_rows_are_the_mean_row_in_bfloat16_too():
+  """The mean is taken in float32: a bfloat16 sum over the vocabulary would lose most of it."""
+  import ml_dtypes
+  from m3_jax.convert.export import image_token_row
+  base = ModelConfig.from_config(m3_config.load("configs/tiny.py").model)
+  cfg = dataclasses.replace(base, llm=dataclasses.replace(base.llm, vocab_size=VOCAB), image_token_id=VOCAB)
+  rng = np.random.default_rng(0)
+  embed = (0.001 + 0.02 * rng.standard_normal((VOCAB, 8))).astype(ml_dtypes.bfloat16)
+  head = (0.001 + 0.02 * rng.standard_normal((8, VOCAB))).astype(ml_dtypes.bfloat16)
+  got_cfg, flat = image_token_row(cfg, {"llm/embed/embedding": embed, "llm/lm_head/kernel": head},
+                                  no_image_tokenizer())
+  assert got_cfg.llm.vocab_size == 64 and got_cfg.image_token_id == VOCAB
+  assert flat["llm/embed/embedding"].dtype == ml_dtypes.bfloat16 and flat["llm/embed/embedding"].shape == (64, 8)
+  want = embed.astype(np.float32).mean(0).astype(ml_dtypes.bfloat16)
+  np.testing.assert_array_equal(flat["llm/embed/embedding"][VOCAB:], np.repeat(want[None], 64 - VOCAB, 0))
+  want = head.astype(np.float32).mean(1).astype(ml_dtypes.bfloat16)
+  np.testing.assert_array_equal(flat["llm/lm_head/kernel"][:, VOCAB:], np.repeat(want[:, None], 64 - VOCAB, 1))

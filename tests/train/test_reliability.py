@@ -207,6 +207,19 @@ def test_a_transient_restore_failure_moves_no_step_aside(tmp_path, trainer, conf
   assert sorted(read_metrics(tmp_path)) == [1, 2, 3]
 
 
+def test_only_errors_that_say_nothing_about_the_step_count_as_transient():
+  from m3_jax.checkpoint.identity import ChecksumError
+  run = "gs://bucket/m3-timeout-ablation"   # a path may hold any word
+  assert workdir_lib.transient(ValueError("read failed: DEADLINE_EXCEEDED"))
+  assert workdir_lib.transient(TimeoutError()) and workdir_lib.transient(MemoryError())
+  wrapped = RuntimeError("restore failed")
+  wrapped.__cause__ = ConnectionError("connection reset by peer")
+  assert workdir_lib.transient(wrapped)
+  assert not workdir_lib.transient(ChecksumError(f"{run}/checkpoints/3: array params/x timed out"), run)
+  assert not workdir_lib.transient(ValueError(f"{run}/checkpoints/3/state: not a valid zarr array"), run)
+  assert not workdir_lib.transient(ValueError("UNAVAILABLEX"))   # whole words only
+
+
 def test_a_trainer_whose_lease_is_taken_stops_before_its_next_step(tmp_path, trainer, config_of):
   """Another trainer takes the workdir mid-run (here: lease.json rewritten with its token): the heartbeat notices,
   and the run stops with LeaseLost before its next step (all processes together: the flag is agreed like SIGTERM),
