@@ -120,9 +120,10 @@ def export(ckpt_dir, out_dir, shard_bytes: int = 4 << 30, step: int | None = Non
   if tokenizer is not None:
     tokenizer.save_pretrained(str(out))
   processor = "LlavaNextProcessor" if cfg.type == "llava_next" else "LlavaProcessor"
-  (out / "processor_config.json").write_text(json.dumps({
-      "processor_class": processor, "image_token": IMAGE_TOKEN, "patch_size": cfg.vision.patch_size,
-      "vision_feature_select_strategy": d["vision_feature_select_strategy"], "num_additional_image_tokens": 1}, indent=2, sort_keys=True) + "\n")
+  processor_config = {"processor_class": processor, "image_token": IMAGE_TOKEN, "patch_size": cfg.vision.patch_size,
+                      "vision_feature_select_strategy": d["vision_feature_select_strategy"],
+                      "num_additional_image_tokens": 1}
+  (out / "processor_config.json").write_text(json.dumps(processor_config, indent=2, sort_keys=True) + "\n")
   return out
 
 

@@ -22,8 +22,10 @@ ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bflo
              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
-def weight_files(directory: pathlib.Path, allow_pickle: bool) -> tuple[str, list[pathlib.Path]]:
-  """("safetensors" | "pickle", files). Pickle files are refused unless allow_pickle (they can run code)."""
+def weight_files(directory: pathlib.Path, allow_pickle: bool
+                 ) -> tuple[str, list[pathlib.Path], dict[str, str] | None]:
+  """("safetensors" | "pickle", files, the index's weight_map or None without an index). Pickle files are refused
+  unless allow_pickle (they can run code)."""
   d = pathlib.Path(directory)
   if not d.is_dir():
     raise ReaderError(f"{d} is not a directory (expected a checkpoint directory with config.json and weights)")
@@ -45,6 +47,7 @@ def weight_files(directory: pathlib.Path, allow_pickle: bool) -> tuple[str, list
         raise ReaderError(f"{index} names shard files that are not in {d}: {missing}")
       break
   else:
+    weight_map = None
     files = sorted(d.glob("*.safetensors"))
     kind = "safetensors"
     if not files:
@@ -56,7 +59,7 @@ def weight_files(directory: pathlib.Path, allow_pickle: bool) -> tuple[str, list
     raise ReaderError(f"{d} holds PyTorch pickle weights ({', '.join(f.name for f in files)}); pickle files can run "
                       "arbitrary code when loaded, so they are refused. Re-save them as safetensors, or pass "
                       "--allow-pickle to load them with torch.load(weights_only=True)")
-  return kind, files
+  return kind, files, weight_map
 
 
 class TensorSource:
@@ -64,14 +67,12 @@ class TensorSource:
 
   def __init__(self, directory, allow_pickle: bool = False):
     self.directory = pathlib.Path(directory)
-    self.kind, self.files = weight_files(self.directory, allow_pickle)
+    self.kind, self.files, weight_map = weight_files(self.directory, allow_pickle)
     self._where: dict[str, int] = {}
     self._handles = []
     self._flax_handles: dict[int, object] = {}
     if self.kind == "safetensors":
       from safetensors import safe_open
-      index = self.directory / "model.safetensors.index.json"
-      weight_map = json.loads(index.read_text())["weight_map"] if index.exists() else None  # (read once already)
       for i, f in enumerate(self.files):
         try:
           h = safe_open(str(f), framework="np")

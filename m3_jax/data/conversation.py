@@ -71,10 +71,7 @@ class Template:
           spans.append((start, len(out)))
       return out, spans
     if self.style == "plain":
-      out = ""
-      for who, msg in turns:
-        out += (msg or "") + (self.sep if msg and who == 1 else "")
-      return out, spans
+      return "".join((msg or "") + (self.sep if msg and who == 1 else "") for who, msg in turns), spans
     if self.style == "none":
       return "".join(msg or "" for _, msg in turns), spans
     raise ValueError(f"template {self.name!r} has unknown style {self.style!r}")

@@ -229,7 +229,7 @@ class BadRecords:
     if self.report is not None and self.report.exists():
       text = self.report.read_text()
       self.seen = dict(_report_lines(self.report, text))
-      whole = "".join(json.dumps({"id": k, "problem": v}) + "\n" for k, v in self.seen.items())
+      whole = "".join(_report_entry(k, v) for k, v in self.seen.items())
       if whole != text:   # blank or cut lines: rewritten whole, so that appending goes on from a line's start
         self.report.write_text(whole)
     self.skipped = 0
@@ -254,7 +254,7 @@ class BadRecords:
       log.warning("skipping bad record %s: %s", ex["_bad"], ex["_problem"])
       if self.report is not None:
         with self.report.open("a") as f:
-          f.write(json.dumps({"id": ex["_bad"], "problem": ex["_problem"]}) + "\n")
+          f.write(_report_entry(ex["_bad"], ex["_problem"]))
     if self.in_a_row == 0:
       self.first = (ex["_bad"], ex["_problem"])
     self.in_a_row += 1
@@ -270,6 +270,10 @@ class BadRecords:
     return (f"{self.in_a_row} records of {self.name} in a row were bad on this process, a whole epoch of its share "
             f"({self.num_records} records over {self.process_count} processes; {first}); "
             "data.on_bad_record='skip' leaves it nothing to train on")
+
+
+def _report_entry(record_id: str, problem: str) -> str:
+  return json.dumps({"id": record_id, "problem": problem}) + "\n"
 
 
 def _report_lines(path: epath.Path, text: str):

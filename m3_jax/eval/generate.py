@@ -121,6 +121,7 @@ class Engine:
     self.config = config
     self.device = device  # a replica's device (`on_device`): its random keys are put there
     self.model = llava.LlavaM3(config)
+    self._prefix_lock = threading.Lock()  # params and the prefix cache change together (the params setter)
     self.params = params
     self.stop_ids = tuple(stop_ids) if stop_ids is not None else (config.eos_token_id,)
     self.length_step = length_step
@@ -150,8 +151,6 @@ class Engine:
   def params(self, params):
     """Takes stacked or unscanned params; None frees them (training's evaluation sets them per evaluation)."""
     # Prefixes are made with the params they are kept with: new params start an empty prefix cache.
-    if not hasattr(self, "_prefix_lock"):
-      self._prefix_lock = threading.Lock()
     with self._prefix_lock:
       self._params = None if params is None else {**params, "llm": llama.unscan(params["llm"])}
       self._prefix_cache: collections.OrderedDict[tuple[int, ...], tuple[dict, ...]] = collections.OrderedDict()

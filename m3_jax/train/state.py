@@ -195,17 +195,14 @@ class TrainStep:
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     def keep_if_finite(new, old):
-      return jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
-
-    def keep_moments_if_finite(new, old):
-      # A skipped step keeps the moments but counts, as the step and the curriculum do: the LR schedule (an optax
-      # count) stays at schedule(step), the value logged as lr/<part>, instead of falling one step behind per skip.
+      # A skipped step keeps params and moments but counts (integer leaves), as the step and the curriculum do: the
+      # LR schedule (an optax count) stays at schedule(step), the value logged as lr/<part>.
       return jax.tree_util.tree_map(
           lambda a, b: a if jnp.issubdtype(a.dtype, jnp.integer) else jnp.where(finite, a, b), new, old)
 
     new_state = {"step": state["step"] + 1,
                  "params": optim.merge(keep_if_finite(new_trainable, trainable), frozen),
-                 "opt_state": keep_moments_if_finite(opt_state, state["opt_state"]),
+                 "opt_state": keep_if_finite(opt_state, state["opt_state"]),
                  "rng": state["rng"]}
     metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, **aux,
                **optim.learning_rates(self.config.train, state["step"], self.freeze)}
