@@ -34,6 +34,7 @@ from typing import Any
 
 import grain.checkpoint as grain_checkpoint
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -283,11 +284,22 @@ def transient(error: BaseException, where: str = "") -> bool:
     seen.add(id(error))
     if isinstance(error, identity.ChecksumError):
       return False
+    if isinstance(error, OtherProcessFailed):
+      return error.transient
     text = str(error).replace(where, "") if where else str(error)
     if isinstance(error, (MemoryError, TimeoutError, ConnectionError)) or TRANSIENT.search(text):
       return True
     error = error.__cause__ or error.__context__
   return False
+
+
+class OtherProcessFailed(Exception):
+  """Another process of a multi-process run could not restore a step this one restored (its log names its error):
+  every process falls back from the step together, or, when that process's failure is `transient`, raises."""
+
+  def __init__(self, message: str, transient: bool):
+    super().__init__(message)
+    self.transient = transient
 
 
 class CheckpointsUnreadable(Incompatible):
@@ -425,26 +437,38 @@ class Checkpoints:
     failure: every step failing alike means the run changed (the state's tree, the number of processes), not that
     the checkpoints are bad, and starting over from step 0 would silently lose them. `step=` never falls back, and
     neither does a `transient` failure (out of memory, a timeout, a storage or network error): it is raised, the
-    step left in place for a retry."""
+    step left in place for a retry. In a multi-process run the processes agree on each step (`_agreed`): one
+    that fails makes every process fall back from it (or raise, when its failure is transient), so all of them
+    resume from the same step."""
     candidates = [step] if step is not None else list(reversed(self.steps()))
     failed: list[tuple[int, Exception]] = []
     for s in candidates:
+      where = f"{self.directory}/{s}"
       try:
         restored = self.manager.restore(
             s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                        data=grain_checkpoint.CheckpointRestore(_IteratorSnapshot()),
                                        meta=ocp.args.JsonRestore()))
-        where = f"{self.directory}/{s}"
-        sums = _state_checksums(restored["meta"], where)
-        if sums is not None:
-          identity.verify(restored["state"], sums, where)
+        error = None
       except Exception as e:  # noqa: BLE001 -- any unreadable checkpoint falls back to the previous one
+        error = e
+        _join_restore_barrier(self.manager)
+      # Every process reads its own shards: they agree before the checksums (a collective) and after them.
+      if (error := self._agreed(s, error)) is None:
+        try:
+          sums = _state_checksums(restored["meta"], where)
+          if sums is not None:
+            identity.verify(restored["state"], sums, where)
+        except Exception as e:  # noqa: BLE001
+          error = e
+        error = self._agreed(s, error)
+      if error is not None:
         # (a good step is not moved aside for a network or memory error)
-        if step is not None or transient(e, str(self.directory)):
-          raise
+        if step is not None or transient(error, str(self.directory)):
+          raise error
         log.warning("checkpoint step %d in %s is unreadable (%s: %s); trying the previous one", s,
-                    self.directory, type(e).__name__, str(e)[:300])
-        failed.append((s, e))
+                    self.directory, type(error).__name__, str(error)[:300])
+        failed.append((s, error))
         continue
       for bad, _ in failed:
         self._quarantine(bad)
@@ -456,6 +480,23 @@ class Checkpoints:
           + ". If the run changed (the model or train.freeze, the number of processes), resume it as it was "
           f"saved; to start over, move {self.directory} aside.")
     return None
+
+  def _agreed(self, step: int, error: Exception | None) -> Exception | None:
+    """This process's outcome of restoring `step`, agreed by every process: None when all of them restored it;
+    else this process's own error, or OtherProcessFailed naming those that failed (transient when any failure was,
+    which then stops every process)."""
+    code = 0 if error is None else 2 if transient(error, str(self.directory)) else 1
+    codes = _gather_codes(code)
+    worst = int(codes.max())
+    if worst == 0:
+      return None
+    if code == worst:
+      return error
+    which = ", ".join(str(i) for i in np.flatnonzero(codes == worst))
+    return OtherProcessFailed(
+        f"checkpoint step {step} in {self.directory}: process {which} of {len(codes)} could not restore it"
+        + (" (a transient error: out of memory, a timeout, a storage or network error)" if worst == 2 else "")
+        + "; that process's log names the error", transient=worst == 2)
 
   def _quarantine(self, step: int):
     """Moves a bad step directory out of the manager's sight so a later save of the same step can succeed."""
@@ -472,6 +513,29 @@ class Checkpoints:
     _sync_hosts(f"quarantine_{step}")
     self.manager.close()
     self._open()
+
+
+def _join_restore_barrier(manager: ocp.CheckpointManager):
+  """orbax's Checkpointer.restore ends in a barrier (a device collective) that a process whose read raised never
+  reached: it joins it here, or every later collective (the agreement on the step, the training steps) would pair
+  with another process's previous one. (tests/train/test_reliability_multiprocess.py fails if orbax's restore
+  changes its barrier.)"""
+  if jax.process_count() > 1:
+    ocp.multihost.sync_global_processes(_restore_barrier_key(manager))
+
+
+def _restore_barrier_key(manager: ocp.CheckpointManager) -> str:
+  """The name of the barrier that ends orbax's Checkpointer.restore (orbax's unique_barrier_key)."""
+  prefix = getattr(manager._checkpointer, "_barrier_sync_key_prefix", None)  # noqa: SLF001 -- orbax's own key
+  return "Checkpointer:restore" if prefix is None else f"{prefix}_Checkpointer:restore"
+
+
+def _gather_codes(code: int) -> np.ndarray:
+  """Every process's `code`, int32[process_count], in process order."""
+  if jax.process_count() == 1:
+    return np.asarray([code], np.int32)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(np.int32(code))).reshape(-1)
 
 
 def _sync_hosts(name: str):

@@ -104,3 +104,81 @@ def test_when_no_step_restores_nothing_is_moved_aside_and_the_error_names_each_s
   same = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state(0))
   step, restored, data = workdir.Checkpoints(tmp_path, keep=5).restore(same)
   assert step == 4 and data == {"index": 4} and float(restored["params"]["w"][0]) == 4.0
+
+
+class _TwoProcesses:
+  """This process as process 0 of two, the other one restoring each step as `other` says: "ok", "fails" or
+  "transient" (the all-gather of `Checkpoints._agreed` answered here; the quarantine's barrier a no-op)."""
+
+  def __init__(self, monkeypatch, other: dict[int, str]):
+    self.other, self.gathered = other, []
+    codes = {"ok": 0, "fails": 1, "transient": 2}
+
+    def gather(code):
+      self.gathered.append((self.step, code))
+      return np.asarray([code, codes[self.other.get(self.step, "ok")]], np.int32)
+
+    monkeypatch.setattr(workdir, "_gather_codes", gather)
+    monkeypatch.setattr(workdir, "_sync_hosts", lambda name: None)
+    agreed = workdir.Checkpoints._agreed
+
+    def tracking(ckpts, step, error):
+      self.step = step
+      return agreed(ckpts, step, error)
+
+    monkeypatch.setattr(workdir.Checkpoints, "_agreed", tracking)
+
+
+def _two_steps(tmp_path):
+  def state(step):
+    return {"params": {"w": jnp.full((4,), float(step))}, "step": jnp.int32(step)}
+
+  ckpts = workdir.Checkpoints(tmp_path, keep=5)
+  for step in (2, 4):
+    ckpts.save(step, state(step), {"index": step})
+  ckpts.close()
+  return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state(0))
+
+
+def test_a_step_another_process_cannot_restore_makes_every_process_fall_back(tmp_path, monkeypatch, caplog):
+  """Multi-process: a shard only another process reads is damaged. This process reads step 4 fine, but resuming
+  from it alone would leave the processes at different steps (and the other one waiting in a collective): both
+  fall back to step 2, and step 4 is moved aside."""
+  abstract = _two_steps(tmp_path)
+  hosts = _TwoProcesses(monkeypatch, {4: "fails"})
+  with caplog.at_level(logging.WARNING):
+    step, restored, data = workdir.Checkpoints(tmp_path, keep=5).restore(abstract)
+  assert step == 2 and data == {"index": 2} and float(restored["params"]["w"][0]) == 2.0
+  assert "OtherProcessFailed" in caplog.text and "process 1 of 2 could not restore it" in caplog.text
+  assert [p.name for p in (tmp_path / "corrupt_checkpoints").iterdir()] == ["4"]
+  # step 4: the read agreed (this one ok, the other failed), so no checksum was computed alone; step 2: read
+  # and checksums agreed
+  assert hosts.gathered == [(4, 0), (2, 0), (2, 0)]
+
+
+def test_a_transient_failure_on_another_process_stops_every_process_and_moves_nothing(tmp_path, monkeypatch):
+  abstract = _two_steps(tmp_path)
+  _TwoProcesses(monkeypatch, {4: "transient"})
+  with pytest.raises(workdir.OtherProcessFailed, match=r"step 4 .*process 1 of 2 could not restore it \(a transient"):
+    workdir.Checkpoints(tmp_path, keep=5).restore(abstract)
+  assert not (tmp_path / "corrupt_checkpoints").exists()
+  assert workdir.steps(tmp_path) == [2, 4]
+
+
+def test_processes_that_all_restore_a_step_resume_from_it(tmp_path, monkeypatch):
+  abstract = _two_steps(tmp_path)
+  hosts = _TwoProcesses(monkeypatch, {})
+  step, _, data = workdir.Checkpoints(tmp_path, keep=5).restore(abstract)
+  assert step == 4 and data == {"index": 4} and hosts.gathered == [(4, 0), (4, 0)]
+
+
+def test_a_process_whose_read_failed_joins_the_barrier_that_ends_orbaxs_restore(tmp_path, monkeypatch):
+  """The barrier a failed read skipped is joined under orbax's own name for it (a device collective checks that
+  every process passed the same name): the name Checkpointer.restore passes, recorded here."""
+  from orbax.checkpoint._src.checkpointers import checkpointer as orbax_checkpointer
+  abstract = _two_steps(tmp_path)
+  names = []
+  monkeypatch.setattr(orbax_checkpointer.multihost, "sync_global_processes", lambda name, **kw: names.append(name))
+  ckpts = workdir.Checkpoints(tmp_path, keep=5)
+  assert ckpts.restore(abstract)[0] == 4
+  assert names[-1] == workdir._restore_barrier_key(ckpts.manager)

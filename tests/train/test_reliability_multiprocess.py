@@ -1,6 +1,7 @@
 """Multi-process training: two gloo processes on loopback, one SIGKILLed mid-run (then the job torn down, as a
-scheduler does), both restarted: the losses of an uninterrupted run of one process on the same number of devices
-(the same global mesh and batches), step for step."""
+scheduler does) and one process's shards of the latest checkpoint damaged, both restarted: they fall back from that
+step together (only one of them fails to read it), and the losses are those of an uninterrupted run of one process
+on the same number of devices (the same global mesh and batches), step for step."""
 from __future__ import annotations
 
 import collections
@@ -66,8 +67,8 @@ def test_two_processes_sigkilled_and_restarted_match_an_uninterrupted_one_proces
   job = launch(broken)   # compiles; the restart reads its programs from the compilation cache
   try:
     deadline = time.time() + 400
-    while not (workdir_lib.steps(broken) and (broken / "metrics.jsonl").exists()
-               and max(read_metrics(broken), default=0) >= 3):
+    while not (len(workdir_lib.steps(broken)) >= 2 and (broken / "metrics.jsonl").exists()
+               and max(read_metrics(broken), default=0) >= 5):
       assert job.poll() is None, f"the two-process run exited early with {job.returncode}: {logs(broken)}"
       assert time.time() < deadline, logs(broken)
       time.sleep(0.05)
@@ -80,6 +81,12 @@ def test_two_processes_sigkilled_and_restarted_match_an_uninterrupted_one_proces
     job.wait()
   killed_at = max(read_metrics(broken))
   assert killed_at < STEPS
+  # A disk lost part of process 1's shards of the latest step: process 1 cannot read it, process 0 can (it reads
+  # its own). Resuming there alone would leave the processes at different steps; both must fall back together.
+  damaged = max(workdir_lib.steps(broken))
+  shard = max((broken / "checkpoints" / str(damaged) / "state" / "ocdbt.process_1" / "d").iterdir(),
+              key=lambda f: f.stat().st_size)
+  shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
   restarted = launch(broken)
   try:
     # Meanwhile, the uninterrupted reference: one process (this one) on 4 devices, the same global mesh and batches
@@ -111,3 +118,7 @@ def test_two_processes_sigkilled_and_restarted_match_an_uninterrupted_one_proces
   for step, v in redone.items():
     assert max(v) - min(v) <= 1e-6, (step, v)
   assert workdir_lib.steps(broken) == [4, 6, 8]
+  assert [p.name for p in (broken / "corrupt_checkpoints").iterdir()] == [str(damaged)], logs(broken)
+  first = (tmp_path / "broken.log").read_text()   # process 0's output; process 1's is broken/process_1.log
+  assert f"OtherProcessFailed: checkpoint step {damaged} in {broken}/checkpoints: process 1 of 2 could not" in first
+  assert f"checkpoint step {damaged} in {broken}/checkpoints is unreadable" in (broken / "process_1.log").read_text()
