@@ -44,27 +44,35 @@ def children(pid: int) -> dict[int, str]:
   return out
 
 
+def launch(tmp_path, workdir, env, overrides) -> subprocess.Popen:
+  """`launch/local.py`: two processes of 2 devices each training configs/tiny.py with `overrides` in `workdir`;
+  process 0's output in tmp_path/<workdir name>.log, process 1's in workdir/process_1.log."""
+  log = open(tmp_path / f"{workdir.name}.log", "a")
+  return subprocess.Popen(
+      [sys.executable, "launch/local.py", "--num-processes", "2", "--devices-per-process", "2",
+       "--xla-flags=--xla_backend_optimization_level=0", "--config", str(REPO / "configs/tiny.py"),
+       "--workdir", str(workdir), *[f"--config.{o}" for o in overrides]],
+      cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def two_process_env(compile_cache) -> dict:
+  env = subprocess_env(compile_cache, devices=2)
+  env.pop("XLA_FLAGS")   # launch/local.py sets each process's device count
+  return env
+
+
 @pytest.mark.slow
 def test_two_processes_sigkilled_and_restarted_match_an_uninterrupted_one_process_run(tmp_path, compile_cache, caplog):
   overrides = small_overrides(**{"train.num_steps": STEPS, "checkpoint.every": 2, "train.scales": "(1,)",
                                  "train.lr": 3e-3})
-  env = subprocess_env(compile_cache, devices=2)
-  env.pop("XLA_FLAGS")   # launch/local.py sets each process's device count
-
-  def launch(workdir):
-    log = open(tmp_path / f"{workdir.name}.log", "a")
-    return subprocess.Popen(
-        [sys.executable, "launch/local.py", "--num-processes", "2", "--devices-per-process", "2",
-         "--xla-flags=--xla_backend_optimization_level=0", "--config", str(REPO / "configs/tiny.py"),
-         "--workdir", str(workdir), *[f"--config.{o}" for o in overrides]],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+  env = two_process_env(compile_cache)
 
   def logs(workdir):
     return "".join(p.read_text()[-2000:] for p in [tmp_path / f"{workdir.name}.log", *workdir.glob("process_*.log")]
                    if p.exists())
 
   broken = tmp_path / "broken"
-  job = launch(broken)   # compiles; the restart reads its programs from the compilation cache
+  job = launch(tmp_path, broken, env, overrides)   # compiles; the restart reads its programs from the compilation cache
   try:
     deadline = time.time() + 400
     while not (len(workdir_lib.steps(broken)) >= 2 and (broken / "metrics.jsonl").exists()
@@ -87,7 +95,7 @@ def test_two_processes_sigkilled_and_restarted_match_an_uninterrupted_one_proces
   shard = max((broken / "checkpoints" / str(damaged) / "state" / "ocdbt.process_1" / "d").iterdir(),
               key=lambda f: f.stat().st_size)
   shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
-  restarted = launch(broken)
+  restarted = launch(tmp_path, broken, env, overrides)
   try:
     # Meanwhile, the uninterrupted reference: one process (this one) on 4 devices, the same global mesh and batches
     # as the two processes.
@@ -122,3 +130,33 @@ def test_two_processes_sigkilled_and_restarted_match_an_uninterrupted_one_proces
   first = (tmp_path / "broken.log").read_text()   # process 0's output; process 1's is broken/process_1.log
   assert f"OtherProcessFailed: checkpoint step {damaged} in {broken}/checkpoints: process 1 of 2 could not" in first
   assert f"checkpoint step {damaged} in {broken}/checkpoints is unreadable" in (broken / "process_1.log").read_text()
+
+
+@pytest.mark.slow
+def test_when_process_0_loses_the_lease_both_processes_stop(tmp_path, compile_cache):
+  """Another trainer takes the workdir (lease.json rewritten with its token) while two processes train: process 0's
+  heartbeat notices, the flag is agreed before the next step, and both processes exit with LeaseLost instead of
+  process 1 waiting in a collective that process 0 never joins. The other trainer's lease stays."""
+  overrides = small_overrides(**{"train.num_steps": 400, "checkpoint.every": 1000, "train.scales": "(1,)",
+                                 "train.lr": 3e-3, "checkpoint.lease_timeout": 1.0})
+  work = tmp_path / "taken"
+  job = launch(tmp_path, work, two_process_env(compile_cache), overrides)
+  try:
+    deadline = time.time() + 300
+    while not ((work / "metrics.jsonl").exists() and max(read_metrics(work), default=0) >= 2):
+      assert job.poll() is None, (tmp_path / "taken.log").read_text()[-3000:]
+      assert time.time() < deadline, (tmp_path / "taken.log").read_text()[-3000:]
+      time.sleep(0.05)
+    held = json.loads((work / "lease.json").read_text())
+    (work / "lease.json").write_text(json.dumps({**held, "token": "thief"}))
+    code = job.wait(timeout=120)
+  finally:
+    if job.poll() is None:
+      os.killpg(job.pid, signal.SIGKILL)
+      job.wait()
+  first, second = (tmp_path / "taken.log").read_text(), (work / "process_1.log").read_text()
+  assert code != 0, first[-3000:]
+  assert f"m3 train: error: the lease of {work} was taken by another trainer" in first, first[-3000:]
+  assert "process 0 lost this workdir's lease to another trainer: every process stops" in second, second[-3000:]
+  assert json.loads((work / "lease.json").read_text())["token"] == "thief"
+  assert max(read_metrics(work)) < 400
