@@ -294,8 +294,9 @@ def transient(error: BaseException, where: str = "") -> bool:
 
 
 class OtherProcessFailed(Exception):
-  """Another process of a multi-process run could not restore a step this one restored (its log names its error):
-  every process falls back from the step together, or, when that process's failure is `transient`, raises."""
+  """Another process of a multi-process run could not restore a step that this one restored, or failed on less
+  gravely (its log names its error): every process falls back from the step together, or, when that process's
+  failure is `transient`, raises."""
 
   def __init__(self, message: str, transient: bool):
     super().__init__(message)
@@ -468,7 +469,9 @@ class Checkpoints:
           raise error
         log.warning("checkpoint step %d in %s is unreadable (%s: %s); trying the previous one", s,
                     self.directory, type(error).__name__, str(error)[:300])
-        failed.append((s, error))
+        # (neither the state read nor the error's frames may hold it on the devices while the next step restores)
+        restored = None
+        failed.append((s, error.with_traceback(None)))
         continue
       for bad, _ in failed:
         self._quarantine(bad)
@@ -493,24 +496,28 @@ class Checkpoints:
     if code == worst:
       return error
     which = ", ".join(str(i) for i in np.flatnonzero(codes == worst))
-    return OtherProcessFailed(
+    other = OtherProcessFailed(
         f"checkpoint step {step} in {self.directory}: process {which} of {len(codes)} could not restore it"
         + (" (a transient error: out of memory, a timeout, a storage or network error)" if worst == 2 else "")
         + "; that process's log names the error", transient=worst == 2)
+    other.__cause__ = error   # this process's own failure, if any (a lesser one), stays named
+    return other
 
   def _quarantine(self, step: int):
     """Moves a bad step directory out of the manager's sight so a later save of the same step can succeed."""
-    if jax.process_index() == 0:
-      target = self.workdir / CORRUPT
-      target.mkdir(exist_ok=True)
-      source = self.directory / str(step)
-      if source.exists():
-        dest = target / str(step)
-        n = 1
-        while dest.exists():
-          dest, n = target / f"{step}.{n}", n + 1
-        source.rename(dest)
-    _sync_hosts(f"quarantine_{step}")
+    try:
+      if jax.process_index() == 0:
+        target = self.workdir / CORRUPT
+        target.mkdir(exist_ok=True)
+        source = self.directory / str(step)
+        if source.exists():
+          dest = target / str(step)
+          n = 1
+          while dest.exists():
+            dest, n = target / f"{step}.{n}", n + 1
+          source.rename(dest)
+    finally:   # (a failed move still meets the others at the barrier, then raises)
+      _sync_hosts(f"quarantine_{step}")
     self.manager.close()
     self._open()
 
@@ -519,9 +526,11 @@ def _join_restore_barrier(manager: ocp.CheckpointManager):
   """orbax's Checkpointer.restore ends in a barrier (a device collective) that a process whose read raised never
   reached: it joins it here, or every later collective (the agreement on the step, the training steps) would pair
   with another process's previous one. (tests/train/test_reliability_multiprocess.py fails if orbax's restore
-  changes its barrier.)"""
+  changes its barrier.) A read that raised after the barrier (a peer or the coordinator gone) meets a second one:
+  the run is broken then anyway."""
   if jax.process_count() > 1:
-    ocp.multihost.sync_global_processes(_restore_barrier_key(manager))
+    ocp.multihost.sync_global_processes(_restore_barrier_key(manager),
+                                        processes=getattr(manager._checkpointer, "_active_processes", None))
 
 
 def _restore_barrier_key(manager: ocp.CheckpointManager) -> str:

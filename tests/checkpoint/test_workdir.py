@@ -107,23 +107,25 @@ def test_when_no_step_restores_nothing_is_moved_aside_and_the_error_names_each_s
 
 
 class _TwoProcesses:
-  """This process as process 0 of two, the other one restoring each step as `other` says: "ok", "fails" or
-  "transient" (the all-gather of `Checkpoints._agreed` answered here; the quarantine's barrier a no-op)."""
+  """This process as process 0 of two, the other one's outcome of each restore phase given by `other`: {(step,
+  "read" | "checks"): "ok" | "fails" | "transient"} (the all-gather of `Checkpoints._agreed` answered here, the
+  barriers recorded)."""
 
-  def __init__(self, monkeypatch, other: dict[int, str]):
-    self.other, self.gathered = other, []
+  def __init__(self, monkeypatch, other: dict[tuple[int, str], str]):
+    self.other, self.gathered, self.barriers = other, [], []
     codes = {"ok": 0, "fails": 1, "transient": 2}
 
     def gather(code):
-      self.gathered.append((self.step, code))
-      return np.asarray([code, codes[self.other.get(self.step, "ok")]], np.int32)
+      self.gathered.append((*self.at, code))
+      return np.asarray([code, codes[self.other.get(self.at, "ok")]], np.int32)
 
     monkeypatch.setattr(workdir, "_gather_codes", gather)
-    monkeypatch.setattr(workdir, "_sync_hosts", lambda name: None)
+    monkeypatch.setattr(workdir, "_sync_hosts", lambda name: self.barriers.append(name))
+    monkeypatch.setattr(workdir, "_join_restore_barrier", lambda manager: self.barriers.append("restore"))
     agreed = workdir.Checkpoints._agreed
 
     def tracking(ckpts, step, error):
-      self.step = step
+      self.at = (step, "checks" if [g[:1] for g in self.gathered].count((step,)) else "read")
       return agreed(ckpts, step, error)
 
     monkeypatch.setattr(workdir.Checkpoints, "_agreed", tracking)
@@ -131,7 +133,7 @@ class _TwoProcesses:
 
 def _two_steps(tmp_path):
   def state(step):
-    return {"params": {"w": jnp.full((4,), float(step))}, "step": jnp.int32(step)}
+    return {"params": {"w": jnp.full((4096,), float(step))}, "step": jnp.int32(step)}
 
   ckpts = workdir.Checkpoints(tmp_path, keep=5)
   for step in (2, 4):
@@ -145,22 +147,50 @@ def test_a_step_another_process_cannot_restore_makes_every_process_fall_back(tmp
   from it alone would leave the processes at different steps (and the other one waiting in a collective): both
   fall back to step 2, and step 4 is moved aside."""
   abstract = _two_steps(tmp_path)
-  hosts = _TwoProcesses(monkeypatch, {4: "fails"})
+  hosts = _TwoProcesses(monkeypatch, {(4, "read"): "fails"})
   with caplog.at_level(logging.WARNING):
     step, restored, data = workdir.Checkpoints(tmp_path, keep=5).restore(abstract)
   assert step == 2 and data == {"index": 2} and float(restored["params"]["w"][0]) == 2.0
   assert "OtherProcessFailed" in caplog.text and "process 1 of 2 could not restore it" in caplog.text
   assert [p.name for p in (tmp_path / "corrupt_checkpoints").iterdir()] == ["4"]
   # step 4: the read agreed (this one ok, the other failed), so no checksum was computed alone; step 2: read
-  # and checksums agreed
-  assert hosts.gathered == [(4, 0), (2, 0), (2, 0)]
+  # and checksums agreed; then the barrier around the move
+  assert hosts.gathered == [(4, "read", 0), (2, "read", 0), (2, "checks", 0)]
+  assert hosts.barriers == ["quarantine_4"]
+
+
+def test_a_step_this_process_cannot_read_joins_orbaxs_barrier_and_falls_back_with_the_others(tmp_path, monkeypatch,
+                                                                                             caplog):
+  abstract = _two_steps(tmp_path)
+  data = max((tmp_path / "checkpoints" / "4" / "state").rglob("d/*"), key=lambda f: f.stat().st_size)
+  data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
+  hosts = _TwoProcesses(monkeypatch, {})
+  with caplog.at_level(logging.WARNING):
+    step, restored, _ = workdir.Checkpoints(tmp_path, keep=5).restore(abstract)
+  assert step == 2 and float(restored["params"]["w"][0]) == 2.0
+  assert "checkpoint step 4" in caplog.text and "OtherProcessFailed" not in caplog.text
+  assert hosts.gathered == [(4, "read", 1), (2, "read", 0), (2, "checks", 0)]
+  assert hosts.barriers == ["restore", "quarantine_4"]   # the skipped end of orbax's restore, then the move
+
+
+def test_a_step_another_process_fails_to_verify_makes_every_process_fall_back(tmp_path, monkeypatch):
+  abstract = _two_steps(tmp_path)
+  hosts = _TwoProcesses(monkeypatch, {(4, "checks"): "fails"})
+  assert workdir.Checkpoints(tmp_path, keep=5).restore(abstract)[0] == 2
+  assert hosts.gathered == [(4, "read", 0), (4, "checks", 0), (2, "read", 0), (2, "checks", 0)]
 
 
 def test_a_transient_failure_on_another_process_stops_every_process_and_moves_nothing(tmp_path, monkeypatch):
+  """This process's own failure of the step (a damaged shard) is not transient, the other's is: both raise, and
+  this one's error stays named as the cause."""
   abstract = _two_steps(tmp_path)
-  _TwoProcesses(monkeypatch, {4: "transient"})
-  with pytest.raises(workdir.OtherProcessFailed, match=r"step 4 .*process 1 of 2 could not restore it \(a transient"):
+  data = max((tmp_path / "checkpoints" / "4" / "state").rglob("d/*"), key=lambda f: f.stat().st_size)
+  data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
+  _TwoProcesses(monkeypatch, {(4, "read"): "transient"})
+  with pytest.raises(workdir.OtherProcessFailed, match=r"step 4 .*process 1 of 2 could not restore it \(a transient"
+                     ) as raised:
     workdir.Checkpoints(tmp_path, keep=5).restore(abstract)
+  assert raised.value.__cause__ is not None and not workdir.transient(raised.value.__cause__)
   assert not (tmp_path / "corrupt_checkpoints").exists()
   assert workdir.steps(tmp_path) == [2, 4]
 
@@ -169,16 +199,17 @@ def test_processes_that_all_restore_a_step_resume_from_it(tmp_path, monkeypatch)
   abstract = _two_steps(tmp_path)
   hosts = _TwoProcesses(monkeypatch, {})
   step, _, data = workdir.Checkpoints(tmp_path, keep=5).restore(abstract)
-  assert step == 4 and data == {"index": 4} and hosts.gathered == [(4, 0), (4, 0)]
+  assert step == 4 and data == {"index": 4}
+  assert hosts.gathered == [(4, "read", 0), (4, "checks", 0)] and hosts.barriers == []
 
 
-def test_a_process_whose_read_failed_joins_the_barrier_that_ends_orbaxs_restore(tmp_path, monkeypatch):
-  """The barrier a failed read skipped is joined under orbax's own name for it (a device collective checks that
-  every process passed the same name): the name Checkpointer.restore passes, recorded here."""
+def test_the_barrier_a_failed_read_joins_has_the_name_orbaxs_restore_gives_it(tmp_path, monkeypatch):
+  """A device-collective barrier checks that every process passed the same name: the one Checkpointer.restore
+  passes, recorded here."""
   from orbax.checkpoint._src.checkpointers import checkpointer as orbax_checkpointer
   abstract = _two_steps(tmp_path)
   names = []
   monkeypatch.setattr(orbax_checkpointer.multihost, "sync_global_processes", lambda name, **kw: names.append(name))
   ckpts = workdir.Checkpoints(tmp_path, keep=5)
   assert ckpts.restore(abstract)[0] == 4
-  assert names[-1] == workdir._restore_barrier_key(ckpts.manager)
+  assert workdir._restore_barrier_key(ckpts.manager) in names

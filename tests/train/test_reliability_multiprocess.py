@@ -24,7 +24,7 @@ from m3_jax.train.state import TrainStep
 
 from train_testlib import FAST_COMPILE, REPO, small_config, small_overrides, subprocess_env
 
-STEPS = 8
+STEPS = 10
 
 
 def children(pid: int) -> dict[int, str]:
@@ -125,7 +125,7 @@ def test_two_processes_sigkilled_and_restarted_match_an_uninterrupted_one_proces
   assert redone or killed_at % 2 == 0, (killed_at, dict(losses))   # odd: past the checkpoint every 2 steps
   for step, v in redone.items():
     assert max(v) - min(v) <= 1e-6, (step, v)
-  assert workdir_lib.steps(broken) == [4, 6, 8]
+  assert workdir_lib.steps(broken) == [6, 8, 10]
   assert [p.name for p in (broken / "corrupt_checkpoints").iterdir()] == [str(damaged)], logs(broken)
   first = (tmp_path / "broken.log").read_text()   # process 0's output; process 1's is broken/process_1.log
   assert f"OtherProcessFailed: checkpoint step {damaged} in {broken}/checkpoints: process 1 of 2 could not" in first
