@@ -9,6 +9,7 @@ Anyres (LLaVA-NeXT crops) lives in `anyres.py`; it reuses `load_image`, `expand_
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -279,12 +280,35 @@ def resize_crop(img: Image.Image, cfg: ImageProcessorConfig, *, aspect: str = "c
 
 
 def normalize(a: np.ndarray, cfg: ImageProcessorConfig) -> np.ndarray:
-  """uint8[..., 3] -> float32[..., 3]: x * rescale_factor (in float64, as HF), then (x - mean) / std in float32."""
-  x = a.astype(np.float64) * cfg.rescale_factor if cfg.do_rescale else a
+  """uint8[..., 3] -> float32[..., 3]: x * rescale_factor (in float64, as HF), then (x - mean) / std in float32.
+  uint8 RGB is looked up, per channel, in a table of that formula's 256 values (`_table`): the same bits, 2.1-2.2x
+  faster for one 336 x 336 image (a served request's, decoded on the event loop) and 1.3-1.5x for a batch of 8
+  (`python -m benchmarks.data_pipeline`, benchmarks/data_pipeline.md)."""
+  if a.dtype == np.uint8 and a.ndim and a.shape[-1] == 3:
+    table = _table(bool(cfg.do_rescale), float(cfg.rescale_factor), bool(cfg.do_normalize),
+                   tuple(map(float, cfg.image_mean)), tuple(map(float, cfg.image_std)))
+    out = np.empty(a.shape, np.float32)
+    for c in range(3):
+      np.take(table[c], a[..., c], out=out[..., c])
+    return out
+  return _normalized(a, cfg.do_rescale, cfg.rescale_factor, cfg.do_normalize, cfg.image_mean, cfg.image_std)
+
+
+def _normalized(a: np.ndarray, do_rescale: bool, rescale_factor: float, do_normalize: bool, mean, std) -> np.ndarray:
+  x = a.astype(np.float64) * rescale_factor if do_rescale else a
   x = x.astype(np.float32)
-  if cfg.do_normalize:
-    x = (x - np.asarray(cfg.image_mean, np.float32)) / np.asarray(cfg.image_std, np.float32)
+  if do_normalize:
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
   return np.ascontiguousarray(x, dtype=np.float32)
+
+
+@functools.lru_cache(maxsize=16)
+def _table(do_rescale: bool, rescale_factor: float, do_normalize: bool, mean: tuple, std: tuple) -> np.ndarray:
+  """float32[3, 256]: `normalize`'s value of every uint8 in each channel."""
+  values = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+  table = np.ascontiguousarray(_normalized(values, do_rescale, rescale_factor, do_normalize, mean, std).T)
+  table.flags.writeable = False
+  return table
 
 
 def load_and_preprocess(src: Any, cfg: ImageProcessorConfig, *, aspect: str = "pad",

@@ -127,3 +127,20 @@ def test_unreadable_and_missing(tmp_path):
     im.load_image(bad)
   with pytest.raises(im.ImageError, match="nope.png: file not found"):
     im.load_image(tmp_path / "nope.png")
+
+
+@pytest.mark.parametrize("shape", [(48, 48, 3), (2, 7, 5, 3)])
+def test_normalize_gives_the_bits_of_hfs_arithmetic(shape):
+  """uint8 is looked up in a table; the values are HF's: x * rescale_factor in float64, then (x - mean) / std in
+  float32, bit for bit (every uint8 value in every channel, and images and batches of them)."""
+  cfg = im.ImageProcessorConfig()
+  mean, std = np.asarray(cfg.image_mean, np.float32), np.asarray(cfg.image_std, np.float32)
+  rng = np.random.default_rng(0)
+  for a in (np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1), rng.integers(0, 256, shape, np.uint8)):
+    want = ((a.astype(np.float64) * (1 / 255)).astype(np.float32) - mean) / std
+    got = im.normalize(a, cfg)
+    assert got.dtype == np.float32 and got.shape == a.shape and got.flags.c_contiguous
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+  plain = im.ImageProcessorConfig(do_normalize=False)   # rescale only, and another table
+  a = rng.integers(0, 256, shape, np.uint8)
+  np.testing.assert_array_equal(im.normalize(a, plain), (a.astype(np.float64) * (1 / 255)).astype(np.float32))
