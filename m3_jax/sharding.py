@@ -154,6 +154,15 @@ def logical_shardings(boxed: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
   return jax.tree_util.tree_map_with_path(one, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
+def per_process(value: int) -> np.ndarray:
+  """Every process's int `value`, int32[process_count] in process order: an all-gather, every process must call it
+  (on one process, no collective)."""
+  if jax.process_count() == 1:
+    return np.asarray([value], np.int32)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(np.int32(value))).reshape(-1)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

@@ -38,6 +38,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from m3_jax import sharding as shd
 from m3_jax.checkpoint import identity, params as params_io
 from m3_jax.errors import Incompatible
 
@@ -489,7 +490,7 @@ class Checkpoints:
     else this process's own error, or OtherProcessFailed naming those that failed (transient when any failure was,
     which then stops every process)."""
     code = 0 if error is None else 2 if transient(error, str(self.directory)) else 1
-    codes = _gather_codes(code)
+    codes = shd.per_process(code)
     worst = int(codes.max())
     if worst == 0:
       return None
@@ -537,14 +538,6 @@ def _restore_barrier_key(manager: ocp.CheckpointManager) -> str:
   """The name of the barrier that ends orbax's Checkpointer.restore (orbax's unique_barrier_key)."""
   prefix = getattr(manager._checkpointer, "_barrier_sync_key_prefix", None)  # noqa: SLF001 -- orbax's own key
   return "Checkpointer:restore" if prefix is None else f"{prefix}_Checkpointer:restore"
-
-
-def _gather_codes(code: int) -> np.ndarray:
-  """Every process's `code`, int32[process_count], in process order."""
-  if jax.process_count() == 1:
-    return np.asarray([code], np.int32)
-  from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.process_allgather(np.int32(code))).reshape(-1)
 
 
 def _sync_hosts(name: str):

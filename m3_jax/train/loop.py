@@ -128,7 +128,7 @@ def fit(trainer: TrainStep, workdir: str | epath.PathLike, batches: Iterator[dic
         log.warning("SIGTERM while waiting for the next batch (step %d)", step + 1)
         break
       budget = obj.label_budget(host_batch["labels"], trainer.objective.max_label_tokens,
-                                worst=_max_over_hosts(np.sum(host_batch["labels"] != obj.IGNORE, axis=1).max()))
+                                worst=int(shd.per_process(np.sum(host_batch["labels"] != obj.IGNORE, axis=1).max()).max()))
       data_state = workdir_lib.iterator_state(batches) if hasattr(batches, "get_state") else None
       batch = shd.shard_batch(host_batch, trainer.mesh, trainer.rules)
       state, metrics = trainer.compiled_step(batch, budget)(state, batch)
@@ -238,13 +238,6 @@ def make_batches(config: ml_collections.ConfigDict, workdir: epath.PathLike | No
   return pipeline.train_iterator(config, workdir)
 
 
-def _max_over_hosts(value) -> int:
-  if jax.process_count() == 1:
-    return int(value)
-  from jax.experimental import multihost_utils
-  return int(np.max(multihost_utils.process_allgather(np.int32(value))))
-
-
 class _Interrupted(BaseException):
   """SIGTERM arrived during a wait that `_Preemption.interruptible` may cut short (a BaseException, so that no
   `except Exception` on the way swallows it)."""
@@ -280,10 +273,7 @@ class _Preemption:
   def agreed(self, lost: bool = False) -> tuple[bool, bool]:
     """(any host got SIGTERM, any host lost the workdir's lease), the same on every host (the checkpoint save that
     follows SIGTERM is collective; a lost lease must stop every host, not leave the others in a collective)."""
-    if jax.process_count() == 1:
-      return self.requested, lost
-    from jax.experimental import multihost_utils
-    flags = np.asarray(multihost_utils.process_allgather(np.int32(self.requested | (lost << 1))))
+    flags = shd.per_process(int(self.requested) | (int(lost) << 1))
     return bool((flags & 1).any()), bool((flags & 2).any())
 
   def restore(self):

@@ -84,24 +84,36 @@ def test_probe_pipeline_state_resumes_through_a_checkpoint(tmp_path):
       np.testing.assert_array_equal(got[key], want[key])
 
 
-def test_when_no_step_restores_nothing_is_moved_aside_and_the_error_names_each_step(tmp_path):
-  """A run resumed with a different state tree (say train.freeze changed) fails on every step alike: that is not
-  corruption, so no step is moved aside (training would silently start over from step 0); the error names the
-  steps, and the run resumed as it was saved still restores the latest step."""
+def _two_steps(tmp_path, size: int = 4096):
+  """Steps 2 and 4 of {"params": {"w": float32[size] full of the step}, "step"} with data {"index": step} -> the
+  state's abstract tree."""
   def state(step):
-    return {"params": {"w": jnp.full((4,), float(step))}, "step": jnp.int32(step)}
+    return {"params": {"w": jnp.full((size,), float(step))}, "step": jnp.int32(step)}
 
   ckpts = workdir.Checkpoints(tmp_path, keep=5)
   for step in (2, 4):
     ckpts.save(step, state(step), {"index": step})
   ckpts.close()
+  return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state(0))
+
+
+def _cut_in_half(tmp_path, step: int):
+  """Truncates the largest data file of `step`'s state (a disk that lost part of it)."""
+  data = max((tmp_path / "checkpoints" / str(step) / "state").rglob("d/*"), key=lambda f: f.stat().st_size)
+  data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
+
+
+def test_when_no_step_restores_nothing_is_moved_aside_and_the_error_names_each_step(tmp_path):
+  """A run resumed with a different state tree (say train.freeze changed) fails on every step alike: that is not
+  corruption, so no step is moved aside (training would silently start over from step 0); the error names the
+  steps, and the run resumed as it was saved still restores the latest step."""
+  same = _two_steps(tmp_path, size=4)
   f32 = jnp.float32
   changed = {"params": {"w": jax.ShapeDtypeStruct((4,), f32), "extra": jax.ShapeDtypeStruct((2,), f32)},
              "step": jax.ShapeDtypeStruct((), jnp.int32)}
   with pytest.raises(workdir.CheckpointsUnreadable, match=r"step 4: .*; step 2: .*resume it as it was saved"):
     workdir.Checkpoints(tmp_path, keep=5).restore(changed)
   assert not (tmp_path / "corrupt_checkpoints").exists()
-  same = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state(0))
   step, restored, data = workdir.Checkpoints(tmp_path, keep=5).restore(same)
   assert step == 4 and data == {"index": 4} and float(restored["params"]["w"][0]) == 4.0
 
@@ -119,7 +131,7 @@ class _TwoProcesses:
       self.gathered.append((*self.at, code))
       return np.asarray([code, codes[self.other.get(self.at, "ok")]], np.int32)
 
-    monkeypatch.setattr(workdir, "_gather_codes", gather)
+    monkeypatch.setattr(workdir.shd, "per_process", gather)
     monkeypatch.setattr(workdir, "_sync_hosts", lambda name: self.barriers.append(name))
     monkeypatch.setattr(workdir, "_join_restore_barrier", lambda manager: self.barriers.append("restore"))
     agreed = workdir.Checkpoints._agreed
@@ -129,17 +141,6 @@ class _TwoProcesses:
       return agreed(ckpts, step, error)
 
     monkeypatch.setattr(workdir.Checkpoints, "_agreed", tracking)
-
-
-def _two_steps(tmp_path):
-  def state(step):
-    return {"params": {"w": jnp.full((4096,), float(step))}, "step": jnp.int32(step)}
-
-  ckpts = workdir.Checkpoints(tmp_path, keep=5)
-  for step in (2, 4):
-    ckpts.save(step, state(step), {"index": step})
-  ckpts.close()
-  return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state(0))
 
 
 def test_a_step_another_process_cannot_restore_makes_every_process_fall_back(tmp_path, monkeypatch, caplog):
@@ -162,8 +163,7 @@ def test_a_step_another_process_cannot_restore_makes_every_process_fall_back(tmp
 def test_a_step_this_process_cannot_read_joins_orbaxs_barrier_and_falls_back_with_the_others(tmp_path, monkeypatch,
                                                                                              caplog):
   abstract = _two_steps(tmp_path)
-  data = max((tmp_path / "checkpoints" / "4" / "state").rglob("d/*"), key=lambda f: f.stat().st_size)
-  data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
+  _cut_in_half(tmp_path, 4)
   hosts = _TwoProcesses(monkeypatch, {})
   with caplog.at_level(logging.WARNING):
     step, restored, _ = workdir.Checkpoints(tmp_path, keep=5).restore(abstract)
@@ -184,8 +184,7 @@ def test_a_transient_failure_on_another_process_stops_every_process_and_moves_no
   """This process's own failure of the step (a damaged shard) is not transient, the other's is: both raise, and
   this one's error stays named as the cause."""
   abstract = _two_steps(tmp_path)
-  data = max((tmp_path / "checkpoints" / "4" / "state").rglob("d/*"), key=lambda f: f.stat().st_size)
-  data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
+  _cut_in_half(tmp_path, 4)
   _TwoProcesses(monkeypatch, {(4, "read"): "transient"})
   with pytest.raises(workdir.OtherProcessFailed, match=r"step 4 .*process 1 of 2 could not restore it \(a transient"
                      ) as raised:
